@@ -1,0 +1,83 @@
+"""Encoder throughput benchmark: clips per second per modality, batch size and dtype, side by side."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .api import load, place
+from .config import MODALITIES, ImageBindConfig, resolve_config
+from .weights import random_model
+
+
+def example_batch(cfg: ImageBindConfig, modality: str, batch: int, seed: int = 0) -> torch.Tensor:
+    """A random, well-formed input batch for `modality` (images for vision)."""
+    g = torch.Generator().manual_seed(seed)
+    S = cfg.image_size
+    if modality == "text":
+        ids = torch.randint(1, cfg.vocab_size - 1, (batch, cfg.context_length), generator=g)
+        ids[:, 20] = cfg.vocab_size - 1  # end-of-text after 20 tokens
+        return ids
+    shape = {
+        "vision": (3, S, S),
+        "audio": (1, cfg.audio_num_mel_bins, cfg.audio_target_len),
+        "depth": (1, S, S),
+        "thermal": (1, S, S),
+        "imu": (cfg.imu_channels, cfg.imu_length),
+    }[modality]
+    return torch.randn((batch, *shape), generator=g)
+
+
+@dataclass
+class BenchRow:
+    modality: str
+    batch: int
+    dtype: str
+    clips_per_s: float
+    seconds_per_batch: float
+
+
+def time_batch(encoder, modality: str, x: torch.Tensor, min_seconds: float, min_runs: int = 3) -> float:
+    """Seconds per call, the best of repeated runs after one warm-up."""
+    sync = torch.cuda.synchronize if encoder.device.type == "cuda" else (lambda: None)
+    x = x.to(encoder.device)
+    encoder.embed(modality, x)
+    sync()
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < min_runs or spent < min_seconds:
+        start = time.perf_counter()
+        encoder.embed(modality, x)
+        sync()
+        elapsed = time.perf_counter() - start
+        best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
+    return best
+
+
+def bench_encoders(
+    model: str = "tiny",
+    device: str | None = None,
+    dtypes: tuple[str, ...] = ("float32",),
+    batches: tuple[int, ...] = (1, 8, 32),
+    modalities: tuple[str, ...] = MODALITIES,
+    checkpoint: str | None = None,
+    min_seconds: float = 1.0,
+) -> list[BenchRow]:
+    """Time every (modality, batch, dtype). Without a checkpoint the model has seeded random weights:
+    speed does not depend on the values, so `imagebind_huge` can be timed without its download."""
+    rows = []
+    cfg = resolve_config(model)
+    base = None if checkpoint else random_model(cfg)
+    for dtype in dtypes:
+        if base is None:
+            encoder = load(model, checkpoint=checkpoint, device=device, dtype=dtype)
+        else:
+            encoder = place(model, copy.deepcopy(base), device, dtype, random_weights=True)
+        for modality in modalities:
+            for batch in batches:
+                seconds = time_batch(encoder, modality, example_batch(cfg, modality, batch), min_seconds)
+                rows.append(BenchRow(modality, batch, dtype, batch / seconds, seconds))
+    return rows
+

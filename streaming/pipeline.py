@@ -1,0 +1,140 @@
+"""The main job: ingest -> windowing -> embedders -> publisher, as Ray actors, with an ordered drain.
+
+    ingest (PULL socket, one per endpoint) --by device--> window stage (N) --> embedder (M, GPU if any)
+        --> publisher --> Redis Streams
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from sensors.protocol import DEFAULT_ENDPOINT, Limits
+
+from .embedder import Embedder, EmbedderSettings
+from .ingest import Ingest, IngestSettings
+from .publisher import Publisher, PublisherSettings
+from .windowing import WindowingConfig, WindowStage, WindowStageSettings
+
+log = logging.getLogger(__name__)
+ACTOR_CONCURRENCY = 4  # a stage's push, stats and drain calls run beside its worker thread
+
+
+@dataclass
+class PipelineConfig:
+    """Everything `bindstream run` needs; a TOML file with these keys (and [windowing], [limits] tables)
+    is read by `from_toml`, and every key is also a command-line flag."""
+
+    ingest: list[str] = field(default_factory=lambda: [DEFAULT_ENDPOINT])
+    redis: str | None = None  # URL; None: an embedded redis-server for the run
+    model: str | None = None  # None: imagebind_huge when its checkpoint is on disk, else tiny
+    checkpoint: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    windowers: int = 1
+    embedders: int = 1
+    max_batch: int = 32
+    max_wait_ms: float = 50.0
+    embed_queue: int = 256
+    publish_queue: int = 4096
+    stream_maxlen: int = 100_000
+    fused_wait_s: float = 5.0
+    torch_threads: int | None = None
+    windowing: WindowingConfig = field(default_factory=WindowingConfig)
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "PipelineConfig":
+        data = tomllib.loads(Path(path).read_text())
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PipelineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown pipeline config keys: {sorted(unknown)}")
+        data = dict(data)
+        if "windowing" in data:
+            data["windowing"] = WindowingConfig(**data["windowing"])
+        if "limits" in data:
+            data["limits"] = Limits(**data["limits"])
+        if isinstance(data.get("ingest"), str):
+            data["ingest"] = [data["ingest"]]
+        return cls(**data)
+
+
+def connect_ray() -> None:
+    """Join the running Ray cluster if there is one, else start a local Ray."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address="auto", log_to_driver=False)
+        log.info("joined the running Ray cluster")
+    except (ConnectionError, RuntimeError):
+        ray.init(include_dashboard=False, log_to_driver=False)
+        log.info("started a local Ray instance")
+
+
+class Pipeline:
+    """Creates the actors; `start()` opens the ingest sockets, `drain()` stops them and flushes every
+    accepted window through to Redis, stage by stage."""
+
+    def __init__(self, config: PipelineConfig, redis_url: str, model: str):
+        self.config = config
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and config.device in (None, "cuda") else 0
+        publisher = ray.remote(Publisher).options(num_cpus=0, max_concurrency=ACTOR_CONCURRENCY).remote(
+            PublisherSettings(redis_url, maxlen=config.stream_maxlen, queue_capacity=config.publish_queue,
+                              fused_wait_s=config.fused_wait_s)
+        )
+        embedder_settings = EmbedderSettings(
+            model=model, checkpoint=config.checkpoint, device=config.device, dtype=config.dtype,
+            max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, queue_capacity=config.embed_queue,
+            torch_threads=config.torch_threads,
+        )
+        embedders = [
+            ray.remote(Embedder).options(num_cpus=0 if gpus else 1, num_gpus=gpus,
+                                         max_concurrency=ACTOR_CONCURRENCY).remote(embedder_settings, [publisher])
+            for _ in range(config.embedders)
+        ]
+        windowers = [
+            ray.remote(WindowStage).options(num_cpus=0, max_concurrency=ACTOR_CONCURRENCY).remote(
+                WindowStageSettings(config.windowing), embedders
+            )
+            for _ in range(config.windowers)
+        ]
+        ingests = [
+            ray.remote(Ingest).options(num_cpus=0, max_concurrency=ACTOR_CONCURRENCY).remote(
+                IngestSettings(endpoint, config.limits), windowers
+            )
+            for endpoint in config.ingest
+        ]
+        self.stages = {"ingest": ingests, "window": windowers, "embed": embedders, "publish": [publisher]}
+        self.endpoints: list[str] = []
+
+    def start(self) -> list[str]:
+        """Open the ingest sockets; returns the bound endpoints."""
+        self.endpoints = ray.get([a.start.remote() for a in self.stages["ingest"]])
+        return self.endpoints
+
+    def stats(self) -> dict[str, list[dict]]:
+        refs = {stage: [a.stats.remote() for a in actors] for stage, actors in self.stages.items()}
+        return {stage: ray.get(r) for stage, r in refs.items()}
+
+    def drain(self) -> dict[str, list[dict]]:
+        """Stop ingest, then let each stage finish what it accepted before the next one is drained."""
+        final = {"ingest": ray.get([a.stop.remote() for a in self.stages["ingest"]])}
+        final["window"] = ray.get([a.flush.remote() for a in self.stages["window"]])
+        final["embed"] = ray.get([a.drain.remote() for a in self.stages["embed"]])
+        final["publish"] = ray.get([a.drain.remote() for a in self.stages["publish"]])
+        return final
+
+    def kill(self) -> None:
+        for actors in self.stages.values():
+            for actor in actors:
+                ray.kill(actor)

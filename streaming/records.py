@@ -1,0 +1,47 @@
+"""Typed records passed between pipeline stages (through Ray's object store: numpy payloads, no lists)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# sensor on the wire -> modality of the encoder that embeds its windows
+SENSOR_MODALITY = {"camera": "vision", "mic": "audio", "depth": "depth", "thermal": "thermal", "imu": "imu"}
+STREAM_MODALITIES = ("vision", "audio", "depth", "thermal", "imu")
+FUSED = "fused"
+
+
+@dataclass
+class Window:
+    """One window of one device's sensor, preprocessed into the encoder's input."""
+
+    device: str
+    modality: str
+    t0: int  # window bounds on the device clock, ns; t1 exclusive
+    t1: int
+    data: np.ndarray  # float32 model input without batch axis, e.g. (3, 2, 224, 224) for vision
+    arrived_ns: int  # wall clock at which the message that completed the window reached ingest
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.device, self.modality, self.t0)
+
+
+@dataclass
+class Embedding:
+    """The joint-space embedding of one window."""
+
+    device: str
+    modality: str
+    t0: int
+    t1: int
+    emb: np.ndarray  # (D,) float32, unit norm
+    model: str
+    arrived_ns: int
+    embedded_ns: int  # wall clock when the encoder returned
+    members: tuple[str, ...] = ()  # for fused embeddings: the modalities summed
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.device, self.modality, self.t0)

@@ -1,0 +1,94 @@
+"""What every pipeline stage shares: counters exported as Ray metrics, and a bounded link downstream."""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from collections import Counter, deque
+from itertools import cycle
+
+import numpy as np
+import ray
+from ray.util import metrics
+
+LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+LATENCY_WINDOW = 4096  # recent latencies kept for p50/p99 in `snapshot`
+
+
+class StageMetrics:
+    """Counters and a latency histogram of one stage. Each `count` goes to Ray's metrics (exported to
+    Prometheus by every Ray node) and to an in-process Counter that `snapshot` returns."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.counts: Counter = Counter()
+        self.latencies: deque = deque(maxlen=LATENCY_WINDOW)
+        self._lock = threading.Lock()
+        self._events = metrics.Counter(
+            "bindstream_events_total", "Pipeline events per stage (in, out, drops by reason).",
+            tag_keys=("stage", "event", "label"),
+        )
+        self._latency = metrics.Histogram(
+            "bindstream_latency_seconds", "From arrival at ingest of a window's last message to this stage's output.",
+            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("stage",),
+        )
+        self._queue = metrics.Gauge("bindstream_queue_depth", "Items waiting in a stage.", tag_keys=("stage",))
+
+    def count(self, event: str, label: str = "", n: int = 1) -> None:
+        """Add `n` to `event` (e.g. "in", "dropped_gap"), optionally per `label` (a modality or device)."""
+        if n <= 0:
+            return
+        with self._lock:
+            self.counts[event, label] += n
+        self._events.inc(n, tags={"stage": self.stage, "event": event, "label": label})
+
+    def latency(self, seconds: float) -> None:
+        with self._lock:
+            self.latencies.append(seconds)
+        self._latency.observe(seconds, tags={"stage": self.stage})
+
+    def queue_depth(self, depth: int) -> None:
+        self._queue.set(depth, tags={"stage": self.stage})
+
+    def snapshot(self, **extra) -> dict:
+        with self._lock:
+            counts = {f"{event}:{label}" if label else event: n for (event, label), n in self.counts.items()}
+            lat = np.array(self.latencies) if self.latencies else None
+        out = {"stage": self.stage, "counts": counts, **extra}
+        if lat is not None:
+            out["latency_p50_ms"] = float(np.percentile(lat, 50) * 1000)
+            out["latency_p99_ms"] = float(np.percentile(lat, 99) * 1000)
+        return out
+
+
+class Downstream:
+    """Calls `push` on the next stage's actors with at most `max_inflight` calls not yet returned: a slow
+    consumer makes this stage wait instead of piling calls up in Ray's queues. Calls go round robin,
+    or, given a `key`, always to the same actor for that key (a device's data to the actor that owns it)."""
+
+    def __init__(self, actors: list, max_inflight: int):
+        if not actors:
+            raise ValueError("a stage needs at least one downstream actor")
+        self.actors = list(actors)
+        self._next = cycle(self.actors)
+        self._inflight: deque = deque()
+        self.max_inflight = max_inflight
+
+    def actor_for(self, key: str):
+        return self.actors[zlib.crc32(key.encode()) % len(self.actors)]
+
+    def push(self, *args, key: str | None = None) -> None:
+        while len(self._inflight) >= self.max_inflight:
+            ray.get(self._inflight.popleft())
+        actor = self.actor_for(key) if key is not None else next(self._next)
+        self._inflight.append(actor.push.remote(*args))
+
+    def wait(self) -> None:
+        """Block until every call made so far has been taken by the next stage."""
+        while self._inflight:
+            ray.get(self._inflight.popleft())
+
+
+def now_ns() -> int:
+    return time.time_ns()

@@ -1,0 +1,238 @@
+"""Cut each device's sensor streams into the paper's windows, on the device clock.
+
+Windows lie on a grid shared by every sensor of a device: window k of a modality covers
+[k * hop, k * hop + length) in device ns, so vision, audio, depth and thermal windows of the same moment
+have identical bounds (which is what `fused` embeddings combine). A window is cut as soon as the stream
+has data up to its end; the first window is the first grid point at or after the stream's first data.
+
+Per message, in order:
+- `seq` not above the last one: duplicate or reordered, dropped (`seq_replay`); `seq` jumping ahead:
+  the missing messages are counted as `seq_lost` and the message is kept.
+- time going backwards (or a chunk overlapping the previous one): dropped (`clock_backwards`).
+- a hole in the data (a chunk starting after the previous one ended, or frames further apart than
+  `max_frame_gap_ns`): every window that would contain the hole is dropped (`gap`).
+
+What each window holds:
+- vision: 2 frames sampled uniformly from the window's frames (the first and the last), 3 x 2 x 224 x 224.
+- depth, thermal: the frame nearest the window's midpoint, 1 x 224 x 224.
+- audio: the window's samples, resampled to 16 kHz, 128-bin log-mel, 1 x 128 x 204.
+- imu: the window's rows resampled to 2000 steps, 6 x 2000.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from encoders import transforms
+from sensors.protocol import SensorMessage, decode_image
+
+from .records import SENSOR_MODALITY, Window
+from .stage import Downstream, StageMetrics
+
+SECOND = 1_000_000_000
+FRAME_SENSORS = ("camera", "depth", "thermal")
+VISION_FRAMES = 2
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    length_ns: int
+    hop_ns: int
+
+
+@dataclass(frozen=True)
+class WindowingConfig:
+    """Window lengths and hops per modality, and the tolerances of the stream checks."""
+
+    vision: WindowSpec = WindowSpec(2 * SECOND, 1 * SECOND)  # also depth and thermal: the vision cadence
+    audio: WindowSpec = WindowSpec(2 * SECOND, 1 * SECOND)
+    imu: WindowSpec = WindowSpec(5 * SECOND, SECOND * 5 // 2)
+    max_frame_gap_ns: int = 250_000_000  # frames further apart than this leave a hole
+    clock_tolerance_ns: int = 1_000_000  # jitter allowed where chunks meet and where a window ends
+    max_streams: int = 10_000  # (device, sensor) pairs one windower keeps; beyond, messages are dropped
+
+    def spec(self, modality: str) -> WindowSpec:
+        return self.imu if modality == "imu" else self.audio if modality == "audio" else self.vision
+
+
+def _ceil_to(t: int, step: int) -> int:
+    return -(-t // step) * step
+
+
+@dataclass
+class SensorStream:
+    """One device's sensor: buffered messages and the next window to cut."""
+
+    sensor: str
+    spec: WindowSpec
+    items: deque = field(default_factory=deque)  # SensorMessage, in time order
+    last_seq: int | None = None
+    last_t: int | None = None
+    end_ns: int | None = None  # time up to which the stream has data
+    next_t0: int | None = None
+
+
+class Windower:
+    """Turns SensorMessages of any number of devices into Windows. Drops are counted in `drops`,
+    keyed by (device, reason); `windows` counts the windows cut per (device, modality)."""
+
+    def __init__(self, config: WindowingConfig = WindowingConfig()):
+        self.config = config
+        self.streams: dict[tuple[str, str], SensorStream] = {}
+        self.drops: Counter = Counter()
+        self.windows: Counter = Counter()
+
+    def add(self, msg: SensorMessage, arrived_ns: int | None = None) -> list[Window]:
+        """Take one message; return the windows it completes."""
+        key = (msg.device, msg.sensor)
+        stream = self.streams.get(key)
+        if stream is None:
+            if len(self.streams) >= self.config.max_streams:
+                self.drops[msg.device, "too_many_streams"] += 1
+                return []
+            modality = SENSOR_MODALITY[msg.sensor]
+            stream = self.streams[key] = SensorStream(msg.sensor, self.config.spec(modality))
+        if not self._in_order(stream, msg):
+            return []
+        start, end = msg.t_ns, msg.end_ns()
+        if msg.sensor in FRAME_SENSORS and stream.last_t is not None:
+            end = msg.t_ns + (msg.t_ns - stream.last_t)  # a frame lasts until the next one is due
+        if stream.end_ns is not None and self._has_hole(stream, msg):
+            self._drop_windows_before(stream, msg.device, start)
+        if stream.next_t0 is None:
+            stream.next_t0 = _ceil_to(start, stream.spec.hop_ns)
+        stream.items.append(msg)
+        stream.last_t, stream.end_ns = msg.t_ns, max(end, stream.end_ns or end)
+        return self._cut(stream, msg.device, arrived_ns or time.time_ns())
+
+    # ----- checks -----
+
+    def _in_order(self, stream: SensorStream, msg: SensorMessage) -> bool:
+        if stream.last_seq is not None:
+            if msg.seq <= stream.last_seq:
+                self.drops[msg.device, "seq_replay"] += 1
+                return False
+            if msg.seq > stream.last_seq + 1:
+                self.drops[msg.device, "seq_lost"] += msg.seq - stream.last_seq - 1
+        stream.last_seq = msg.seq
+        if msg.sensor in FRAME_SENSORS:
+            backwards = stream.last_t is not None and msg.t_ns <= stream.last_t
+        else:
+            backwards = stream.end_ns is not None and msg.t_ns < stream.end_ns - self.config.clock_tolerance_ns
+        if backwards:
+            self.drops[msg.device, "clock_backwards"] += 1
+        return not backwards
+
+    def _has_hole(self, stream: SensorStream, msg: SensorMessage) -> bool:
+        if msg.sensor in FRAME_SENSORS:
+            return msg.t_ns - stream.last_t > self.config.max_frame_gap_ns
+        return msg.t_ns > stream.end_ns + self.config.clock_tolerance_ns
+
+    def _drop_windows_before(self, stream: SensorStream, device: str, hole_end: int) -> None:
+        """Every window not yet cut that starts before `hole_end` contains the hole: count and skip them."""
+        hop = stream.spec.hop_ns
+        resume = _ceil_to(hole_end, hop)
+        if stream.next_t0 is not None and resume > stream.next_t0:
+            self.drops[device, "gap"] += (resume - stream.next_t0) // hop
+            stream.next_t0 = resume
+        stream.items.clear()
+
+    # ----- cutting -----
+
+    def _cut(self, stream: SensorStream, device: str, arrived_ns: int) -> list[Window]:
+        spec, modality = stream.spec, SENSOR_MODALITY[stream.sensor]
+        out = []
+        while stream.next_t0 + spec.length_ns <= stream.end_ns + self.config.clock_tolerance_ns:
+            t0, t1 = stream.next_t0, stream.next_t0 + spec.length_ns
+            data = self._window_data(stream, t0, t1)
+            if data is None:
+                self.drops[device, "empty"] += 1
+            else:
+                out.append(Window(device, modality, t0, t1, data, arrived_ns))
+                self.windows[device, modality] += 1
+            stream.next_t0 += spec.hop_ns
+        self._prune(stream)
+        return out
+
+    @staticmethod
+    def _prune(stream: SensorStream) -> None:
+        """Forget data that no future window needs. What stays is at most one window of data plus the
+        last message, so a stream's buffer is bounded by its window length."""
+        items, t0 = stream.items, stream.next_t0
+        frames = stream.sensor in FRAME_SENSORS
+        while items and (items[0].t_ns < t0 if frames else items[0].end_ns() <= t0):
+            items.popleft()
+
+    def _window_data(self, stream: SensorStream, t0: int, t1: int) -> np.ndarray | None:
+        if stream.sensor in FRAME_SENSORS:
+            frames = [m for m in stream.items if t0 <= m.t_ns < t1]
+            if not frames:
+                return None
+            if stream.sensor == "camera":
+                picked = [frames[i] for i in transforms.uniform_indices(len(frames), VISION_FRAMES).tolist()]
+                return transforms.video_tensor([decode_image(m) for m in picked], VISION_FRAMES).numpy()
+            mid = (t0 + t1) // 2
+            nearest = min(frames, key=lambda m: abs(m.t_ns - mid))
+            to_tensor = transforms.depth_tensor if stream.sensor == "depth" else transforms.thermal_tensor
+            return to_tensor(nearest.payload).numpy()
+        return self._samples_window(stream, t0, t1)
+
+    def _samples_window(self, stream: SensorStream, t0: int, t1: int) -> np.ndarray | None:
+        """Concatenate the chunks' samples covering [t0, t1) and preprocess them."""
+        chunks = [m for m in stream.items if m.end_ns() > t0 and m.t_ns < t1]
+        if not chunks:
+            return None
+        rate = chunks[0].rate
+        samples = np.concatenate([_as_float(m.payload) for m in chunks])  # (n, channels)
+        first = round((t0 - chunks[0].t_ns) * rate / SECOND)
+        count = round((t1 - t0) * rate / SECOND)
+        samples = samples[max(first, 0): max(first, 0) + count]
+        if stream.sensor == "mic":
+            return transforms.audio_tensor(samples.T, rate).numpy()
+        return transforms.imu_tensor(samples, rate).numpy()
+
+
+def _as_float(payload: np.ndarray) -> np.ndarray:
+    if payload.dtype == np.int16:
+        return payload.astype(np.float32) / 32768.0
+    return payload.astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class WindowStageSettings:
+    windowing: WindowingConfig = WindowingConfig()
+    max_inflight: int = 8  # calls to embedders not yet returned
+
+
+class WindowStage:
+    """The windowing actor: owns the windows of the devices routed to it, sends them to the embedders."""
+
+    def __init__(self, settings: WindowStageSettings, embedders: list):
+        self.windower = Windower(settings.windowing)
+        self.downstream = Downstream(embedders, settings.max_inflight)
+        self.metrics = StageMetrics("window")
+        self._reported_drops: Counter = Counter()
+
+    def push(self, messages: list[SensorMessage], arrived_ns: int) -> None:
+        windows = []
+        for msg in messages:
+            windows += self.windower.add(msg, arrived_ns)
+        for window in windows:
+            self.metrics.count("out", window.modality)
+        for (device, reason), n in (self.windower.drops - self._reported_drops).items():
+            self.metrics.count(f"dropped_{reason}", device, n)
+        self._reported_drops = Counter(self.windower.drops)
+        if windows:
+            self.downstream.push(windows)
+
+    def flush(self) -> dict:
+        """Wait until the embedders took every window cut so far."""
+        self.downstream.wait()
+        return self.stats()
+
+    def stats(self) -> dict:
+        return self.metrics.snapshot(streams=len(self.windower.streams))

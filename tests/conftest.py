@@ -1,0 +1,43 @@
+"""Shared test helpers: the read-only ../shared folder (fixtures and real media) beside the checkout."""
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURE = SHARED / "fixtures" / "imagebind_parity_tiny.pt"
+HUGE_KEYS = SHARED / "fixtures" / "imagebind_huge_keys.json"
+ASSETS = SHARED / "assets"
+
+
+def shared_file(path: Path) -> Path:
+    """`path` inside ../shared, or skip the test saying what is missing."""
+    if not path.exists():
+        pytest.skip(f"{path} is missing: ../shared (fixtures and assets) must lie beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def parity_fixture():
+    import torch
+
+    return torch.load(shared_file(FIXTURE), weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray (token authentication on, as Ray sets it by default)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server process on a free loopback port."""
+    from streaming.redis_server import RedisServer
+
+    with RedisServer() as server:
+        yield server

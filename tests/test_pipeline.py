@@ -1,0 +1,109 @@
+"""End to end with real parts: a simulated wearable -> ZeroMQ on loopback -> Ray actors -> redis-server."""
+
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import redis
+import zmq
+
+import encoders
+from sensors.protocol import decode
+from sensors.simulator import SimulatedWearable
+from streaming.pipeline import Pipeline, PipelineConfig
+from streaming.subscriber import read_all
+from streaming.windowing import SECOND, Windower
+
+SECONDS = 12
+START_NS = 1_000 * SECOND  # on the 1 s grid, so the first window starts with the stream
+DEVICE = "glasses-1"
+
+
+def send_all(endpoint: str, messages) -> int:
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(endpoint)
+    n = 0
+    for header, payload in messages:
+        push.send_multipart([msgpack.packb(header), payload])
+        n += 1
+    push.close(linger=-1)
+    return n
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(ray_local, redis_server):
+    messages = list(SimulatedWearable(DEVICE, seed=7, start_ns=START_NS).messages(SECONDS))
+    config = PipelineConfig(ingest=["tcp://127.0.0.1:*"], model="tiny", max_wait_ms=20)
+    pipeline = Pipeline(config, redis_server.url, "tiny")
+    (endpoint,) = pipeline.start()
+    sent = send_all(endpoint, messages)
+    wait_for(lambda: sum(pipeline.stats()["ingest"][0]["counts"].get(f"in:{m}", 0)
+                         for m in ("vision", "audio", "depth", "thermal", "imu")) == sent, 60, "ingest to take all")
+    final = pipeline.drain()
+    pipeline.kill()
+    client = redis.Redis.from_url(redis_server.url)
+    records = read_all(client, DEVICE)
+    return messages, records, final
+
+
+def test_exact_windows_per_modality_and_bounds(pipeline_run):
+    _, records, _ = pipeline_run
+    by_modality = {}
+    for r in records:
+        by_modality.setdefault(r.modality, []).append((r.t0, r.t1))
+    two_s = [(START_NS + k * SECOND, START_NS + k * SECOND + 2 * SECOND) for k in range(SECONDS - 1)]
+    imu = [(START_NS + k * 2_500_000_000, START_NS + k * 2_500_000_000 + 5 * SECOND) for k in range(3)]
+    for modality in ("vision", "audio", "depth", "thermal", "fused"):
+        assert sorted(by_modality[modality]) == two_s, modality
+    assert sorted(by_modality["imu"]) == imu
+
+
+def test_published_embeddings_equal_offline_encoder(pipeline_run):
+    messages, records, _ = pipeline_run
+    windower = Windower()
+    windows = []
+    for header, payload in messages:
+        windows += windower.add(decode([msgpack.packb(header), payload]))
+    encoder = encoders.load("tiny", device="cpu")
+    offline = {(w.modality, w.t0): encoder.embed(w.modality, w.data[None])[0] for w in windows}
+    published = {(r.modality, r.t0): r for r in records if r.modality != "fused"}
+    assert set(published) == set(offline)
+    for key, record in published.items():
+        np.testing.assert_allclose(record.emb, offline[key], atol=1e-4, err_msg=str(key))
+    # fused: the renormalised sum of the vision, audio, depth and thermal embeddings of the same window
+    for r in records:
+        if r.modality == "fused":
+            assert r.modalities == ("vision", "audio", "depth", "thermal")
+            total = sum(offline[m, r.t0] for m in r.modalities)
+            np.testing.assert_allclose(r.emb, total / np.linalg.norm(total), atol=1e-4)
+
+
+def test_records_decode_as_documented(pipeline_run, redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    key = f"bindstream:emb:{DEVICE}:audio"
+    entry_id, fields = client.xrange(key, count=1)[0]
+    assert set(fields) >= {b"t0", b"t1", b"model", b"dtype", b"dim", b"emb"}
+    assert fields[b"dtype"] == b"float32" and fields[b"model"] == b"tiny"
+    vec = np.frombuffer(fields[b"emb"], dtype="<f4")
+    assert vec.shape == (int(fields[b"dim"]),)
+    assert abs(np.linalg.norm(vec) - 1) < 1e-5
+    assert int(fields[b"t1"]) - int(fields[b"t0"]) == 2 * SECOND
+
+
+def test_drain_reports_no_drops(pipeline_run):
+    _, _, final = pipeline_run
+    for stage in final.values():
+        for actor in stage:
+            assert not [k for k in actor["counts"] if k.startswith(("dropped", "rejected"))], actor
