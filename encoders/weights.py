@@ -38,6 +38,13 @@ def default_checkpoint_path() -> Path:
     return bindstream_home() / CHECKPOINT_FILE
 
 
+def default_model_name(model: str | None = None, checkpoint: str | None = None) -> str:
+    """The model to use: `model` if given, else imagebind_huge when its checkpoint is available, else tiny."""
+    if model:
+        return model
+    return "imagebind_huge" if checkpoint or default_checkpoint_path().is_file() else "tiny"
+
+
 def download_checkpoint(dest: Path | None = None, url: str = CHECKPOINT_URL) -> Path:
     """Download the official checkpoint to `dest` with a progress bar, resuming a partial `.part` file.
 

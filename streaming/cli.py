@@ -48,8 +48,9 @@ def embed(files, modality, texts, output, model, checkpoint, device, dtype):
     """Embed media files of any modality (images, video, audio, depth/thermal .npy, IMU .csv)."""
     import encoders
     from encoders.transforms import load_file
+    from encoders.weights import default_model_name
 
-    enc = encoders.load(default_model(model, checkpoint), checkpoint=checkpoint, device=device, dtype=dtype)
+    enc = encoders.load(default_model_name(model, checkpoint), checkpoint=checkpoint, device=device, dtype=dtype)
     rows = []
     for path in files:
         file_modality, tensor = load_file(path, modality)
@@ -71,15 +72,6 @@ def embed(files, modality, texts, output, model, checkpoint, device, dtype):
     if output:
         np.save(output, embeddings)
         console.print(f"wrote {embeddings.shape} float32 to {output}")
-
-
-def default_model(model: str | None, checkpoint: str | None) -> str:
-    """The model to use: as asked, else imagebind_huge when a checkpoint is available, else tiny."""
-    if model:
-        return model
-    from encoders.weights import default_checkpoint_path
-
-    return "imagebind_huge" if checkpoint or default_checkpoint_path().is_file() else "tiny"
 
 
 @main.group()
@@ -122,3 +114,161 @@ def bench_encoders_command(model, checkpoint, device, dtypes, batches, modalitie
                 cells.append(f"{ratio:.2f}x")
             table.add_row(modality, str(batch), *cells)
     console.print(table)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------------
+
+def pipeline_options(command):
+    """Flags shared by `run`, `demo` and `bench pipeline`; each overrides the config file's key."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="TOML file with PipelineConfig keys (see deploy/bindstream.toml)."),
+        click.option("--redis", default=None, help="Redis URL (redis://, rediss://); default: an embedded server."),
+        click.option("--ingest", multiple=True, help="Endpoint to bind for devices (repeatable); "
+                                                     "default tcp://127.0.0.1:5555."),
+        MODEL_OPTION, CHECKPOINT_OPTION, DEVICE_OPTION, DTYPE_OPTION,
+        click.option("--embedders", type=int, default=None, help="Embedder actors (one GPU each when present)."),
+        click.option("--windowers", type=int, default=None, help="Windowing actors (devices are split among them)."),
+        click.option("--max-batch", type=int, default=None, help="Windows per encoder call."),
+        click.option("--max-wait-ms", type=float, default=None, help="Longest a partial batch waits."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def build_config(config_file, **flags):
+    from streaming.pipeline import PipelineConfig
+
+    config = PipelineConfig.from_toml(config_file) if config_file else PipelineConfig()
+    for key, value in flags.items():
+        if value not in (None, ()):
+            setattr(config, key, list(value) if key == "ingest" else value)
+    return config
+
+
+def say_model(model: str) -> None:
+    if model == "tiny":
+        from encoders.api import random_weights_warning
+
+        console.print(f"[bold red]model: tiny — {random_weights_warning('tiny')}[/] "
+                      f"(put imagebind_huge.pth in $BINDSTREAM_HOME or pass --checkpoint for real embeddings)")
+    else:
+        console.print(f"model: {model}")
+
+
+@main.command()
+@pipeline_options
+@click.option("--live/--no-live", default=True, help="Show the live table.")
+def run(config_file, live, **flags):
+    """The main job: ingest devices over ZeroMQ, embed their windows, publish to Redis, until SIGINT/SIGTERM;
+    then drain (windows already accepted are embedded and published) and exit."""
+    import signal
+    import threading
+
+    from rich.live import Live
+
+    from streaming.dashboard import stats_table
+    from streaming.pipeline import pipeline_session
+
+    config = build_config(config_file, **flags)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with pipeline_session(config) as (pipeline, redis_url, model):
+        say_model(model)
+        console.print(f"ingest: {', '.join(pipeline.endpoints)}   redis: {redis_url}")
+        if live:
+            with Live(stats_table(pipeline.stats()), console=console, refresh_per_second=2) as view:
+                while not stop.wait(0.5):
+                    view.update(stats_table(pipeline.stats()))
+        else:
+            stop.wait()
+        console.print("draining ...")
+        console.print(stats_table(pipeline.drain(), title="bindstream: final"))
+
+
+@main.command()
+@click.option("--seconds", default=20.0, help="How long the simulated wearables stream.")
+@click.option("--devices", default=2, help="Simulated wearables.")
+@click.option("--seed", default=0)
+@pipeline_options
+def demo(seconds, devices, seed, config_file, **flags):
+    """The whole pipeline on this machine with simulated wearables: a live table, then a summary."""
+    import threading
+
+    from rich.console import Group
+    from rich.live import Live
+
+    from sensors.simulator import simulate
+    from streaming.dashboard import per_modality_table, stats_table
+    from streaming.pipeline import pipeline_session
+
+    flags["ingest"] = flags["ingest"] or ("tcp://127.0.0.1:*",)
+    config = build_config(config_file, **flags)
+    with pipeline_session(config) as (pipeline, redis_url, model):
+        say_model(model)
+        sim = threading.Thread(target=simulate, kwargs=dict(endpoint=pipeline.endpoints[0], devices=devices,
+                                                            seconds=seconds, seed=seed), daemon=True)
+        sim.start()
+        with Live(console=console, refresh_per_second=2) as view:
+            while sim.is_alive():
+                stats = pipeline.stats()
+                view.update(Group(stats_table(stats, f"bindstream demo: {devices} wearables"),
+                                  per_modality_table(stats)))
+                sim.join(0.5)
+        final = pipeline.drain()
+    console.print(stats_table(final, "bindstream demo: summary"))
+    console.print(per_modality_table(final))
+    console.print(f"embeddings were in Redis at {redis_url} (an embedded server, now stopped; "
+                  f"use --redis URL to keep them)")
+
+
+@main.command("simulate")
+@click.option("--devices", default=1, help="Simulated wearables (sim-000, sim-001, ...).")
+@click.option("--endpoint", default="tcp://127.0.0.1:5555", help="Ingest endpoint to connect to.")
+@click.option("--seconds", default=60.0)
+@click.option("--seed", default=0)
+@click.option("--fast", is_flag=True, help="As fast as possible (blocking, nothing dropped) instead of real time.")
+def simulate_command(devices, endpoint, seconds, seed, fast):
+    """Stream camera, mic, depth, thermal and IMU of simulated wearables to an ingest endpoint."""
+    from sensors.simulator import simulate
+
+    stats = simulate(endpoint, devices=devices, seconds=seconds, seed=seed, realtime=not fast)
+    dropped = sum(sum(d.values()) for d in stats.dropped.values())
+    console.print(f"sent {stats.total_sent} messages from {devices} devices in {stats.wall_s:.1f} s; dropped {dropped}")
+
+
+@main.command()
+@click.option("--redis", "redis_url", default="redis://127.0.0.1:6379/0")
+@click.option("--device", default="*", help="Device id or glob.")
+@click.option("--modality", default="*", help="vision, audio, depth, thermal, imu, fused, or a glob.")
+@click.option("--count", type=int, default=None, help="Stop after this many records.")
+def tail(redis_url, device, modality, count):
+    """Print embedding records as they are published."""
+    import redis
+
+    from streaming.subscriber import stream_keys, decode_record
+
+    client = redis.Redis.from_url(redis_url)
+    last: dict[str, str] = {}
+    seen = 0
+    while count is None or seen < count:
+        for key in stream_keys(client, device, modality):
+            last.setdefault(key, "$")
+        if not last:
+            import time
+
+            time.sleep(0.5)
+            continue
+        for key, entries in client.xread(last, block=1000, count=100) or []:
+            key = key.decode()
+            for entry_id, fields in entries:
+                last[key] = entry_id
+                r = decode_record(key, entry_id, fields)
+                console.print(f"{r.device} {r.modality:8s} t0={r.t0} t1={r.t1} {r.model} "
+                              f"emb[:4]={np.array2string(r.emb[:4], precision=3)}"
+                              + (f" ({','.join(r.modalities)})" if r.modalities else ""))
+                seen += 1

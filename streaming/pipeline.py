@@ -8,21 +8,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import socket
+import tempfile
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
+from encoders.weights import default_model_name
 from sensors.protocol import DEFAULT_ENDPOINT, Limits
 
 from .embedder import Embedder, EmbedderSettings
 from .ingest import Ingest, IngestSettings
 from .publisher import Publisher, PublisherSettings
+from .redis_server import RedisServer
 from .windowing import WindowingConfig, WindowStage, WindowStageSettings
 
 log = logging.getLogger(__name__)
-ACTOR_CONCURRENCY = 4  # a stage's push, stats and drain calls run beside its worker thread
+# Each actor runs its calls one at a time, in the order they were sent (a device's messages must reach
+# its windows in order); the stages' own worker threads do the slow work beside those calls.
+ACTOR_CONCURRENCY = 1
 
 
 @dataclass
@@ -69,14 +77,30 @@ class PipelineConfig:
         return cls(**data)
 
 
+def running_cluster_address() -> str | None:
+    """The address of a Ray cluster to join: `$RAY_ADDRESS`, else the cluster `ray start` recorded on this
+    machine if its GCS answers (a stale record from a stopped cluster is ignored)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        address = record.read_text().strip()
+        host, port = address.rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=1).close()
+        return address
+    except (OSError, ValueError):
+        return None
+
+
 def connect_ray() -> None:
     """Join the running Ray cluster if there is one, else start a local Ray."""
     if ray.is_initialized():
         return
-    try:
-        ray.init(address="auto", log_to_driver=False)
-        log.info("joined the running Ray cluster")
-    except (ConnectionError, RuntimeError):
+    address = running_cluster_address()
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        log.info("joined the Ray cluster at %s", address)
+    else:
         ray.init(include_dashboard=False, log_to_driver=False)
         log.info("started a local Ray instance")
 
@@ -138,3 +162,22 @@ class Pipeline:
         for actors in self.stages.values():
             for actor in actors:
                 ray.kill(actor)
+
+
+@contextmanager
+def pipeline_session(config: PipelineConfig):
+    """Connect Ray, start an embedded redis-server unless `config.redis` names one, create and start the
+    pipeline; yields (pipeline, redis_url, model). On exit the actors and the embedded server are stopped
+    (drain first to keep what was accepted)."""
+    connect_ray()
+    server = None if config.redis else RedisServer().start()
+    redis_url = config.redis or server.url
+    model = default_model_name(config.model, config.checkpoint)
+    pipeline = Pipeline(config, redis_url, model)
+    try:
+        pipeline.start()
+        yield pipeline, redis_url, model
+    finally:
+        pipeline.kill()
+        if server:
+            server.stop()
