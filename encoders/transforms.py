@@ -3,6 +3,7 @@
 Text, image, audio and video follow the reference ImageBind (facebookresearch/ImageBind) pipelines.
 Two known differences: images are resized with torch's antialiased bicubic instead of PIL's (mean abs
 difference ~0.002 after normalisation), and a video is one window from its start with one centre crop,
+its 2 frames taken at the centres of the window's two halves (the reference takes the first and last),
 each frame through the image transform (the reference averages 5 clips x 3 spatial crops, scaled with
 pytorchvideo's bilinear ShortSideScale), because streams are embedded window by window.
 
@@ -248,10 +249,12 @@ def image_tensor(rgb: np.ndarray) -> torch.Tensor:
 
 
 def uniform_indices(num_frames: int, n: int = VIDEO_FRAMES) -> torch.Tensor:
-    """n indices spread evenly over num_frames, first and last included, rounded down: (n,) int64."""
+    """n indices spread evenly over num_frames: the frame at the centre of each of n equal segments,
+    floor((i + 0.5) * num_frames / n): (n,) int64. Centres rather than first and last frame (the reference's
+    linspace) so that a stream can tell from a frame's time alone whether a window will sample it."""
     if num_frames < 1 or n < 1:
         raise ValueError(f"vision: need at least one frame and one sample, got {num_frames} frames, n={n}")
-    return torch.linspace(0, num_frames - 1, n).clamp(0, num_frames - 1).long()
+    return ((torch.arange(n, dtype=torch.float64) + 0.5) * num_frames / n).floor().long()
 
 
 def video_tensor(frames: Sequence[np.ndarray], n: int = VIDEO_FRAMES) -> torch.Tensor:

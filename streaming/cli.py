@@ -248,19 +248,21 @@ def simulate_command(devices, endpoint, seconds, seed, fast):
 @click.option("--count", type=int, default=None, help="Stop after this many records.")
 def tail(redis_url, device, modality, count):
     """Print embedding records as they are published."""
+    import time
+
     import redis
 
-    from streaming.subscriber import stream_keys, decode_record
+    from streaming.subscriber import decode_record, stream_keys
 
     client = redis.Redis.from_url(redis_url)
-    last: dict[str, str] = {}
+    last: dict[str, bytes] = {}  # per stream, the id after which to read
     seen = 0
     while count is None or seen < count:
         for key in stream_keys(client, device, modality):
-            last.setdefault(key, "$")
+            if key not in last:  # a stream found now: start after its newest entry
+                newest = client.xrevrange(key, count=1)
+                last[key] = newest[0][0] if newest else b"0-0"
         if not last:
-            import time
-
             time.sleep(0.5)
             continue
         for key, entries in client.xread(last, block=1000, count=100) or []:
@@ -272,3 +274,38 @@ def tail(redis_url, device, modality, count):
                               f"emb[:4]={np.array2string(r.emb[:4], precision=3)}"
                               + (f" ({','.join(r.modalities)})" if r.modalities else ""))
                 seen += 1
+
+
+@bench.command("pipeline")
+@click.option("--devices", default=2, help="Simulated wearables.")
+@click.option("--seconds", default=10.0, help="Device time each wearable streams (sent as fast as possible).")
+@pipeline_options
+def bench_pipeline_command(devices, seconds, config_file, **flags):
+    """End-to-end windows/s and publish latency, against the same windows done offline in one process."""
+    from streaming.bench import bench_pipeline
+
+    config = build_config(config_file, **flags)
+    config.model = config.model or "tiny"
+    f = bench_pipeline(devices, seconds, config)
+    table = Table(title=f"pipeline, {devices} devices x {seconds:g} s, model {config.model}, CPU cores: "
+                        f"{__import__('os').cpu_count()}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    rows = [
+        ("messages / payload", f"{f.messages} / {f.payload_mb:.0f} MB", ""),
+        ("windows", str(f.windows), ""),
+        ("ingest alone (recv + validate, 1 thread)", f"{f.ingest_mb_per_s:.0f} MB/s", ">= 300 MB/s"),
+        ("encoder alone (same windows, in process)", f"{f.encoder_windows_per_s:.1f} windows/s", ""),
+        ("offline: windowing + encoder, 1 process", f"{f.offline_windows_per_s:.1f} windows/s", ""),
+        ("pipeline end to end (ZeroMQ, Ray, Redis)", f"{f.pipeline_windows_per_s:.1f} windows/s", ""),
+        ("pipeline efficiency (pipeline / offline)", f"{f.efficiency:.2f}", ">= 0.9"),
+        ("publish latency p50 / p99 (burst: queueing included)",
+         f"{f.latency_p50_ms:.0f} / {f.latency_p99_ms:.0f} ms", ""),
+        ("stage busy s (ingest / window / embed / publish)",
+         " / ".join(f"{f.busy_s[s]:.1f}" for s in ("ingest", "window", "embed", "publish")) + f" of {f.elapsed_s:.1f}",
+         ""),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)

@@ -108,6 +108,7 @@ class Embedder:
             self._embed(batch)
 
     def _embed(self, batch: list[Window]) -> None:
+        start = time.perf_counter()
         modality = batch[0].modality
         try:
             vectors = self.encoder.embed(modality, np.stack([w.data for w in batch]))
@@ -120,6 +121,7 @@ class Embedder:
                     vectors.append(None)
                     self.metrics.count("rejected_by_encoder", modality)
         done = now_ns()
+        self.metrics.busy(time.perf_counter() - start)
         out = [
             Embedding(w.device, w.modality, w.t0, w.t1, v, self.encoder.name, w.arrived_ns, done)
             for w, v in zip(batch, vectors)

@@ -1,5 +1,8 @@
 """Ingest stage: a ZeroMQ PULL socket that devices PUSH to. Validates each message (stateless, cheap:
-images stay encoded) and routes it by device to the windowing actor that owns that device's windows."""
+images stay encoded) and routes it by device to the windowing actor that owns that device's windows.
+
+Frames that no window samples (most of a 30 fps stream: a window takes 2 camera frames, 1 depth frame)
+are forwarded without their pixels, as timestamps; see streaming/windowing.py."""
 
 from __future__ import annotations
 
@@ -7,12 +10,16 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import zmq
 
 from sensors.protocol import DEFAULT_ENDPOINT, Limits, Rejected, decode
 
 from .records import SENSOR_MODALITY
 from .stage import Downstream, StageMetrics
+from .windowing import FRAME_SENSORS, WindowingConfig, frame_is_sampled
+
+NO_PIXELS = np.empty(0, np.uint8)
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,7 @@ class IngestSettings:
     batch_ms: float = 10.0  # longest a received message waits before it is passed on
     max_inflight: int = 4  # calls to windowing actors not yet returned; then ingest waits (ZeroMQ buffers)
     rcvhwm: int = 10_000  # messages the socket queues before devices' sends block or drop
+    windowing: WindowingConfig = WindowingConfig()  # to know which frames windows sample
 
 
 class Ingest:
@@ -39,6 +47,7 @@ class Ingest:
         self.socket.bind(settings.endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.bytes_in = 0
+        self.last_frame_t: dict[tuple[str, str], int] = {}  # (device, sensor) -> time of its last frame
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="ingest", daemon=True)
 
@@ -69,22 +78,36 @@ class Ingest:
             self._flush(batches, first_arrival)
 
     def _accept(self, frames, batches: dict[str, list]) -> None:
+        start = time.perf_counter()
         try:
             msg = decode(frames, self.settings.limits)
         except Rejected as err:
+            self.metrics.busy(time.perf_counter() - start)
             self.metrics.count(f"rejected_{err.reason}")
             self.metrics.count("rejected_by_device", getattr(err, "device", None) or "unknown")
             return
         self.bytes_in += msg.nbytes
-        self.metrics.count("in", SENSOR_MODALITY[msg.sensor])
+        modality = SENSOR_MODALITY[msg.sensor]
+        self.metrics.count("in", modality)
+        if msg.sensor in FRAME_SENSORS:
+            previous = self.last_frame_t.get((msg.device, msg.sensor))
+            if not frame_is_sampled(msg.sensor, self.settings.windowing.spec(modality), previous, msg.t_ns):
+                msg.payload = NO_PIXELS
+                self.metrics.count("thinned", modality)
+            known = previous is not None or len(self.last_frame_t) < self.settings.windowing.max_streams
+            if known and (previous is None or msg.t_ns > previous):  # beyond the bound, frames keep pixels
+                self.last_frame_t[msg.device, msg.sensor] = msg.t_ns
         batches.setdefault(msg.device, []).append(msg)
+        self.metrics.busy(time.perf_counter() - start)
 
     def _flush(self, batches: dict[str, list], arrived_ns: int) -> None:
+        start = time.perf_counter()
         by_actor: dict[int, list] = {}
         for device, messages in batches.items():
             by_actor.setdefault(id(self.downstream.actor_for(device)), []).extend(messages)
         for messages in by_actor.values():
             self.downstream.push(messages, arrived_ns, key=messages[0].device)
+        self.metrics.busy(time.perf_counter() - start)
 
     def stop(self) -> dict:
         """Stop receiving, pass on what was received, wait until the windowing actors took it."""

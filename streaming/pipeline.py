@@ -53,6 +53,12 @@ class PipelineConfig:
     stream_maxlen: int = 100_000
     fused_wait_s: float = 5.0
     torch_threads: int | None = None
+    # placement: custom Ray resources each actor asks for (e.g. {"ingest": 0.01} on nodes whose ports
+    # devices can reach); embedders ask for `embedder_gpus` GPUs (None: 1 when the cluster has GPUs)
+    # and are spread over the nodes
+    ingest_resources: dict[str, float] = field(default_factory=dict)
+    embedder_resources: dict[str, float] = field(default_factory=dict)
+    embedder_gpus: float | None = None
     windowing: WindowingConfig = field(default_factory=WindowingConfig)
     limits: Limits = field(default_factory=Limits)
 
@@ -111,7 +117,9 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig, redis_url: str, model: str):
         self.config = config
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and config.device in (None, "cuda") else 0
+        gpus = config.embedder_gpus
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and config.device in (None, "cuda") else 0
         publisher = ray.remote(Publisher).options(num_cpus=0, max_concurrency=ACTOR_CONCURRENCY).remote(
             PublisherSettings(redis_url, maxlen=config.stream_maxlen, queue_capacity=config.publish_queue,
                               fused_wait_s=config.fused_wait_s)
@@ -122,8 +130,10 @@ class Pipeline:
             torch_threads=config.torch_threads,
         )
         embedders = [
-            ray.remote(Embedder).options(num_cpus=0 if gpus else 1, num_gpus=gpus,
-                                         max_concurrency=ACTOR_CONCURRENCY).remote(embedder_settings, [publisher])
+            ray.remote(Embedder).options(
+                num_cpus=0 if gpus else 1, num_gpus=gpus, resources=config.embedder_resources,
+                scheduling_strategy="SPREAD", max_concurrency=ACTOR_CONCURRENCY,
+            ).remote(embedder_settings, [publisher])
             for _ in range(config.embedders)
         ]
         windowers = [
@@ -133,8 +143,9 @@ class Pipeline:
             for _ in range(config.windowers)
         ]
         ingests = [
-            ray.remote(Ingest).options(num_cpus=0, max_concurrency=ACTOR_CONCURRENCY).remote(
-                IngestSettings(endpoint, config.limits), windowers
+            ray.remote(Ingest).options(num_cpus=0, resources=config.ingest_resources,
+                                       max_concurrency=ACTOR_CONCURRENCY).remote(
+                IngestSettings(endpoint, config.limits, windowing=config.windowing), windowers
             )
             for endpoint in config.ingest
         ]

@@ -150,11 +150,13 @@ class Publisher:
     def _write(self, embeddings: list[Embedding]) -> None:
         if not embeddings:
             return
+        start = time.perf_counter()
         pipe = self.redis.pipeline(transaction=False)
         for e in embeddings:
             fields = encode_fields(e, e.members)
             pipe.xadd(stream_key(e.device, e.modality), fields, maxlen=self.settings.maxlen, approximate=True)
         pipe.execute()
+        self.metrics.busy(time.perf_counter() - start)
         done = now_ns()
         for e in embeddings:
             self.metrics.count("out", e.modality)

@@ -24,6 +24,7 @@ class StageMetrics:
         self.stage = stage
         self.counts: Counter = Counter()
         self.latencies: deque = deque(maxlen=LATENCY_WINDOW)
+        self.busy_s = 0.0
         self._lock = threading.Lock()
         self._events = metrics.Counter(
             "bindstream_events_total", "Pipeline events per stage (in, out, drops by reason).",
@@ -48,6 +49,11 @@ class StageMetrics:
             self.latencies.append(seconds)
         self._latency.observe(seconds, tags={"stage": self.stage})
 
+    def busy(self, seconds: float) -> None:
+        """Time spent working (not waiting): busy_s / wall time is the stage's utilisation."""
+        with self._lock:
+            self.busy_s += seconds
+
     def queue_depth(self, depth: int) -> None:
         self._queue.set(depth, tags={"stage": self.stage})
 
@@ -55,7 +61,7 @@ class StageMetrics:
         with self._lock:
             counts = {f"{event}:{label}" if label else event: n for (event, label), n in self.counts.items()}
             lat = np.array(self.latencies) if self.latencies else None
-        out = {"stage": self.stage, "counts": counts, **extra}
+        out = {"stage": self.stage, "counts": counts, "busy_s": self.busy_s, **extra}
         if lat is not None:
             out["latency_p50_ms"] = float(np.percentile(lat, 50) * 1000)
             out["latency_p99_ms"] = float(np.percentile(lat, 99) * 1000)

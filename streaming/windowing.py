@@ -13,8 +13,11 @@ Per message, in order:
   `max_frame_gap_ns`): every window that would contain the hole is dropped (`gap`).
 
 What each window holds:
-- vision: 2 frames sampled uniformly from the window's frames (the first and the last), 3 x 2 x 224 x 224.
-- depth, thermal: the frame nearest the window's midpoint, 1 x 224 x 224.
+- vision: 2 frames sampled uniformly: the first frames at or after the centres of the window's two
+  halves (t0 + 0.5 s and t0 + 1.5 s), 3 x 2 x 224 x 224.
+- depth, thermal: the first frame at or after the window's middle (t0 + 1 s), 1 x 224 x 224.
+Since a frame's use follows from its time alone, ingest forwards only the pixels of frames some window
+samples (`frame_is_sampled`); the others travel as timestamps, which the checks above still see.
 - audio: the window's samples, resampled to 16 kHz, 128-bin log-mel, 1 x 128 x 204.
 - imu: the window's rows resampled to 2000 steps, 6 x 2000.
 """
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from encoders import transforms
-from sensors.protocol import SensorMessage, decode_image
+from sensors.protocol import Rejected, SensorMessage, decode_image
 
 from .records import SENSOR_MODALITY, Window
 from .stage import Downstream, StageMetrics
@@ -61,6 +64,22 @@ class WindowingConfig:
 
 def _ceil_to(t: int, step: int) -> int:
     return -(-t // step) * step
+
+
+def frame_sample_offsets(sensor: str, spec: WindowSpec) -> tuple[int, ...]:
+    """Offsets from a window's start of the moments whose frames it takes."""
+    if sensor == "camera":
+        return tuple((2 * i + 1) * spec.length_ns // (2 * VISION_FRAMES) for i in range(VISION_FRAMES))
+    return (spec.length_ns // 2,)
+
+
+def frame_is_sampled(sensor: str, spec: WindowSpec, previous_t: int | None, t: int) -> bool:
+    """Whether some window takes the frame at `t`, the frame before it being at `previous_t`: true when a
+    sample moment k * hop + offset lies in (previous_t, t]."""
+    if previous_t is None:
+        return True
+    hop = spec.hop_ns
+    return any((t - o) // hop > (previous_t - o) // hop for o in frame_sample_offsets(sensor, spec))
 
 
 @dataclass
@@ -105,7 +124,8 @@ class Windower:
             self._drop_windows_before(stream, msg.device, start)
         if stream.next_t0 is None:
             stream.next_t0 = _ceil_to(start, stream.spec.hop_ns)
-        stream.items.append(msg)
+        if msg.payload.size:  # frames no window samples arrive without pixels (see module docstring)
+            stream.items.append(msg)
         stream.last_t, stream.end_ns = msg.t_ns, max(end, stream.end_ns or end)
         return self._cut(stream, msg.device, arrived_ns or time.time_ns())
 
@@ -148,9 +168,12 @@ class Windower:
         out = []
         while stream.next_t0 + spec.length_ns <= stream.end_ns + self.config.clock_tolerance_ns:
             t0, t1 = stream.next_t0, stream.next_t0 + spec.length_ns
-            data = self._window_data(stream, t0, t1)
+            try:
+                data, reason = self._window_data(stream, t0, t1), "empty"
+            except (Rejected, ValueError):  # e.g. a JPEG that does not decode: the window is lost, not the stream
+                data, reason = None, "bad_data"
             if data is None:
-                self.drops[device, "empty"] += 1
+                self.drops[device, reason] += 1
             else:
                 out.append(Window(device, modality, t0, t1, data, arrived_ns))
                 self.windows[device, modality] += 1
@@ -170,15 +193,16 @@ class Windower:
     def _window_data(self, stream: SensorStream, t0: int, t1: int) -> np.ndarray | None:
         if stream.sensor in FRAME_SENSORS:
             frames = [m for m in stream.items if t0 <= m.t_ns < t1]
-            if not frames:
-                return None
+            picked = []
+            for offset in frame_sample_offsets(stream.sensor, stream.spec):
+                frame = next((m for m in frames if m.t_ns >= t0 + offset), None)
+                if frame is None:
+                    return None
+                picked.append(frame)
             if stream.sensor == "camera":
-                picked = [frames[i] for i in transforms.uniform_indices(len(frames), VISION_FRAMES).tolist()]
                 return transforms.video_tensor([decode_image(m) for m in picked], VISION_FRAMES).numpy()
-            mid = (t0 + t1) // 2
-            nearest = min(frames, key=lambda m: abs(m.t_ns - mid))
             to_tensor = transforms.depth_tensor if stream.sensor == "depth" else transforms.thermal_tensor
-            return to_tensor(nearest.payload).numpy()
+            return to_tensor(picked[0].payload).numpy()
         return self._samples_window(stream, t0, t1)
 
     def _samples_window(self, stream: SensorStream, t0: int, t1: int) -> np.ndarray | None:
@@ -218,9 +242,11 @@ class WindowStage:
         self._reported_drops: Counter = Counter()
 
     def push(self, messages: list[SensorMessage], arrived_ns: int) -> None:
+        start = time.perf_counter()
         windows = []
         for msg in messages:
             windows += self.windower.add(msg, arrived_ns)
+        self.metrics.busy(time.perf_counter() - start)
         for window in windows:
             self.metrics.count("out", window.modality)
         for (device, reason), n in (self.windower.drops - self._reported_drops).items():

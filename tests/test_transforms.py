@@ -94,7 +94,7 @@ def test_image_rejects_bad_input(rgb):
 
 @pytest.mark.parametrize(
     "num_frames,n,expected",
-    [(30, 2, [0, 29]), (5, 3, [0, 2, 4]), (10, 4, [0, 3, 6, 9]), (1, 2, [0, 0]), (7, 2, [0, 6])],
+    [(60, 2, [15, 45]), (30, 2, [7, 22]), (5, 3, [0, 2, 4]), (10, 4, [1, 3, 6, 8]), (1, 2, [0, 0]), (7, 2, [1, 5])],
 )
 def test_uniform_indices(num_frames, n, expected):
     assert T.uniform_indices(num_frames, n).tolist() == expected
@@ -105,12 +105,12 @@ def test_uniform_indices_rejects_no_frames():
         T.uniform_indices(0)
 
 
-def test_video_tensor_samples_first_and_last_frame():
+def test_video_tensor_samples_the_centres_of_the_two_halves():
     frames = [np.full((120, 160, 3), 10 * i, np.uint8) for i in range(20)]
     x = T.video_tensor(frames)
     assert x.shape == (3, 2, 224, 224)
-    torch.testing.assert_close(x[:, 0], T.image_tensor(frames[0]))
-    torch.testing.assert_close(x[:, 1], T.image_tensor(frames[19]))
+    torch.testing.assert_close(x[:, 0], T.image_tensor(frames[5]))
+    torch.testing.assert_close(x[:, 1], T.image_tensor(frames[15]))
 
 
 def test_video_tensor_rejects_bad_frames():

@@ -1,0 +1,126 @@
+"""Pipeline benchmark: end-to-end windows/s and publish latency, next to the same work done offline in one
+process (windowing + encoder), and the ingest stage's decode throughput on its own."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import zmq
+
+import encoders
+from sensors.protocol import decode
+from sensors.simulator import SimulatedWearable
+
+from .pipeline import PipelineConfig, pipeline_session
+from .windowing import SECOND, Windower
+
+START_NS = 1_000 * SECOND
+
+
+@dataclass
+class PipelineFigures:
+    messages: int
+    payload_mb: float
+    windows: int
+    pipeline_windows_per_s: float
+    offline_windows_per_s: float  # windowing + encoder in one process, no transport
+    encoder_windows_per_s: float  # encoder alone on the same windows
+    latency_p50_ms: float
+    latency_p99_ms: float
+    ingest_mb_per_s: float  # receive + validate on one core
+    elapsed_s: float
+    busy_s: dict[str, float]  # per stage, seconds spent working during the pipeline run
+
+    @property
+    def efficiency(self) -> float:
+        return self.pipeline_windows_per_s / self.offline_windows_per_s
+
+
+def simulated_frames(devices: int, seconds: float, seed: int = 0) -> list[list[bytes]]:
+    """Wire messages (header, payload) of `devices` simulated wearables, interleaved by device time."""
+    streams = [SimulatedWearable(f"bench-{i:03d}", seed, START_NS).messages(seconds) for i in range(devices)]
+    out = []
+    for batch in zip(*streams):
+        out += [[msgpack.packb(h), p] for h, p in batch]
+    return out
+
+
+def _send(endpoint: str, frames: list[list[bytes]], repeats: int = 1) -> None:
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(endpoint)
+    for _ in range(repeats):
+        for message in frames:
+            push.send_multipart(message, copy=False)
+    push.close(linger=-1)
+    ctx.term()
+
+
+def ingest_throughput(frames: list[list[bytes]], repeats: int = 3) -> float:
+    """MB/s of payload received and validated by one thread (the sender is another process)."""
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind("tcp://127.0.0.1:*")
+    endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
+    total = len(frames) * repeats
+    sender = multiprocessing.get_context("fork").Process(target=_send, args=(endpoint, frames, repeats))
+    sender.start()
+    nbytes, start = 0, None
+    for _ in range(total):
+        message = pull.recv_multipart(copy=False)
+        start = start or time.perf_counter()
+        nbytes += decode(message).nbytes
+    elapsed = time.perf_counter() - start
+    sender.join()
+    pull.close()
+    ctx.term()
+    return nbytes / elapsed / 1e6
+
+
+def offline_throughput(frames: list[list[bytes]], model: str, max_batch: int) -> tuple[int, float, float]:
+    """(windows, windows/s of windowing + encoding, windows/s of encoding alone) in this process."""
+    encoder = encoders.load(model)
+    start = time.perf_counter()
+    windower = Windower()
+    windows = []
+    for message in frames:
+        windows += windower.add(decode(message))
+    windowed = time.perf_counter()
+    by_modality: dict[str, list] = {}
+    for w in windows:
+        by_modality.setdefault(w.modality, []).append(w.data)
+    for modality, data in by_modality.items():
+        for i in range(0, len(data), max_batch):
+            encoder.embed(modality, np.stack(data[i: i + max_batch]))
+    done = time.perf_counter()
+    return len(windows), len(windows) / (done - start), len(windows) / (done - windowed)
+
+
+def bench_pipeline(devices: int, seconds: float, config: PipelineConfig) -> PipelineFigures:
+    frames = simulated_frames(devices, seconds)
+    payload_mb = sum(len(m[1]) for m in frames) / 1e6
+    ingest_mb_s = ingest_throughput(frames)
+    windows, offline_wps, encoder_wps = offline_throughput(frames, config.model or "tiny", config.max_batch)
+    config.ingest = ["tcp://127.0.0.1:*"]
+    with pipeline_session(config) as (pipeline, _, _):
+        start = time.perf_counter()
+        _send(pipeline.endpoints[0], frames)
+        while sum(a["counts"].get("in:" + m, 0) for a in pipeline.stats()["ingest"]
+                  for m in ("vision", "audio", "depth", "thermal", "imu")) < len(frames):
+            time.sleep(0.05)
+        final = pipeline.drain()
+        elapsed = time.perf_counter() - start
+    published = sum(n for a in final["publish"] for k, n in a["counts"].items()
+                    if k.startswith("out:") and k != "out:fused")
+    publish = final["publish"][0]
+    return PipelineFigures(
+        messages=len(frames), payload_mb=payload_mb, windows=windows,
+        pipeline_windows_per_s=published / elapsed, offline_windows_per_s=offline_wps,
+        encoder_windows_per_s=encoder_wps, latency_p50_ms=publish.get("latency_p50_ms", float("nan")),
+        latency_p99_ms=publish.get("latency_p99_ms", float("nan")), ingest_mb_per_s=ingest_mb_s,
+        elapsed_s=elapsed, busy_s={stage: sum(a["busy_s"] for a in actors) for stage, actors in final.items()},
+    )

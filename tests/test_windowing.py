@@ -1,0 +1,132 @@
+"""Windowing on the device clock: grid, completeness, and every drop rule, on crafted messages."""
+
+import cv2
+import numpy as np
+import pytest
+
+from encoders import transforms
+from sensors.protocol import decode, encode_header
+from streaming.windowing import SECOND, Windower, WindowingConfig
+
+DEVICE = "dev"
+START = 100 * SECOND
+MIC_RATE, CHUNK = 16_000, 320  # 20 ms chunks
+CHUNK_NS = CHUNK * SECOND // MIC_RATE
+
+
+def mic(seq: int, t_ns: int, value: float = 0.0) -> object:
+    samples = np.full((CHUNK, 1), value, np.float32)
+    return decode([encode_header(DEVICE, "mic", seq, t_ns, rate=MIC_RATE, channels=1, dtype="float32"),
+                   samples.tobytes()])
+
+
+def depth(seq: int, t_ns: int, mm: int) -> object:
+    frame = np.full((48, 64), mm, np.uint16)
+    return decode([encode_header(DEVICE, "depth", seq, t_ns, dtype="uint16", shape=[48, 64]), frame.tobytes()])
+
+
+def camera(seq: int, t_ns: int, level: int) -> object:
+    ok, jpeg = cv2.imencode(".jpg", np.full((48, 64, 3), level, np.uint8))
+    return decode([encode_header(DEVICE, "camera", seq, t_ns, encoding="jpeg"), jpeg.tobytes()])
+
+
+def feed(windower, messages):
+    out = []
+    for m in messages:
+        out += windower.add(m)
+    return out
+
+
+def mic_stream(seconds: float, skip: set[int] = frozenset()):
+    n = int(seconds * SECOND // CHUNK_NS)
+    return [mic(k, START + k * CHUNK_NS) for k in range(n) if k not in skip]
+
+
+def test_audio_windows_on_the_grid():
+    windows = feed(Windower(), mic_stream(5))
+    assert [(w.t0 - START) // SECOND for w in windows] == [0, 1, 2, 3]
+    assert all(w.t1 - w.t0 == 2 * SECOND and w.data.shape == (1, 128, 204) for w in windows)
+
+
+def test_first_window_waits_for_the_grid():
+    """A stream starting mid-second gets its first window at the next whole second."""
+    w = Windower()
+    offset = SECOND // 3
+    windows = feed(w, [mic(k, START + offset + k * CHUNK_NS) for k in range(200)])  # 4 s
+    assert [w.t0 - START for w in windows] == [SECOND, 2 * SECOND]
+
+
+def test_lost_chunk_drops_only_the_windows_with_the_hole():
+    w = Windower()
+    lost = 60  # chunk 60 covers [1.2 s, 1.22 s): windows starting at 0 s and 1 s contain it
+    windows = feed(w, mic_stream(6, skip={lost}))
+    assert [(x.t0 - START) // SECOND for x in windows] == [2, 3, 4]
+    assert w.drops[DEVICE, "seq_lost"] == 1
+    assert w.drops[DEVICE, "gap"] == 2
+
+
+def test_duplicates_reordering_and_clock_going_back_are_dropped_and_counted():
+    w = Windower()
+    msgs = mic_stream(3)
+    stream = msgs[:10] + [msgs[5]] + msgs[10:]  # a duplicate
+    feed(w, stream)
+    assert w.drops[DEVICE, "seq_replay"] == 1
+    late = mic(len(msgs), START)  # new seq, but its time lies in the past
+    assert w.add(late) == []
+    assert w.drops[DEVICE, "clock_backwards"] == 1
+    # the stream goes on undisturbed
+    more = [mic(k + 1, START + k * CHUNK_NS) for k in range(len(msgs), len(msgs) + 100)]  # 3 s .. 5 s
+    assert [(x.t0 - START) // SECOND for x in feed(w, more)] == [2, 3]
+    assert w.drops[DEVICE, "gap"] == 0
+
+
+def test_depth_window_takes_the_first_frame_at_its_middle():
+    w = Windower()
+    period = SECOND // 10
+    frames = [depth(k, START + k * period, mm=1000 + 10 * k) for k in range(25)]
+    windows = feed(w, frames)
+    first = windows[0]
+    assert (first.t0, first.t1) == (START, START + 2 * SECOND)
+    middle = np.full((48, 64), 1000 + 10 * 10, np.uint16)  # frame 10 is at 1 s, the middle of [0, 2 s)
+    np.testing.assert_allclose(first.data, transforms.depth_tensor(middle).numpy())
+
+
+def test_vision_window_samples_the_centres_of_its_halves():
+    w = Windower()
+    period = SECOND // 5
+    windows = feed(w, [camera(k, START + k * period, level=10 * k) for k in range(12)])
+    first = windows[0]
+    # frames at 0, 0.2, 0.4, ... s: the first at or after 0.5 s is frame 3, at or after 1.5 s frame 8
+    decoded = [np.full((48, 64, 3), 30, np.uint8), np.full((48, 64, 3), 80, np.uint8)]
+    expected = transforms.video_tensor(decoded, 2).numpy()
+    assert first.data.shape == (3, 2, 224, 224)
+    np.testing.assert_allclose(first.data, expected, atol=0.05)  # JPEG of a flat image is near exact
+
+
+def test_frames_too_far_apart_make_a_hole():
+    w = Windower(WindowingConfig(max_frame_gap_ns=300_000_000))
+    period = SECOND // 10
+    times = [k * period for k in range(12)] + [2 * SECOND + k * period for k in range(30)]  # 0.9 s .. 2 s hole
+    windows = feed(w, [depth(i, START + t, 1000) for i, t in enumerate(times)])
+    assert w.drops[DEVICE, "gap"] == 2  # windows at 0 s and 1 s
+    assert [(x.t0 - START) // SECOND for x in windows] == [2, 3]
+
+
+def test_undecodable_jpeg_loses_the_window_not_the_stream():
+    w = Windower()
+    period = SECOND // 5
+    msgs = [camera(k, START + k * period, level=50) for k in range(16)]
+    msgs[3].payload = np.frombuffer(b"\xff\xd8" + bytes(300), np.uint8)  # a JPEG start, then nothing decodable
+    windows = feed(w, msgs)
+    assert w.drops[DEVICE, "bad_data"] == 1  # the window [0 s, 2 s) samples frame 3 (at 0.6 s)
+    assert [(x.t0 - START) // SECOND for x in windows] == [1]
+
+
+@pytest.mark.parametrize("sensor_count", [3])
+def test_stream_bound(sensor_count):
+    w = Windower(WindowingConfig(max_streams=sensor_count))
+    for i in range(5):
+        w.add(decode([encode_header(f"d{i}", "mic", 0, START, rate=MIC_RATE, channels=1, dtype="float32"),
+                      np.zeros((CHUNK, 1), np.float32).tobytes()]))
+    assert len(w.streams) == 3
+    assert sum(n for (d, reason), n in w.drops.items() if reason == "too_many_streams") == 2
