@@ -9,6 +9,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from sensors.cli import main as device_commands
+
 console = Console()
 
 MODEL_OPTION = click.option(
@@ -226,21 +228,6 @@ def demo(seconds, devices, seed, config_file, **flags):
                   f"use --redis URL to keep them)")
 
 
-@main.command("simulate")
-@click.option("--devices", default=1, help="Simulated wearables (sim-000, sim-001, ...).")
-@click.option("--endpoint", default="tcp://127.0.0.1:5555", help="Ingest endpoint to connect to.")
-@click.option("--seconds", default=60.0)
-@click.option("--seed", default=0)
-@click.option("--fast", is_flag=True, help="As fast as possible (blocking, nothing dropped) instead of real time.")
-def simulate_command(devices, endpoint, seconds, seed, fast):
-    """Stream camera, mic, depth, thermal and IMU of simulated wearables to an ingest endpoint."""
-    from sensors.simulator import simulate
-
-    stats = simulate(endpoint, devices=devices, seconds=seconds, seed=seed, realtime=not fast)
-    dropped = sum(sum(d.values()) for d in stats.dropped.values())
-    console.print(f"sent {stats.total_sent} messages from {devices} devices in {stats.wall_s:.1f} s; dropped {dropped}")
-
-
 @main.command()
 @click.option("--redis", "redis_url", default="redis://127.0.0.1:6379/0")
 @click.option("--device", default="*", help="Device id or glob.")
@@ -309,3 +296,8 @@ def bench_pipeline_command(devices, seconds, config_file, **flags):
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+# device-side commands (camera, mic, frames, imu-csv, record, replay, simulate) live with the sensors
+main.add_command(device_commands, name="device")
+main.add_command(device_commands.commands["simulate"], name="simulate")

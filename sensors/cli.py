@@ -1,0 +1,119 @@
+"""Command line for a wearable host: `python -m sensors COMMAND --help`."""
+
+from __future__ import annotations
+
+import click
+import zmq
+
+from .arrays import ImuRecording, load_frames, publish_frames, publish_imu
+from .camera import DEFAULT_JPEG_QUALITY, publish_camera
+from .mic import publish_microphone
+from .protocol import DEFAULT_ENDPOINT, DEPTH, THERMAL
+from .publisher import DEFAULT_SNDHWM, DevicePublisher
+from .recorder import Recorder, Replay
+from .simulator import simulate
+
+endpoint_option = click.option("--endpoint", default=DEFAULT_ENDPOINT, show_default=True, help="Ingest endpoint to connect to.")
+device_option = click.option("--device", default="wearable-01", show_default=True, help="Device id sent in every header.")
+hwm_option = click.option("--sndhwm", default=DEFAULT_SNDHWM, show_default=True, help="Messages queued before dropping.")
+
+
+def _report(publisher: DevicePublisher) -> None:
+    click.echo(f"sent {dict(publisher.sent)} dropped {dict(publisher.dropped)} ({publisher.bytes_sent} bytes)")
+
+
+@click.group()
+def main() -> None:
+    """Publish wearable sensor streams to a bindstream ingest endpoint (wire protocol v1)."""
+
+
+@main.command("simulate")
+@endpoint_option
+@click.option("--devices", default=1, show_default=True)
+@click.option("--seconds", default=10.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--realtime/--fast", default=True, show_default=True, help="Pace to the wall clock, or send as fast as possible without dropping.")
+def simulate_command(endpoint: str, devices: int, seconds: float, seed: int, realtime: bool) -> None:
+    """Run simulated wearables sim-000, sim-001, ..."""
+    stats = simulate(endpoint, devices=devices, seconds=seconds, seed=seed, realtime=realtime)
+    click.echo(f"sent {stats.total_sent} messages in {stats.wall_s:.1f} s; dropped {stats.dropped}")
+
+
+@main.command("camera")
+@click.argument("source")
+@endpoint_option
+@device_option
+@hwm_option
+@click.option("--quality", default=DEFAULT_JPEG_QUALITY, show_default=True, help="JPEG quality.")
+@click.option("--max-frames", type=int, default=None)
+def camera_command(source: str, endpoint: str, device: str, sndhwm: int, quality: int, max_frames: int | None) -> None:
+    """Send a camera (index), video file or stream URL as JPEG frames."""
+    with DevicePublisher(endpoint, device, sndhwm=sndhwm) as publisher:
+        publish_camera(publisher, source, quality=quality, max_frames=max_frames)
+        _report(publisher)
+
+
+@main.command("mic")
+@endpoint_option
+@device_option
+@hwm_option
+@click.option("--rate", default=48_000, show_default=True)
+@click.option("--channels", default=1, show_default=True)
+@click.option("--seconds", type=float, default=None, help="Stop after this long (default: Ctrl-C).")
+def mic_command(endpoint: str, device: str, sndhwm: int, rate: int, channels: int, seconds: float | None) -> None:
+    """Send the default microphone in 20 ms int16 chunks (needs bindstream[mic])."""
+    with DevicePublisher(endpoint, device, sndhwm=sndhwm) as publisher:
+        publish_microphone(publisher, rate=rate, channels=channels, seconds=seconds)
+        _report(publisher)
+
+
+@main.command("frames")
+@click.argument("sensor", type=click.Choice([DEPTH, THERMAL]))
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--fps", type=float, required=True)
+@endpoint_option
+@device_option
+@hwm_option
+def frames_command(sensor: str, path: str, fps: float, endpoint: str, device: str, sndhwm: int) -> None:
+    """Send depth or thermal frames from a .npy stack, an image directory or one image."""
+    with DevicePublisher(endpoint, device, sndhwm=sndhwm) as publisher:
+        publish_frames(publisher, sensor, load_frames(path), fps)
+        _report(publisher)
+
+
+@main.command("imu-csv")
+@click.argument("path", type=click.Path(exists=True))
+@endpoint_option
+@device_option
+@hwm_option
+@click.option("--chunk-ms", default=50, show_default=True)
+def imu_csv_command(path: str, endpoint: str, device: str, sndhwm: int, chunk_ms: int) -> None:
+    """Send an IMU CSV (t seconds, ax, ay, az, gx, gy, gz) at its own rate."""
+    with DevicePublisher(endpoint, device, sndhwm=sndhwm) as publisher:
+        publish_imu(publisher, ImuRecording.from_csv(path), chunk_s=chunk_ms / 1000)
+        _report(publisher)
+
+
+@main.command("record")
+@click.argument("path", type=click.Path())
+@click.option("--bind", "bind", default="tcp://*:5555", show_default=True, help="Endpoint to bind a PULL socket on.")
+@click.option("--seconds", type=float, default=None)
+@click.option("--count", type=int, default=None)
+def record_command(path: str, bind: str, seconds: float | None, count: int | None) -> None:
+    """Store every message that arrives (valid or not) in a session file."""
+    socket = zmq.Context.instance().socket(zmq.PULL)
+    socket.bind(bind)
+    try:
+        with Recorder(path) as recorder:
+            click.echo(f"recorded {recorder.record(socket, seconds=seconds, count=count)} messages")
+    finally:
+        socket.close()
+
+
+@main.command("replay")
+@click.argument("path", type=click.Path(exists=True))
+@endpoint_option
+@click.option("--speed", default=1.0, show_default=True, help="Playback speed; 0 sends as fast as possible.")
+def replay_command(path: str, endpoint: str, speed: float) -> None:
+    """Play a session file back to an ingest endpoint."""
+    click.echo(f"replayed {Replay(path).play(endpoint, speed or None)} messages")

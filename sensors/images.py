@@ -1,0 +1,64 @@
+"""JPEG/PNG helpers: read an encoded image's size without decoding it, and encode JPEG.
+
+Reading the size from the JPEG SOF segment or the PNG IHDR chunk lets ingest bound
+the decoded size (no decompression bombs) at the cost of a few byte reads.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+JPEG_MAGIC = b"\xff\xd8"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_IHDR = b"IHDR"
+PNG_SIZE_END = 24  # magic (8) + chunk length (4) + b"IHDR" (4) + width (4) + height (4)
+MARKER = 0xFF
+SOS = 0xDA  # start of scan: entropy-coded data follows, no SOF seen before it means unparseable
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG, DAC are not frames
+STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RSTn carry no length
+MAX_SEGMENTS = 128  # real files reach SOF within a dozen segments
+
+
+def _be16(buf: memoryview, i: int) -> int:
+    return (buf[i] << 8) | buf[i + 1]
+
+
+def _jpeg_size(buf: memoryview) -> tuple[int, int] | None:
+    i, n = len(JPEG_MAGIC), len(buf)
+    for _ in range(MAX_SEGMENTS):
+        if i + 4 > n or buf[i] != MARKER:
+            return None
+        marker = buf[i + 1]
+        if marker == MARKER:  # fill byte
+            i += 1
+        elif marker in STANDALONE_MARKERS:
+            i += 2
+        elif marker in SOF_MARKERS:
+            if i + 9 > n:
+                return None
+            return _be16(buf, i + 5), _be16(buf, i + 7)
+        elif marker == SOS:
+            return None
+        else:
+            i += 2 + _be16(buf, i + 2)
+    return None
+
+
+def encoded_image_size(buf: memoryview, encoding: str) -> tuple[int, int] | None:
+    """(height, width) declared by a JPEG or PNG byte stream, or None if it is not one."""
+    if encoding == "jpeg" and buf[: len(JPEG_MAGIC)] == JPEG_MAGIC:
+        return _jpeg_size(buf)
+    if encoding == "png" and len(buf) >= PNG_SIZE_END and buf[: len(PNG_MAGIC)] == PNG_MAGIC and buf[12:16] == PNG_IHDR:
+        width = int.from_bytes(buf[16:20], "big")
+        height = int.from_bytes(buf[20:24], "big")
+        return height, width
+    return None
+
+
+def encode_jpeg(bgr: np.ndarray, quality: int) -> np.ndarray:
+    """JPEG bytes (1-D uint8 array) of a BGR uint8 image; deterministic for a given input."""
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.reshape(-1)

@@ -1,0 +1,107 @@
+"""Device side of the transport: a PUSH socket that frames, numbers and sends sensor messages."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import zmq
+
+from .protocol import (CAMERA, DEFAULT_ENDPOINT, DEFAULT_LIMITS, DEPTH, DEVICE_PATTERN, IMU, IMU_DTYPE, MIC,
+                       THERMAL, Limits, decode, encode_header)
+
+DEFAULT_SNDHWM = 1000  # messages queued while the link is slow or down (~7 s of a full wearable)
+DEFAULT_LINGER_MS = 2000  # how long close() keeps trying to deliver queued messages
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 5000  # reconnect back-off doubles up to this
+TCP_KEEPALIVE_IDLE_S = 10  # detect dead Wi-Fi/LTE links within ~25 s
+TCP_KEEPALIVE_INTVL_S = 5
+TCP_KEEPALIVE_CNT = 3
+
+
+def connect_push(endpoint: str = DEFAULT_ENDPOINT, *, sndhwm: int = DEFAULT_SNDHWM,
+                 linger_ms: int = DEFAULT_LINGER_MS, context: zmq.Context | None = None) -> zmq.Socket:
+    """A PUSH socket with the protocol's recommended options, connected to `endpoint`."""
+    sock = (context or zmq.Context.instance()).socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, sndhwm)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTVL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_CNT)
+    sock.connect(endpoint)
+    return sock
+
+
+def _array_payload(sensor: str, array: np.ndarray, fields: dict) -> np.ndarray:
+    """Contiguous little-endian array; fills dtype/shape/channels/encoding fields it implies."""
+    if sensor == IMU:
+        array = array.astype(IMU_DTYPE, copy=False)
+    elif array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    array = np.ascontiguousarray(array)
+    if sensor == CAMERA and fields.setdefault("encoding", "raw") == "raw":
+        fields.setdefault("shape", array.shape)
+    elif sensor in (DEPTH, THERMAL):
+        fields.setdefault("dtype", array.dtype.name)
+        fields.setdefault("shape", array.shape)
+    elif sensor == MIC:
+        fields.setdefault("dtype", array.dtype.name)
+        fields.setdefault("channels", 1 if array.ndim == 1 else array.shape[1])
+    return array
+
+
+class DevicePublisher:
+    """Sends one device's sensor messages over a PUSH socket connected to the ingest endpoint.
+
+    `seq` counts per sensor and advances for every message handed to `send`, so messages
+    dropped because the queue was full (non-blocking mode) show up as gaps at the receiver.
+    With `validate`, every message is checked with `decode` first (a bug raises Rejected here
+    instead of being refused by the server).
+    """
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, device: str = "device", *,
+                 sndhwm: int = DEFAULT_SNDHWM, block: bool = False, linger_ms: int = DEFAULT_LINGER_MS,
+                 validate: bool = True, limits: Limits = DEFAULT_LIMITS, context: zmq.Context | None = None):
+        if not DEVICE_PATTERN.fullmatch(device):
+            raise ValueError(f"device id must be 1..64 of [A-Za-z0-9_.:-], got {device!r}")
+        self.endpoint = endpoint
+        self.device = device
+        self.block = block
+        self.validate = validate
+        self.limits = limits
+        self.socket = connect_push(endpoint, sndhwm=sndhwm, linger_ms=linger_ms, context=context)
+        self.sent: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.bytes_sent = 0
+        self._seq: Counter[str] = Counter()
+
+    def send(self, sensor: str, t_ns: int, payload: bytes | np.ndarray, **fields) -> bool:
+        """Send one message without copying the payload; False if it was dropped (queue full)."""
+        if isinstance(payload, np.ndarray):
+            payload = _array_payload(sensor, payload, fields)
+        seq = self._seq[sensor]
+        header = encode_header(self.device, sensor, seq, t_ns, **fields)
+        if self.validate:
+            decode([header, payload], self.limits)
+        self._seq[sensor] = seq + 1
+        try:
+            self.socket.send_multipart([header, payload], 0 if self.block else zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.dropped[sensor] += 1
+            return False
+        self.sent[sensor] += 1
+        self.bytes_sent += len(header) + memoryview(payload).nbytes
+        return True
+
+    def close(self, linger_ms: int | None = None) -> None:
+        """Close the socket, waiting up to `linger_ms` (default: the socket's) to flush the queue."""
+        self.socket.close(linger=linger_ms)
+
+    def __enter__(self) -> DevicePublisher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

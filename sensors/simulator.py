@@ -1,0 +1,276 @@
+"""Simulated wearable: deterministic camera, mic, IMU, depth and thermal streams, and a multi-device driver.
+
+Content depends only on (seed, device, time since start): two generators with the same
+arguments yield byte-identical payloads. One moving "subject" appears in every modality:
+a circle in the camera image, an object in the depth map and a warm blob in the thermal image.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .clock import Pacer
+from .images import encode_jpeg
+from .protocol import CAMERA, DEFAULT_ENDPOINT, DEPTH, IMU, MIC, NS_PER_S, SENSORS, THERMAL, VERSION
+from .publisher import DevicePublisher
+
+WIDTH, HEIGHT = 640, 480  # camera and depth
+THERMAL_WIDTH, THERMAL_HEIGHT = 160, 120
+CAMERA_FPS = 30
+DEPTH_FPS = 30
+THERMAL_FPS = 9
+MIC_RATE = 48_000
+MIC_CHUNK = 960  # 20 ms
+IMU_RATE = 800
+IMU_CHUNK = 40  # 50 ms
+JPEG_QUALITY = 80
+
+NOISE_MARGIN = 32  # per-frame noise is a window of a precomputed field, shifted by up to this many pixels
+CAMERA_NOISE = 6  # uint8 levels
+SUBJECT_RADIUS_PX = 60  # subject radius at 1 m
+SUBJECT_DEPTH_MM = (1000, 350)  # mean, swing
+FLOOR_NEAR_MM, FLOOR_FAR_MM = 1500, 4000  # depth plane: bottom row, top row
+DEPTH_NOISE_MM = 12
+DEPTH_HOLE_FRACTION = 0.005  # pixels with no reading (0)
+CENTIKELVIN_AT_0C = 27_315
+THERMAL_BACKGROUND_CK = CENTIKELVIN_AT_0C + 2_000  # 20 C
+THERMAL_GRADIENT_CK = 150
+THERMAL_BLOB_CK = 1_400  # subject peaks near 34 C
+THERMAL_BLOB_SIGMA = 6.0  # thermal pixels
+THERMAL_NOISE_CK = 5  # ~50 mK NETD
+THERMAL_SCALE = WIDTH // THERMAL_WIDTH
+NOTE_CHUNKS = 25  # the mic tone changes every 0.5 s
+NOTES_HZ = (220.0, 246.9, 277.2, 329.6, 370.0, 440.0, 493.9, 554.4, 659.3)
+FADE_S = 0.02  # tone fade in/out at note changes
+AUDIO_FULL_SCALE = 32767
+GRAVITY = 9.80665
+GYRO_TURN_HZ = 0.05
+ACCEL_NOISE, GYRO_NOISE = 0.04, 0.005
+COMMON_KEYS = frozenset({"v", "device", "sensor", "seq", "t_ns"})
+SENSOR_ORDER = {sensor: i for i, sensor in enumerate(SENSORS)}
+SCENE, FRAME = 0, 1  # random stream tags
+
+
+@dataclass(frozen=True)
+class _Mover:
+    """A point moving on a Lissajous curve inside the camera frame."""
+
+    center: tuple[float, float]
+    amplitude: tuple[float, float]
+    freq_hz: tuple[float, float]
+    phase: tuple[float, float]
+
+    def at(self, t: float) -> tuple[int, int]:
+        return tuple(round(c + a * math.sin(2 * math.pi * f * t + p))
+                     for c, a, f, p in zip(self.center, self.amplitude, self.freq_hz, self.phase))
+
+
+def _mover(rng: np.random.Generator, margin: int) -> _Mover:
+    center = (WIDTH / 2, HEIGHT / 2)
+    amplitude = tuple(rng.uniform(0.3, 1.0) * (c - margin) for c in center)
+    return _Mover(center, amplitude, tuple(rng.uniform(0.05, 0.3, 2)), tuple(rng.uniform(0, 2 * math.pi, 2)))
+
+
+def _gaussian_blob(sigma: float, amplitude: float) -> np.ndarray:
+    r = math.ceil(3 * sigma)
+    d = np.arange(-r, r + 1) ** 2
+    return np.round(amplitude * np.exp(-(d[:, None] + d[None, :]) / (2 * sigma**2))).astype(np.int32)
+
+
+def _add_patch(dst: np.ndarray, patch: np.ndarray, cx: int, cy: int) -> None:
+    """dst[cy-r:cy+r+1, cx-r:cx+r+1] += patch, clipped to dst."""
+    r = patch.shape[0] // 2
+    y0, x0 = cy - r, cx - r
+    y1, x1 = max(y0, 0), max(x0, 0)
+    y2, x2 = min(y0 + patch.shape[0], dst.shape[0]), min(x0 + patch.shape[1], dst.shape[1])
+    if y1 < y2 and x1 < x2:
+        dst[y1:y2, x1:x2] += patch[y1 - y0:y2 - y0, x1 - x0:x2 - x0]
+
+
+class SimulatedWearable:
+    """Smart glasses with camera (30 fps JPEG 640x480), mic (48 kHz int16 mono, 20 ms chunks),
+    IMU (800 Hz, 50 ms chunks), depth (30 fps 640x480 uint16 mm) and thermal (9 fps 160x120 uint16 cK).
+
+    Message k of a sensor sent m times per second is stamped start_ns + k * 1e9 // m exactly.
+    """
+
+    def __init__(self, device: str, seed: int, start_ns: int | None = None):
+        self.device = device
+        self.seed = seed
+        self.start_ns = time.monotonic_ns() if start_ns is None else start_ns
+        self._key = zlib.crc32(device.encode())
+        rng = self._rng(SCENE)
+        self._subject = _mover(rng, SUBJECT_RADIUS_PX * 2)
+        self._subject_color = tuple(int(c) for c in rng.integers(60, 256, 3))
+        self._shapes = [(_mover(rng, 40), tuple(int(c) for c in rng.integers(0, 256, 3)), int(rng.integers(20, 50)),
+                         int(rng.integers(3, 6)), float(rng.uniform(-2, 2))) for _ in range(2)]
+        top, bottom = rng.integers(0, 200, (2, 3))
+        ramp = np.linspace(0, 1, HEIGHT)[:, None, None]
+        texture = rng.integers(0, 16, (HEIGHT, WIDTH, 3))
+        self._background = (top + (bottom - top) * ramp + texture).clip(0, 255).astype(np.uint8)
+        noise_shape = (HEIGHT + NOISE_MARGIN, WIDTH + NOISE_MARGIN)
+        self._camera_noise = rng.integers(0, CAMERA_NOISE + 1, (*noise_shape, 3), dtype=np.uint8)
+        rows = np.linspace(FLOOR_FAR_MM, FLOOR_NEAR_MM, HEIGHT)[:, None]
+        tilt = np.linspace(-100, 100, WIDTH)[None, :] * rng.uniform(-1, 1)
+        self._floor = np.round(rows + tilt).astype(np.uint16)
+        self._depth_noise = rng.integers(0, DEPTH_NOISE_MM, noise_shape, dtype=np.uint16)
+        self._depth_holes = rng.random(noise_shape) < DEPTH_HOLE_FRACTION
+        gradient = np.linspace(0, THERMAL_GRADIENT_CK, THERMAL_HEIGHT)[:, None]
+        self._thermal_background = np.broadcast_to(THERMAL_BACKGROUND_CK + np.round(gradient).astype(np.int32),
+                                                   (THERMAL_HEIGHT, THERMAL_WIDTH))
+        self._blob = _gaussian_blob(THERMAL_BLOB_SIGMA, THERMAL_BLOB_CK)
+        self._hum_hz = float(rng.uniform(90, 180))
+        self._step_hz = float(rng.uniform(1.6, 2.1))
+        self._imu_phase = rng.uniform(0, 2 * math.pi, 4)
+
+    def _rng(self, *tags: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self._key, *tags])
+
+    def _subject_at(self, t: float) -> tuple[int, int, int]:
+        """Camera-pixel position and distance (mm) of the subject at t seconds."""
+        mean, swing = SUBJECT_DEPTH_MM
+        x, y = self._subject.at(t)
+        return x, y, round(mean + swing * math.sin(2 * math.pi * 0.15 * t + self._subject.phase[0]))
+
+    def _noise_offset(self, sensor: str, k: int) -> tuple[int, int]:
+        dy, dx = self._rng(FRAME, SENSOR_ORDER[sensor], k).integers(0, NOISE_MARGIN, 2)
+        return int(dy), int(dx)
+
+    def camera(self, k: int) -> bytes:
+        t = k / CAMERA_FPS
+        frame = self._background.copy()
+        for mover, color, size, sides, spin in self._shapes:
+            cx, cy = mover.at(t)
+            angles = spin * t + np.arange(sides) * 2 * math.pi / sides
+            points = np.stack([cx + size * np.cos(angles), cy + size * np.sin(angles)], axis=1)
+            cv2.fillPoly(frame, [np.round(points).astype(np.int32)], color, cv2.LINE_AA)
+        x, y, mm = self._subject_at(t)
+        cv2.circle(frame, (x, y), SUBJECT_RADIUS_PX * 1000 // mm, self._subject_color, -1, cv2.LINE_AA)
+        cv2.putText(frame, f"{self.device} {t:7.3f}", (10, HEIGHT - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
+                    (255, 255, 255), 1, cv2.LINE_AA)
+        dy, dx = self._noise_offset(CAMERA, k)
+        cv2.add(frame, self._camera_noise[dy:dy + HEIGHT, dx:dx + WIDTH], dst=frame)
+        return encode_jpeg(frame, JPEG_QUALITY).tobytes()
+
+    def depth(self, k: int) -> bytes:
+        x, y, mm = self._subject_at(k / DEPTH_FPS)
+        frame = self._floor.copy()
+        cv2.circle(frame, (x, y), SUBJECT_RADIUS_PX * 1000 // mm, mm, -1)
+        dy, dx = self._noise_offset(DEPTH, k)
+        cv2.add(frame, self._depth_noise[dy:dy + HEIGHT, dx:dx + WIDTH], dst=frame)
+        np.copyto(frame, 0, where=self._depth_holes[dy:dy + HEIGHT, dx:dx + WIDTH])
+        return frame.tobytes()
+
+    def thermal(self, k: int) -> bytes:
+        x, y, _ = self._subject_at(k / THERMAL_FPS)
+        frame = self._thermal_background.copy()
+        _add_patch(frame, self._blob, x // THERMAL_SCALE, y // THERMAL_SCALE)
+        frame += self._rng(FRAME, SENSOR_ORDER[THERMAL], k).integers(-THERMAL_NOISE_CK, THERMAL_NOISE_CK + 1,
+                                                                      frame.shape)
+        return frame.astype("<u2").tobytes()
+
+    def mic(self, k: int) -> bytes:
+        n = k * MIC_CHUNK + np.arange(MIC_CHUNK)
+        t = n / MIC_RATE
+        segment = k // NOTE_CHUNKS
+        note = NOTES_HZ[int(self._rng(FRAME, SENSOR_ORDER[MIC], segment).integers(len(NOTES_HZ)))]
+        segment_s = NOTE_CHUNKS * MIC_CHUNK / MIC_RATE
+        into = t - segment * segment_s
+        fade = np.minimum(1.0, np.minimum(into, segment_s - into) / FADE_S)
+        hum = 0.5 + 0.5 * np.sin(2 * math.pi * 0.25 * t)
+        noise = self._rng(FRAME, SENSOR_ORDER[MIC], segment, k).normal(0, 1, MIC_CHUNK)
+        signal = 0.25 * fade * np.sin(2 * math.pi * note * t) + 0.1 * hum * np.sin(2 * math.pi * self._hum_hz * t)
+        signal += 0.02 * noise
+        return np.round(signal * AUDIO_FULL_SCALE).astype("<i2").tobytes()
+
+    def imu(self, k: int) -> bytes:
+        t = (k * IMU_CHUNK + np.arange(IMU_CHUNK)) / IMU_RATE
+        step = 2 * math.pi * self._step_hz * t
+        p = self._imu_phase
+        rng = self._rng(FRAME, SENSOR_ORDER[IMU], k)
+        accel = np.stack([0.8 * np.sin(step / 2 + p[0]), 0.4 * np.sin(step + p[1]), GRAVITY + 1.5 * np.sin(step)], 1)
+        gyro = np.stack([0.25 * np.sin(step / 2 + p[2]), 0.15 * np.sin(step + p[3]),
+                         0.4 * np.sin(2 * math.pi * GYRO_TURN_HZ * t)], 1)
+        accel += rng.normal(0, ACCEL_NOISE, accel.shape)
+        gyro += rng.normal(0, GYRO_NOISE, gyro.shape)
+        return np.concatenate([accel, gyro], 1).astype("<f4").tobytes()
+
+    def _streams(self) -> list[tuple[str, int, dict, Callable[[int], bytes]]]:
+        """(sensor, messages per second, header fields, payload of message k) for each sensor."""
+        return [
+            (CAMERA, CAMERA_FPS, {"encoding": "jpeg"}, self.camera),
+            (MIC, MIC_RATE // MIC_CHUNK, {"rate": MIC_RATE, "channels": 1, "dtype": "int16"}, self.mic),
+            (DEPTH, DEPTH_FPS, {"dtype": "uint16", "shape": [HEIGHT, WIDTH]}, self.depth),
+            (THERMAL, THERMAL_FPS, {"dtype": "uint16", "shape": [THERMAL_HEIGHT, THERMAL_WIDTH]}, self.thermal),
+            (IMU, IMU_RATE // IMU_CHUNK, {"rate": IMU_RATE}, self.imu),
+        ]
+
+    def _stream(self, sensor: str, per_second: int, fields: dict, payload: Callable[[int], bytes],
+                end_ns: int) -> Iterator[tuple[dict, bytes]]:
+        k = 0
+        while (t_ns := self.start_ns + k * NS_PER_S // per_second) < end_ns:
+            header = {"v": VERSION, "device": self.device, "sensor": sensor, "seq": k, "t_ns": t_ns}
+            header.update((key, list(value) if isinstance(value, list) else value) for key, value in fields.items())
+            yield header, payload(k)
+            k += 1
+
+    def messages(self, seconds: float) -> Iterator[tuple[dict, bytes]]:
+        """(header, payload) of every message captured in the first `seconds`, in device-time order."""
+        end_ns = self.start_ns + round(seconds * NS_PER_S)
+        streams = [self._stream(*spec, end_ns) for spec in self._streams()]
+        return heapq.merge(*streams, key=_message_order)
+
+
+def _message_order(message: tuple[dict, bytes]) -> tuple[int, str, int]:
+    header = message[0]
+    return header["t_ns"], header["device"], SENSOR_ORDER[header["sensor"]]
+
+
+@dataclass
+class SimulationStats:
+    """Messages sent and dropped per device and sensor, and the wall time taken."""
+
+    sent: dict[str, dict[str, int]]
+    dropped: dict[str, dict[str, int]]
+    wall_s: float
+
+    @property
+    def total_sent(self) -> int:
+        return sum(sum(counts.values()) for counts in self.sent.values())
+
+
+def simulate(endpoint: str = DEFAULT_ENDPOINT, devices: int = 1, seconds: float = 10.0, seed: int = 0,
+             realtime: bool = True, **publisher_kwargs) -> SimulationStats:
+    """Run `devices` wearables ("sim-000", ...) in this process, each on its own PUSH socket.
+
+    Messages of all devices go out in device-time order. `realtime` paces them to the wall
+    clock with non-blocking sends (a full queue drops and counts); otherwise they go as fast
+    as possible with blocking sends and close() waits for delivery, so nothing is dropped.
+    `publisher_kwargs` go to DevicePublisher (sndhwm, block, linger_ms, context, ...).
+    """
+    start_ns = time.monotonic_ns()
+    wearables = [SimulatedWearable(f"sim-{i:03d}", seed, start_ns) for i in range(devices)]
+    if not realtime:
+        publisher_kwargs.setdefault("block", True)
+        publisher_kwargs.setdefault("linger_ms", -1)
+    publishers = {w.device: DevicePublisher(endpoint, w.device, **publisher_kwargs) for w in wearables}
+    pacer = Pacer(1.0 if realtime else None)
+    began = time.monotonic()
+    try:
+        for header, payload in heapq.merge(*(w.messages(seconds) for w in wearables), key=_message_order):
+            pacer.wait(header["t_ns"])
+            fields = {key: value for key, value in header.items() if key not in COMMON_KEYS}
+            publishers[header["device"]].send(header["sensor"], header["t_ns"], payload, **fields)
+    finally:
+        for publisher in publishers.values():
+            publisher.close()
+    return SimulationStats({d: dict(p.sent) for d, p in publishers.items()},
+                           {d: dict(p.dropped) for d, p in publishers.items()}, time.monotonic() - began)
