@@ -1,16 +1,26 @@
-"""Embedder stage: batches windows per modality across devices and runs the encoders (GPU when present)."""
+"""Embedder stage: batches windows per modality across devices and runs the encoders (GPU when present).
+
+`push` returns only once its windows are embedded and handed to the publisher (or dropped, counted). So
+when an embedder dies, the push calls it had not finished are still open: Ray retries them on the
+restarted actor (`max_task_retries`), and the windows are embedded again; the publisher drops the
+duplicates. Nothing a windowing actor handed over is lost with an embedder.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from .records import STREAM_MODALITIES, Embedding, Window
 from .stage import Downstream, StageMetrics, now_ns
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -22,8 +32,27 @@ class EmbedderSettings:
     max_batch: int = 32  # windows of one modality per encoder call
     max_wait_ms: float = 50.0  # how long a partial batch waits for more windows
     queue_capacity: int = 256  # windows waiting; when full the oldest is dropped (live input)
-    max_inflight: int = 8  # publish calls not yet taken by the publisher
     torch_threads: int | None = None
+
+
+@dataclass
+class Ticket:
+    """One push call's windows still to settle (embedded and published, or dropped); the call returns at 0."""
+
+    remaining: int
+    done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def settle(self, n: int = 1) -> None:
+        with self.lock:
+            self.remaining -= n
+            if self.remaining <= 0:
+                self.done.set()
+
+
+class Queued(NamedTuple):
+    window: Window
+    ticket: Ticket
 
 
 class WindowQueue:
@@ -36,32 +65,32 @@ class WindowQueue:
         self.size = 0
         self.cond = threading.Condition()
 
-    def put(self, windows: list[Window]) -> list[Window]:
-        """Enqueue; return the windows dropped to make room."""
+    def put(self, items: list[Queued]) -> list[Queued]:
+        """Enqueue; return the items dropped to make room."""
         dropped = []
         with self.cond:
-            for window in windows:
+            for item in items:
                 if self.size >= self.capacity:
                     dropped.append(self._pop_oldest())
-                self.fifos[window.modality].append(window)
+                self.fifos[item.window.modality].append(item)
                 self.size += 1
             self.cond.notify_all()
         return dropped
 
-    def _pop_oldest(self) -> Window:
-        fifo = min((f for f in self.fifos.values() if f), key=lambda f: f[0].arrived_ns)
+    def _pop_oldest(self) -> Queued:
+        fifo = min((f for f in self.fifos.values() if f), key=lambda f: f[0].window.arrived_ns)
         self.size -= 1
         return fifo.popleft()
 
-    def take(self, max_batch: int, max_wait_s: float, stop: threading.Event) -> list[Window]:
+    def take(self, max_batch: int, max_wait_s: float, stop: threading.Event) -> list[Queued]:
         """Up to `max_batch` windows of the modality whose head waited longest. A partial batch waits until
         its head is `max_wait_s` old (or `stop` is set) for more windows to arrive."""
         with self.cond:
             while True:
                 heads = [f for f in self.fifos.values() if f]
                 if heads:
-                    fifo = min(heads, key=lambda f: f[0].arrived_ns)
-                    deadline = fifo[0].arrived_ns / 1e9 + max_wait_s
+                    fifo = min(heads, key=lambda f: f[0].window.arrived_ns)
+                    deadline = fifo[0].window.arrived_ns / 1e9 + max_wait_s
                     if len(fifo) >= max_batch or stop.is_set() or time.time() >= deadline:
                         batch = [fifo.popleft() for _ in range(min(max_batch, len(fifo)))]
                         self.size -= len(batch)
@@ -87,28 +116,39 @@ class Embedder:
         self.encoder = encoders.load(settings.model, checkpoint=settings.checkpoint, device=settings.device,
                                      dtype=settings.dtype)
         self.queue = WindowQueue(settings.queue_capacity)
-        self.downstream = Downstream(publishers, settings.max_inflight)
+        self.downstream = Downstream(publishers, max_inflight=1)
         self.metrics = StageMetrics("embed")
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="embedder", daemon=True)
         self._worker.start()
 
     def push(self, windows: list[Window]) -> int:
-        """Enqueue windows; returns the queue depth."""
+        """Embed windows (batched with other calls' windows); returns, with the queue depth, once they are
+        published or dropped."""
+        ticket = Ticket(len(windows))
         for window in windows:
             self.metrics.count("in", window.modality)
-        for window in self.queue.put(windows):
-            self.metrics.count("dropped_queue_full", window.modality)
+        for item in self.queue.put([Queued(w, ticket) for w in windows]):
+            self.metrics.count("dropped_queue_full", item.window.modality)
+            item.ticket.settle()
         self.metrics.queue_depth(self.queue.size)
+        ticket.done.wait()
         return self.queue.size
 
     def _run(self) -> None:
         wait_s = self.settings.max_wait_ms / 1000
         while batch := self.queue.take(self.settings.max_batch, wait_s, self._stop):
-            self._embed(batch)
+            try:
+                self._embed(batch)
+            except Exception:  # the stage must outlive one bad batch; its pushers must not hang
+                log.exception("embedding a batch of %d %s windows failed", len(batch), batch[0].window.modality)
+                self.metrics.count("dropped_embed_error", batch[0].window.modality, len(batch))
+                for item in batch:
+                    item.ticket.settle()
 
-    def _embed(self, batch: list[Window]) -> None:
+    def _embed(self, items: list[Queued]) -> None:
         start = time.perf_counter()
+        batch = [item.window for item in items]
         modality = batch[0].modality
         try:
             vectors = self.encoder.embed(modality, np.stack([w.data for w in batch]))
@@ -134,9 +174,13 @@ class Embedder:
         self.metrics.queue_depth(self.queue.size)
         if out:
             self.downstream.push(out)
+            self.downstream.wait()  # the publisher holds them now
+        for item in items:
+            item.ticket.settle()
 
     def drain(self) -> dict:
-        """Embed everything queued, hand it to the publisher, and stop the worker."""
+        """Embed everything queued, hand it to the publisher, and stop the worker. (Once the windowing
+        actors are flushed, every window has been pushed and every push has returned.)"""
         self._stop.set()
         with self.queue.cond:
             self.queue.cond.notify_all()

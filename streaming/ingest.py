@@ -34,7 +34,9 @@ class IngestSettings:
 
 
 class Ingest:
-    """Receives on a worker thread from `start()` until `stop()`."""
+    """Receives on a worker thread from construction until `stop()`. A restarted actor binds the same
+    endpoint again (with a fixed port) and devices reconnect by themselves; what was lost shows as `seq`
+    gaps, counted per device by the windowing stage."""
 
     def __init__(self, settings: IngestSettings, windowers: list):
         self.settings = settings
@@ -50,10 +52,10 @@ class Ingest:
         self.last_frame_t: dict[tuple[str, str], int] = {}  # (device, sensor) -> time of its last frame
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="ingest", daemon=True)
+        self._worker.start()
 
     def start(self) -> str:
-        """Start receiving; returns the bound endpoint (with the real port when bound to port 0 / *)."""
-        self._worker.start()
+        """The bound endpoint (with the real port when the configured one was `*`)."""
         return self.endpoint
 
     def _run(self) -> None:

@@ -28,9 +28,12 @@ from .redis_server import RedisServer
 from .windowing import WindowingConfig, WindowStage, WindowStageSettings
 
 log = logging.getLogger(__name__)
-# Each actor runs its calls one at a time, in the order they were sent (a device's messages must reach
-# its windows in order); the stages' own worker threads do the slow work beside those calls.
+# Ingest, windowing and publisher actors run their calls one at a time, in the order they were sent (a
+# device's messages must reach its windows in order); their worker threads do the slow work beside.
+# An embedder's push calls wait until their windows are published, so many run at once.
 ACTOR_CONCURRENCY = 1
+EMBEDDER_CONCURRENCY = 64
+RESTART = dict(max_restarts=-1)  # every stage comes back after a crash (Ray restarts the actor)
 
 
 @dataclass
@@ -120,7 +123,7 @@ class Pipeline:
         gpus = config.embedder_gpus
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and config.device in (None, "cuda") else 0
-        publisher = ray.remote(Publisher).options(num_cpus=0, max_concurrency=ACTOR_CONCURRENCY).remote(
+        publisher = ray.remote(Publisher).options(num_cpus=0, max_concurrency=ACTOR_CONCURRENCY, **RESTART).remote(
             PublisherSettings(redis_url, maxlen=config.stream_maxlen, queue_capacity=config.publish_queue,
                               fused_wait_s=config.fused_wait_s)
         )
@@ -132,19 +135,20 @@ class Pipeline:
         embedders = [
             ray.remote(Embedder).options(
                 num_cpus=0 if gpus else 1, num_gpus=gpus, resources=config.embedder_resources,
-                scheduling_strategy="SPREAD", max_concurrency=ACTOR_CONCURRENCY,
+                scheduling_strategy="SPREAD", max_concurrency=EMBEDDER_CONCURRENCY,
+                max_task_retries=-1, **RESTART,  # calls open when it died are run again on the new one
             ).remote(embedder_settings, [publisher])
             for _ in range(config.embedders)
         ]
         windowers = [
-            ray.remote(WindowStage).options(num_cpus=0, max_concurrency=ACTOR_CONCURRENCY).remote(
+            ray.remote(WindowStage).options(num_cpus=0, max_concurrency=ACTOR_CONCURRENCY, **RESTART).remote(
                 WindowStageSettings(config.windowing), embedders
             )
             for _ in range(config.windowers)
         ]
         ingests = [
             ray.remote(Ingest).options(num_cpus=0, resources=config.ingest_resources,
-                                       max_concurrency=ACTOR_CONCURRENCY).remote(
+                                       max_concurrency=ACTOR_CONCURRENCY, **RESTART).remote(
                 IngestSettings(endpoint, config.limits, windowing=config.windowing), windowers
             )
             for endpoint in config.ingest
@@ -153,7 +157,7 @@ class Pipeline:
         self.endpoints: list[str] = []
 
     def start(self) -> list[str]:
-        """Open the ingest sockets; returns the bound endpoints."""
+        """Wait until the ingest sockets are bound; returns their endpoints."""
         self.endpoints = ray.get([a.start.remote() for a in self.stages["ingest"]])
         return self.endpoints
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +49,7 @@ class PublisherSettings:
     fused_wait_s: float = 5.0
     retry_max_s: float = 2.0  # backoff cap while Redis is unreachable
     drain_timeout_s: float = 30.0  # at shutdown, give up on an unreachable Redis after this long
+    dedup_keys: int = 200_000  # recent (device, modality, t0) kept to drop re-sent windows' duplicates
 
 
 class FusedWindows:
@@ -102,6 +103,7 @@ class Publisher:
         self.queue: deque = deque()
         self.cond = threading.Condition()
         self.fused = FusedWindows(settings.fused_wait_s)
+        self.seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()  # bounded by settings.dedup_keys
         self.metrics = StageMetrics("publish")
         self._stop = threading.Event()
         self._stop_at = 0.0
@@ -110,8 +112,15 @@ class Publisher:
         self._worker.start()
 
     def push(self, embeddings: list[Embedding]) -> int:
+        """Queue embeddings for Redis; a window already published (re-sent after a failure) is dropped."""
         with self.cond:
             for e in embeddings:
+                if e.key in self.seen:
+                    self.metrics.count("duplicate", e.modality)
+                    continue
+                self.seen[e.key] = None
+                if len(self.seen) > self.settings.dedup_keys:
+                    self.seen.popitem(last=False)
                 if len(self.queue) >= self.settings.queue_capacity:
                     self.metrics.count("dropped_queue_full", self.queue.popleft().modality)
                 self.queue.append(e)

@@ -47,7 +47,7 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         args = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
-                "--save", "", "--appendonly", "no", *self.extra_args]
+                "--save", "", *(self.extra_args or ("--appendonly", "no"))]
         if self.password:
             args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -64,7 +64,9 @@ class RedisServer:
                     raise RuntimeError(f"redis-server did not start on port {self.port}: {err}")
                 time.sleep(0.05)
 
-    def stop(self) -> None:
+    def stop(self, keep_data: bool = False) -> None:
+        """Stop the server; with `keep_data` its folder stays, so `start()` brings it back with its data
+        (when started with `--appendonly yes` in `extra_args`)."""
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -72,7 +74,8 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep_data:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "RedisServer":
         return self.start()

@@ -245,6 +245,7 @@ class WindowStage:
         start = time.perf_counter()
         windows = []
         for msg in messages:
+            self.metrics.count("in", SENSOR_MODALITY[msg.sensor])
             windows += self.windower.add(msg, arrived_ns)
         self.metrics.busy(time.perf_counter() - start)
         for window in windows:
