@@ -33,6 +33,7 @@ class EmbedderSettings:
     max_wait_ms: float = 50.0  # how long a partial batch waits for more windows
     queue_capacity: int = 256  # windows waiting; when full the oldest is dropped (live input)
     torch_threads: int | None = None
+    throttle_ms: float = 0.0  # extra time per batch, to test overload (embedders slower than the input)
 
 
 @dataclass
@@ -160,6 +161,8 @@ class Embedder:
                 except ValueError:
                     vectors.append(None)
                     self.metrics.count("rejected_by_encoder", modality)
+        if self.settings.throttle_ms:
+            time.sleep(self.settings.throttle_ms / 1000)
         done = now_ns()
         self.metrics.busy(time.perf_counter() - start)
         out = [

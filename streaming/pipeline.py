@@ -52,6 +52,9 @@ class PipelineConfig:
     max_batch: int = 32
     max_wait_ms: float = 50.0
     embed_queue: int = 256
+    overload: str = "drop_oldest"  # live input; "block" for replays (see WindowStageSettings)
+    window_backlog: int = 256
+    embedder_throttle_ms: float = 0.0  # tests only: make embedders slower than the input
     publish_queue: int = 4096
     stream_maxlen: int = 100_000
     fused_wait_s: float = 5.0
@@ -130,7 +133,7 @@ class Pipeline:
         embedder_settings = EmbedderSettings(
             model=model, checkpoint=config.checkpoint, device=config.device, dtype=config.dtype,
             max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, queue_capacity=config.embed_queue,
-            torch_threads=config.torch_threads,
+            torch_threads=config.torch_threads, throttle_ms=config.embedder_throttle_ms,
         )
         embedders = [
             ray.remote(Embedder).options(
@@ -142,7 +145,9 @@ class Pipeline:
         ]
         windowers = [
             ray.remote(WindowStage).options(num_cpus=0, max_concurrency=ACTOR_CONCURRENCY, **RESTART).remote(
-                WindowStageSettings(config.windowing), embedders
+                WindowStageSettings(config.windowing, overload=config.overload, backlog=config.window_backlog,
+                                    max_windows_per_call=config.max_batch),
+                embedders,
             )
             for _ in range(config.windowers)
         ]

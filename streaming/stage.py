@@ -90,6 +90,16 @@ class Downstream:
         actor = self.actor_for(key) if key is not None else next(self._next)
         self._inflight.append(actor.push.remote(*args))
 
+    def has_room(self) -> bool:
+        """Whether a call can be made now without waiting (calls that returned are let go)."""
+        if len(self._inflight) >= self.max_inflight:
+            done, _ = ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=0)
+            if done:
+                done = set(done)
+                self._inflight = deque(r for r in self._inflight if r not in done)
+                ray.get(list(done))  # surface errors of finished calls
+        return len(self._inflight) < self.max_inflight
+
     def wait(self) -> None:
         """Block until every call made so far has been taken by the next stage."""
         while self._inflight:

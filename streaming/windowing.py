@@ -24,6 +24,7 @@ samples (`frame_is_sampled`); the others travel as timestamps, which the checks 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -226,20 +227,38 @@ def _as_float(payload: np.ndarray) -> np.ndarray:
     return payload.astype(np.float32, copy=False)
 
 
+LIVE, REPLAY = "drop_oldest", "block"
+PUMP_INTERVAL_S = 0.01
+
+
 @dataclass(frozen=True)
 class WindowStageSettings:
+    """`overload` says what happens when the embedders fall behind (all `max_inflight` calls open):
+    `drop_oldest` (live input) keeps at most `backlog` windows waiting here and drops the oldest, counted;
+    `block` (replay) waits, which stops ingest reading, so ZeroMQ holds back the senders."""
+
     windowing: WindowingConfig = WindowingConfig()
-    max_inflight: int = 8  # calls to embedders not yet returned
+    max_inflight: int = 8  # calls to embedders not yet returned (each returns once its windows are published)
+    overload: str = LIVE
+    backlog: int = 256  # windows waiting for an embedder call, with `drop_oldest`
+    max_windows_per_call: int = 32  # the pipeline sets it to the embedders' batch size
 
 
 class WindowStage:
     """The windowing actor: owns the windows of the devices routed to it, sends them to the embedders."""
 
     def __init__(self, settings: WindowStageSettings, embedders: list):
+        if settings.overload not in (LIVE, REPLAY):
+            raise ValueError(f"overload policy must be {LIVE!r} or {REPLAY!r}, got {settings.overload!r}")
+        self.settings = settings
         self.windower = Windower(settings.windowing)
         self.downstream = Downstream(embedders, settings.max_inflight)
         self.metrics = StageMetrics("window")
+        self.backlog: deque[Window] = deque()
         self._reported_drops: Counter = Counter()
+        self._lock = threading.Lock()  # backlog and downstream: push() and the pump thread share them
+        self._pump = threading.Thread(target=self._pump_backlog, name="window-pump", daemon=True)
+        self._pump.start()
 
     def push(self, messages: list[SensorMessage], arrived_ns: int) -> None:
         start = time.perf_counter()
@@ -253,13 +272,40 @@ class WindowStage:
         for (device, reason), n in (self.windower.drops - self._reported_drops).items():
             self.metrics.count(f"dropped_{reason}", device, n)
         self._reported_drops = Counter(self.windower.drops)
-        if windows:
-            self.downstream.push(windows)
+        if self.settings.overload == REPLAY:
+            if windows:
+                self.downstream.push(windows)
+            return
+        with self._lock:
+            self.backlog.extend(windows)
+            while len(self.backlog) > self.settings.backlog:
+                self.metrics.count("dropped_overload", self.backlog.popleft().modality)
+            self._send_backlog()
+
+    def _send_backlog(self) -> None:
+        while self.backlog and self.downstream.has_room():
+            self.downstream.push(self._take_backlog())
+        self.metrics.queue_depth(len(self.backlog))
+
+    def _pump_backlog(self) -> None:
+        """Send waiting windows as soon as an embedder call returns, also when no new data comes in."""
+        while True:
+            time.sleep(PUMP_INTERVAL_S)
+            if self.backlog:
+                with self._lock:
+                    self._send_backlog()
+
+    def _take_backlog(self) -> list[Window]:
+        n = min(len(self.backlog), self.settings.max_windows_per_call)
+        return [self.backlog.popleft() for _ in range(n)]
 
     def flush(self) -> dict:
-        """Wait until the embedders took every window cut so far."""
-        self.downstream.wait()
+        """Hand every window cut so far to the embedders and wait until they are published."""
+        with self._lock:
+            while self.backlog:
+                self.downstream.push(self._take_backlog())
+            self.downstream.wait()
         return self.stats()
 
     def stats(self) -> dict:
-        return self.metrics.snapshot(streams=len(self.windower.streams))
+        return self.metrics.snapshot(streams=len(self.windower.streams), queue=len(self.backlog))

@@ -133,3 +133,43 @@ def test_killed_ingest_comes_back_on_its_endpoint_and_loss_is_counted(ray_local,
     assert received + lost == issued  # every missing message is accounted for, per device
     late = [t0 for _, t0 in published_keys(redis_server.url, device) if t0 >= START_NS + 4 * SECOND]
     assert late, "the pipeline did not resume after the ingest restart"
+
+
+def count(stats: dict, stage: str, prefix: str) -> int:
+    return sum(n for a in stats[stage] for k, n in a["counts"].items() if k.split(":")[0] == prefix)
+
+
+def test_overload_drops_the_oldest_windows_and_accounts_for_every_one(ray_local, redis_server):
+    """Embedders slower than the input: windows are dropped (oldest first, counted), none vanish."""
+    config = PipelineConfig(ingest=["tcp://127.0.0.1:*"], max_batch=1, max_wait_ms=1, embedder_throttle_ms=150,
+                            window_backlog=8)
+    pipeline = Pipeline(config, redis_server.url, "tiny")
+    (endpoint,) = pipeline.start()
+    from sensors.simulator import simulate
+
+    simulate(endpoint, devices=3, seconds=6, seed=9, realtime=True)
+    time.sleep(0.5)
+    final = pipeline.drain()
+    pipeline.kill()
+    cut = count(final, "window", "out")
+    dropped = count(final, "window", "dropped_overload") + count(final, "embed", "dropped_queue_full")
+    published = count(final, "publish", "out") - sum(
+        n for a in final["publish"] for k, n in a["counts"].items() if k == "out:fused")
+    assert dropped > 0, "the embedders kept up: no overload happened"
+    assert published + dropped == cut
+    assert final["window"][0]["queue"] == 0
+
+
+def test_replay_policy_blocks_instead_of_dropping(ray_local, redis_server):
+    device = "replay"
+    messages = list(SimulatedWearable(device, seed=10, start_ns=START_NS).messages(5))
+    config = PipelineConfig(ingest=["tcp://127.0.0.1:*"], max_batch=2, max_wait_ms=1, embedder_throttle_ms=50,
+                            overload="block")
+    pipeline = Pipeline(config, redis_server.url, "tiny")
+    (endpoint,) = pipeline.start()
+    send_paced(endpoint, messages, speed=100.0)
+    wait_until(lambda: ingested(pipeline) == len(messages), 60, "ingest to pass everything on")
+    final = pipeline.drain()
+    pipeline.kill()
+    assert count(final, "window", "dropped_overload") == 0
+    assert set(published_keys(redis_server.url, device)) == expected_windows(messages)
