@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sensors.cli import main as device_commands
+from streaming.alerts_cli import alert, bench_alerts, match, search_command, timeline_command, watch
 
 console = Console()
 
@@ -301,3 +302,7 @@ def bench_pipeline_command(devices, seconds, config_file, **flags):
 # device-side commands (camera, mic, frames, imu-csv, record, replay, simulate) live with the sensors
 main.add_command(device_commands, name="device")
 main.add_command(device_commands.commands["simulate"], name="simulate")
+# text-query alerts and search over the embedding streams
+for _command in (alert, match, watch, search_command, timeline_command):
+    main.add_command(_command)
+bench.add_command(bench_alerts, name="alerts")

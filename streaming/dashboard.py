@@ -6,7 +6,7 @@ from collections import Counter
 
 from rich.table import Table
 
-STAGE_ORDER = ("ingest", "window", "embed", "publish")
+STAGE_ORDER = ("ingest", "window", "embed", "publish", "match")
 
 
 def _sum_counts(actors: list[dict], prefix: str) -> int:

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 import zlib
-from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields, replace
 from fnmatch import fnmatchcase
@@ -34,6 +33,9 @@ DEFAULT_GROUP = "bindstream-matchers"
 DEFAULT_CONSUMER = "matcher"
 NEVER_NS = -(1 << 62)  # "no alert yet": any device time is more than a cooldown after it
 NS_PER_S = 1_000_000_000
+LAST_ID_FIELD = "last_id"  # in a stream's state hash; every other field is a query id
+ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+UNIT_TOLERANCE = 0.01  # |norm - 1| of a stored embedding (bf16 encoders normalise to ~0.4 %)
 
 # One alert, exactly once per (query, source entry): SET NX the dedup key, and only if it was not there
 # XADD the alert and PUBLISH it (as JSON with the alert's id). KEYS: dedup key, alerts stream.
@@ -55,13 +57,19 @@ def now_id() -> str:
     return f"{time.time_ns() // 1_000_000}-0"
 
 
+def is_unit(v: np.ndarray) -> bool:
+    """A finite unit-norm vector, as every stored embedding must be."""
+    norm = float(np.linalg.norm(v))
+    return np.isfinite(norm) and abs(norm - 1) <= UNIT_TOLERANCE
+
+
 def id_tuple(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
 
-def state_key(group: str, device: str) -> str:
-    return f"{STATE_PREFIX}:{group}:{device}"
+def state_key(group: str, stream: str) -> str:
+    return f"{STATE_PREFIX}:{group}:{stream}"
 
 
 def dedup_key(query_id: str, stream: str, entry_id: str) -> str:
@@ -119,23 +127,41 @@ class Alert:
         return cls(**values, id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
 
 
-@dataclass
+@dataclass(frozen=True)
 class QueryState:
-    """What the decision remembers per (device, query): the last n windows' above-threshold bits, whether
-    it is armed, the device time of its last alert and the last entry id applied (replays are skipped)."""
+    """What the decision remembers per (stream, query): the last n windows' above-threshold bits, whether
+    it is armed, and the device time of its last alert."""
 
     hist: int = 0
     armed: bool = True
     last_alert_ns: int = NEVER_NS
-    last_id: str = "0-0"
 
     def encode(self) -> str:
-        return f"{self.hist}:{int(self.armed)}:{self.last_alert_ns}:{self.last_id}"
+        return f"{self.hist}:{int(self.armed)}:{self.last_alert_ns}"
 
     @classmethod
-    def decode(cls, text) -> "QueryState":
-        hist, armed, last_alert, last_id = (text.decode() if isinstance(text, bytes) else text).split(":")
-        return cls(int(hist), armed == "1", int(last_alert), last_id)
+    def decode(cls, text: str) -> "QueryState":
+        hist, armed, last_alert = text.split(":")
+        return cls(int(hist), armed == "1", int(last_alert))
+
+
+INITIAL_STATE = QueryState()
+
+
+@dataclass
+class StreamState:
+    """A stream's decision state: the last entry applied (older ones are replays and are skipped) and
+    each query's state. Stored as the hash bindstream:alertstate:{group}:{stream}: field `last_id`, and
+    one field per query id."""
+
+    last_id: str = "0-0"
+    queries: dict[str, QueryState] = field(default_factory=dict)
+
+    @classmethod
+    def decode(cls, raw: dict) -> "StreamState":
+        f = {_text(k): _text(v) for k, v in raw.items()}
+        last_id = f.pop(LAST_ID_FIELD, "0-0")
+        return cls(last_id, {qid: QueryState.decode(v) for qid, v in f.items()})
 
 
 class ModalityIndex:
@@ -180,14 +206,16 @@ class ModalityIndex:
 
 def build_indexes(queries: list[Query], backgrounds: dict[tuple[str, str], Background | None],
                   metrics: StageMetrics | None = None) -> dict[tuple[str, str], ModalityIndex]:
-    """One ModalityIndex per (model, modality) that has queries and a background of their dimension."""
+    """One ModalityIndex per (model, modality) that has queries and a background of their dimension; a
+    query that every background prompt is too close to (it would always score 1) is left out too."""
     groups: dict[tuple[str, str], list[Query]] = defaultdict(list)
     for q in queries:
         groups[q.model, q.modality].append(q)
     out = {}
     for key, qs in groups.items():
         bg = backgrounds.get(key)
-        usable = [q for q in qs if bg is not None and q.emb.shape[0] == bg.emb.shape[1]]
+        usable = [q for q in qs if bg is not None and q.emb.shape[0] == bg.emb.shape[1]
+                  and (bg.emb @ q.emb < bg.exclude_cos).any()]
         if metrics and len(usable) < len(qs):
             metrics.count("no_background", key[1], n=len(qs) - len(usable))
         if usable:
@@ -210,7 +238,7 @@ class Matcher:
         self.seen_keys: set[str] = set()
         self.pending = True  # first drain this consumer's delivered-but-unacknowledged entries
         self.indexes: dict[tuple[str, str], ModalityIndex] = {}
-        self.states: dict[str, dict[str, QueryState]] = {}  # device -> query id -> state
+        self.states: dict[str, StreamState] = {}  # stream key -> state
         self.version: bytes | None = None
         self.next_reload = self.next_discover = 0.0
         self.last_error = ""
@@ -228,12 +256,12 @@ class Matcher:
         keys = {(q.model, q.modality) for q in queries}
         self.indexes = build_indexes(queries, {k: load_background(self.client, *k) for k in keys}, self.metrics)
         active = {q.id for index in self.indexes.values() for q in index.queries}
-        for device, states in self.states.items():
-            gone = [qid for qid in states if qid not in active]
+        for stream, state in self.states.items():
+            gone = [qid for qid in state.queries if qid not in active]
             for qid in gone:
-                del states[qid]
+                del state.queries[qid]
             if gone:
-                self.client.hdel(state_key(self.settings.group, device), *gone)
+                self.client.hdel(state_key(self.settings.group, stream), *gone)
 
     def _maybe_reload(self) -> None:
         notified = False
@@ -289,25 +317,37 @@ class Matcher:
         return len(entries)
 
     def _read(self) -> list[tuple[str, str, dict | None]]:
+        """This consumer's pending entries while there are any (after a restart or a failed commit), then
+        new ones."""
         s = self.settings
-        marker = "0" if self.pending else ">"
-        reply = self.client.xreadgroup(s.group, s.consumer, {k: marker for k in self.keys}, count=s.read_count,
-                                       block=None if self.pending else s.block_ms)
-        entries = [(_text(key), _text(entry_id), f) for key, items in reply or [] for entry_id, f in items]
-        if self.pending and not entries:
+        if self.pending:
+            entries = self._xreadgroup("0", None)
+            if entries:
+                return entries
             self.pending = False
-        return entries
+        return self._xreadgroup(">", s.block_ms)
+
+    def _xreadgroup(self, marker: str, block_ms: int | None) -> list[tuple[str, str, dict | None]]:
+        s = self.settings
+        reply = self.client.xreadgroup(s.group, s.consumer, {k: marker for k in self.keys}, count=s.read_count,
+                                       block=block_ms)
+        return [(_text(key), _text(entry_id), f) for key, items in reply or [] for entry_id, f in items]
 
     def _process(self, entries: list[tuple[str, str, dict | None]]) -> None:
         acks: dict[str, list[str]] = defaultdict(list)
         groups: dict[tuple[str, str], list[EmbeddingRecord]] = defaultdict(list)
         for key, entry_id, f in entries:
             acks[key].append(entry_id)
+            if id_tuple(entry_id) <= id_tuple(self._stream_state(key).last_id):
+                self.metrics.count("replayed", parse_key(key)[1])  # applied before: a redelivery
+                continue
             if not f:  # trimmed (MAXLEN) while pending: only its id is left
                 self.metrics.count("trimmed")
                 continue
             try:
                 r = decode_record(key, entry_id, f)
+                if not is_unit(r.emb):
+                    raise BadRecord(f"{key} {entry_id}: not a finite unit vector")
             except BadRecord as err:
                 self.metrics.count("corrupt", parse_key(key)[1])
                 log.warning("skipping a corrupt embedding: %s", err)
@@ -331,64 +371,57 @@ class Matcher:
             for i, r in enumerate(fit):
                 rows[r.stream].append(i)
             for stream, idx in rows.items():
-                device = fit[idx[0]].device
-                new_alerts, new_states = self._decide(index, [fit[i] for i in idx], scores[idx], device)
+                new_alerts, new_states = self._decide(index, [fit[i] for i in idx], scores[idx])
                 alerts += new_alerts
-                changed[device].update(new_states)
-        self._commit(alerts, changed, acks)
+                changed[stream].update(new_states)
+        last_ids = {key: max(ids, key=id_tuple) for key, ids in acks.items()}
+        self._commit(alerts, changed, last_ids, acks)
 
-    def _device_states(self, device: str) -> dict[str, QueryState]:
-        if device not in self.states:
-            raw = self.client.hgetall(state_key(self.settings.group, device))
-            self.states[device] = {_text(k): QueryState.decode(v) for k, v in raw.items()}
-        return self.states[device]
+    def _stream_state(self, stream: str) -> StreamState:
+        if stream not in self.states:
+            self.states[stream] = StreamState.decode(self.client.hgetall(state_key(self.settings.group, stream)))
+        return self.states[stream]
 
-    def _decide(self, index: ModalityIndex, records: list[EmbeddingRecord], scores: np.ndarray,
-                device: str) -> tuple[list[Alert], dict[str, QueryState]]:
-        """Run one stream's records (in stream order) through the decision of every query watching the
-        device; records a query has already applied (a redelivery) leave it unchanged."""
+    def _decide(self, index: ModalityIndex, records: list[EmbeddingRecord],
+                scores: np.ndarray) -> tuple[list[Alert], dict[str, QueryState]]:
+        """Run one stream's new records (in stream order) through the decision of every query watching its
+        device; returns the alerts and the states that changed."""
+        device = records[0].device
         cols = index.columns(device)
         if not len(cols):
             return [], {}
-        known = self._device_states(device)
+        known = self._stream_state(records[0].stream).queries
         queries = [index.queries[c] for c in cols]
-        states = [known.get(q.id) or QueryState() for q in queries]
-        ids = [id_tuple(r.id) for r in records]
-        first_fresh = np.array([bisect_right(ids, id_tuple(s.last_id)) for s in states])
-        self.metrics.count("replayed", index.queries[0].modality, n=int(min(first_fresh.max(), len(records))))
-        hist = np.array([s.hist for s in states], dtype=np.uint64)
-        armed = np.array([s.armed for s in states])
-        last_alert = np.array([s.last_alert_ns for s in states], dtype=np.int64)
+        before = [known.get(q.id, INITIAL_STATE) for q in queries]
+        hist0 = np.fromiter((s.hist for s in before), dtype=np.uint64, count=len(before))
+        armed0 = np.fromiter((s.armed for s in before), dtype=bool, count=len(before))
+        last0 = np.fromiter((s.last_alert_ns for s in before), dtype=np.int64, count=len(before))
+        hist, armed, last_alert = hist0, armed0, last0
         threshold, rearm_below, k = index.threshold[cols], index.rearm_below[cols], index.k[cols]
         nmask, cooldown = index.nmask[cols], index.cooldown_ns[cols]
         scores = scores[:, cols]
         alerts = []
-        for i, r in enumerate(records):
-            fresh = i >= first_fresh
-            score = scores[i]
+        for r, score in zip(records, scores):
             above = score >= threshold
-            hist = np.where(fresh, ((hist << np.uint64(1)) | above.astype(np.uint64)) & nmask, hist)
-            fire = fresh & armed & above & (np.bitwise_count(hist) >= k) & (r.t0 - last_alert >= cooldown)
-            armed = np.where(fresh & (score < rearm_below), True, armed & ~fire)
+            hist = ((hist << np.uint64(1)) | above.astype(np.uint64)) & nmask
+            fire = armed & above & (np.bitwise_count(hist) >= k) & (r.t0 - last_alert >= cooldown)
+            armed = (armed & ~fire) | (score < rearm_below)
             last_alert = np.where(fire, r.t0, last_alert)
             for j in np.flatnonzero(fire):
                 q = queries[j]
                 alerts.append(Alert(device, q.id, q.text, q.modality, float(score[j]), float(threshold[j]),
                                     r.t0, r.t1, r.stream, r.id, r.model, time.time_ns()))
-        new_states = {
-            q.id: QueryState(int(hist[j]), bool(armed[j]), int(last_alert[j]), records[-1].id)
-            for j, q in enumerate(queries) if first_fresh[j] < len(records)
-        }
-        return alerts, new_states
+        changed = np.flatnonzero((hist != hist0) | (armed != armed0) | (last_alert != last0))
+        return alerts, {queries[j].id: QueryState(int(hist[j]), bool(armed[j]), int(last_alert[j])) for j in changed}
 
-    def _commit(self, alerts: list[Alert], changed: dict[str, dict[str, QueryState]],
+    def _commit(self, alerts: list[Alert], changed: dict[str, dict[str, QueryState]], last_ids: dict[str, str],
                 acks: dict[str, list[str]]) -> None:
-        """State, alerts and acknowledgements in one MULTI/EXEC: all of a batch's effects or none."""
+        """Decision state, alerts and acknowledgements in one MULTI/EXEC: all of a batch's effects or none."""
         s = self.settings
         pipe = self.client.pipeline(transaction=True)
-        for device, states in changed.items():
-            if states:
-                pipe.hset(state_key(s.group, device), mapping={qid: st.encode() for qid, st in states.items()})
+        for stream, last_id in last_ids.items():
+            states = {qid: st.encode() for qid, st in changed.get(stream, {}).items()}
+            pipe.hset(state_key(s.group, stream), mapping={LAST_ID_FIELD: last_id, **states})
         for a in alerts:
             args = [s.dedup_ttl_s, s.alerts_maxlen, ALERTS_CHANNEL]
             for name, value in a.fields().items():
@@ -397,11 +430,12 @@ class Matcher:
         for key, ids in acks.items():
             pipe.xack(key, s.group, *ids)
         results = pipe.execute()
-        for device, states in changed.items():
-            self.states.setdefault(device, {}).update(states)
-        emitted = results[len([d for d in changed.values() if d]):][: len(alerts)]
+        for stream, last_id in last_ids.items():
+            state = self._stream_state(stream)
+            state.last_id = last_id
+            state.queries.update(changed.get(stream, {}))
         done_ms = time.time_ns() / 1e6
-        for a, result in zip(alerts, emitted):
+        for a, result in zip(alerts, results[len(last_ids) :]):
             if result is None:
                 self.metrics.count("duplicate_alert", a.modality)
                 continue
@@ -448,10 +482,12 @@ def _text(value) -> str:
 
 def start_matchers(settings: MatcherSettings, redis_url: str, count: int = 1, max_restarts: int = -1,
                    num_cpus: float = 0) -> list:
-    """`count` matcher actors, each owning a shard of the streams, running from construction and
-    restarted by Ray (up to `max_restarts`, -1: always) with the same settings after a crash."""
+    """`count` matcher actors, each owning a shard of the streams (consumer `{settings.consumer}-{i}`),
+    running from construction and restarted by Ray (up to `max_restarts`, -1: always) with the same
+    settings after a crash. Each scores on one core: its BLAS runs one thread (more only add latency)."""
     return [
-        ray.remote(Matcher).options(max_restarts=max_restarts, num_cpus=num_cpus).remote(
+        ray.remote(Matcher).options(max_restarts=max_restarts, num_cpus=num_cpus,
+                                    runtime_env={"env_vars": ONE_BLAS_THREAD}).remote(
             replace(settings, shard=i, shards=count, consumer=f"{settings.consumer}-{i}", autostart=True), redis_url)
         for i in range(count)
     ]

@@ -23,6 +23,7 @@ from sensors.protocol import DEFAULT_ENDPOINT, Limits
 
 from .embedder import Embedder, EmbedderSettings
 from .ingest import Ingest, IngestSettings
+from .matcher import MatcherSettings, start_matchers
 from .publisher import Publisher, PublisherSettings
 from .redis_server import RedisServer
 from .windowing import WindowingConfig, WindowStage, WindowStageSettings
@@ -52,6 +53,8 @@ class PipelineConfig:
     max_batch: int = 32
     max_wait_ms: float = 50.0
     embed_queue: int = 256
+    matchers: int = 1  # text-query alert matchers started with the pipeline (0: none); see ALERTS.md
+    matcher_group: str = "bindstream-matchers"
     overload: str = "drop_oldest"  # live input; "block" for replays (see WindowStageSettings)
     window_backlog: int = 256
     embedder_throttle_ms: float = 0.0  # tests only: make embedders slower than the input
@@ -159,6 +162,9 @@ class Pipeline:
             for endpoint in config.ingest
         ]
         self.stages = {"ingest": ingests, "window": windowers, "embed": embedders, "publish": [publisher]}
+        if config.matchers:
+            self.stages["match"] = start_matchers(MatcherSettings(group=config.matcher_group), redis_url,
+                                                  config.matchers)
         self.endpoints: list[str] = []
 
     def start(self) -> list[str]:
@@ -176,6 +182,7 @@ class Pipeline:
         final["window"] = ray.get([a.flush.remote() for a in self.stages["window"]])
         final["embed"] = ray.get([a.drain.remote() for a in self.stages["embed"]])
         final["publish"] = ray.get([a.drain.remote() for a in self.stages["publish"]])
+        final["match"] = ray.get([a.stop.remote() for a in self.stages.get("match", [])])
         return final
 
     def kill(self) -> None:
