@@ -124,7 +124,7 @@ class TextTokenizer(nn.Module):
         self.register_buffer("mask", mask)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(ids) + self.pos_embed
+        return self.token_embedding(ids) + self.pos_embed[:, : ids.shape[1]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,10 +302,15 @@ class ImageBind(nn.Module):
 
     def features(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         """Head outputs (N, out_embed_dim) before normalisation, for one batch without a clips axis."""
-        tokens = self.modality_preprocessors[modality](x)
         if modality == "text":
-            tokens = self.modality_trunks["text"](tokens, self.modality_preprocessors["text"].mask.to(tokens.dtype))
-            return self.modality_heads["text"](tokens, eot_index=x.argmax(dim=-1))
+            # Attention is causal and the head reads the end-of-text token, so the tokens after the last
+            # end-of-text of the batch change nothing: drop them (a short caption runs 4 tokens, not 77).
+            eot_index = x.argmax(dim=-1)
+            length = int(eot_index.max()) + 1
+            tokens = self.modality_preprocessors["text"](x[:, :length])
+            mask = self.modality_preprocessors["text"].mask[:length, :length].to(tokens.dtype)
+            return self.modality_heads["text"](self.modality_trunks["text"](tokens, mask), eot_index=eot_index)
+        tokens = self.modality_preprocessors[modality](x)
         return self.modality_heads[modality](self.modality_trunks[modality](tokens))
 
     def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
