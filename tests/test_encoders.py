@@ -140,3 +140,56 @@ def test_missing_checkpoint_says_where_to_put_it(tmp_path, monkeypatch):
         download_checkpoint(tmp_path / "x.pth", url="http://127.0.0.1:9/imagebind_huge.pth")
     with pytest.raises(CheckpointMissing, match="does not exist"):
         encoders.load("imagebind_huge", checkpoint=str(tmp_path / "nope.pth"))
+
+
+MEMORY_PROBE = """
+import dataclasses, json, sys, torch
+from encoders import api, build_model, weights
+from encoders.config import ImageBindConfig, TrunkConfig
+
+def rss():  # resident anonymous and file-backed memory, bytes
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile")}
+
+small = TrunkConfig(64, 1, 4)
+cfg = dataclasses.replace(ImageBindConfig(), vision=TrunkConfig(512, 6, 8, pre_transformer_ln=True, add_bias_kv=False),
+                          text=dataclasses.replace(small, add_bias_kv=False), audio=small, depth=small,
+                          thermal=small, imu=small)
+if sys.argv[1] == "save":
+    torch.save(weights.random_model(cfg).state_dict(), sys.argv[2])
+    sys.exit()
+build_model("tiny", device="meta")  # one-off costs of the first model built, not of loading
+before = rss()
+model = weights.load_checkpoint(cfg, sys.argv[2])
+with torch.no_grad():
+    for p in model.parameters():
+        p.sum()  # touch every page of the weights
+loaded = rss()
+encoder = api.place("probe", model, "cpu", sys.argv[1])
+del model
+cast = rss()
+dtypes = sorted({str(t.dtype) for t in encoder.model.state_dict().values() if t.is_floating_point()})
+print(json.dumps({"before": before, "loaded": loaded, "cast": cast, "dtypes": dtypes}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_loading_holds_one_copy_of_the_weights(tmp_path):
+    """Memory-mapped load + assign: the weights live once, as file pages; bf16 keeps no fp32 copy."""
+    path = tmp_path / "medium.pth"
+    subprocess.run([sys.executable, "-c", MEMORY_PROBE, "save", str(path)], check=True)
+    size = path.stat().st_size
+
+    def probe(dtype):
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, dtype, str(path)], capture_output=True, text=True,
+                             check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    fp32 = probe("float32")
+    grew = {k: fp32["loaded"][k] - fp32["before"][k] for k in ("RssAnon", "RssFile")}
+    assert grew["RssAnon"] + grew["RssFile"] <= 1.2 * size, (grew, size)
+    assert grew["RssAnon"] <= 0.2 * size, (grew, size)  # no private copy: the pages are the file's
+    bf16 = probe("bfloat16")
+    assert bf16["dtypes"] == ["torch.bfloat16"]
+    kept = bf16["cast"]["RssAnon"] - bf16["before"]["RssAnon"] + bf16["cast"]["RssFile"] - bf16["before"]["RssFile"]
+    assert kept <= 0.7 * size, (kept, size)  # half-size weights, and the fp32 pages let go
