@@ -70,12 +70,14 @@ DEFAULT_LIMITS = Limits()
 
 
 class Rejected(Exception):
-    """A message that breaks the protocol; `reason` is one of REASONS."""
+    """A message that breaks the protocol; `reason` is one of REASONS, `device` the sender when its header
+    named a valid one (so receivers can count rejects per device)."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, device: str | None = None):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        self.device = device
 
 
 @dataclass(slots=True)
@@ -272,17 +274,21 @@ def decode(frames, limits: Limits = DEFAULT_LIMITS) -> SensorMessage:
     device = _field(header, "device", str)
     if not DEVICE_PATTERN.fullmatch(device):
         raise Rejected(BAD_VALUE, f"'device' must be 1..64 of [A-Za-z0-9_.:-], got {device[:80]!r}")
-    sensor = _field(header, "sensor", str)
-    parse = _PARSERS.get(sensor)
-    if parse is None:
-        raise Rejected(UNKNOWN_SENSOR, f"unknown sensor {sensor[:80]!r}")
-    seq = _int_in(header, "seq", 0, INT64_MAX)
-    t_ns = _int_in(header, "t_ns", 0, INT64_MAX)
-    if body.nbytes == 0:
-        raise Rejected(PAYLOAD_SIZE, "payload is empty")
-    if body.nbytes > limits.max_payload_bytes:
-        raise Rejected(TOO_LARGE, f"payload is {body.nbytes} bytes, the limit is {limits.max_payload_bytes}")
-    payload, fields = parse(header, body, limits)
+    try:
+        sensor = _field(header, "sensor", str)
+        parse = _PARSERS.get(sensor)
+        if parse is None:
+            raise Rejected(UNKNOWN_SENSOR, f"unknown sensor {sensor[:80]!r}")
+        seq = _int_in(header, "seq", 0, INT64_MAX)
+        t_ns = _int_in(header, "t_ns", 0, INT64_MAX)
+        if body.nbytes == 0:
+            raise Rejected(PAYLOAD_SIZE, "payload is empty")
+        if body.nbytes > limits.max_payload_bytes:
+            raise Rejected(TOO_LARGE, f"payload is {body.nbytes} bytes, the limit is {limits.max_payload_bytes}")
+        payload, fields = parse(header, body, limits)
+    except Rejected as err:
+        err.device = device
+        raise
     return SensorMessage(device, sensor, seq, t_ns, payload, **fields)
 
 

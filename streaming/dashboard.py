@@ -20,7 +20,7 @@ def drops_by_reason(stats: dict[str, list[dict]]) -> Counter:
         for actor in actors:
             for key, n in actor["counts"].items():
                 event = key.split(":", 1)[0]
-                if event.startswith(("dropped_", "rejected_")) and event != "rejected_by_device":
+                if event.startswith(("dropped_", "rejected_")):
                     out[f"{stage}: {event}"] += n
     return out
 

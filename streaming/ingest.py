@@ -6,6 +6,7 @@ are forwarded without their pixels, as timestamps; see streaming/windowing.py.""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from .stage import Downstream, StageMetrics
 from .windowing import FRAME_SENSORS, WindowingConfig, frame_is_sampled
 
 NO_PIXELS = np.empty(0, np.uint8)
+REPORTED_MAX = 10_000
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Ingest:
         self.socket.bind(settings.endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.bytes_in = 0
+        self.reported: set[tuple[str, str]] = set()  # (device, reason) already logged; bounded by REPORTED_MAX
         self.last_frame_t: dict[tuple[str, str], int] = {}  # (device, sensor) -> time of its last frame
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="ingest", daemon=True)
@@ -85,8 +89,11 @@ class Ingest:
             msg = decode(frames, self.settings.limits)
         except Rejected as err:
             self.metrics.busy(time.perf_counter() - start)
-            self.metrics.count(f"rejected_{err.reason}")
-            self.metrics.count("rejected_by_device", getattr(err, "device", None) or "unknown")
+            device = err.device or "unknown"
+            self.metrics.count(f"rejected_{err.reason}", device)
+            if (device, err.reason) not in self.reported and len(self.reported) < REPORTED_MAX:  # log each kind of fault once per device
+                self.reported.add((device, err.reason))
+                log.warning("rejected a message from %s: %s (further ones are only counted)", device, err)
             return
         self.bytes_in += msg.nbytes
         modality = SENSOR_MODALITY[msg.sensor]

@@ -107,3 +107,62 @@ def test_drain_reports_no_drops(pipeline_run):
     for stage in final.values():
         for actor in stage:
             assert not [k for k in actor["counts"] if k.startswith(("dropped", "rejected"))], actor
+
+
+def bad_messages(device: str, good: list) -> list[list[bytes]]:
+    """One message per fault the ingest and windowing stages must drop and count."""
+    imu = next(h for h, _ in good if h["sensor"] == "imu")
+    mic_header, mic_payload = [(h, p) for h, p in good if h["sensor"] == "mic"][10]
+    pack = msgpack.packb
+    nan_imu = np.full((40, 6), np.nan, np.float32).tobytes()
+    return [
+        [b"\xc1 not msgpack", b"x"],
+        [pack({**imu, "sensor": "sonar"}), b"x" * 24],
+        [pack({**imu, "v": 2}), b"x" * 24],
+        [pack({k: v for k, v in imu.items() if k != "t_ns"}), b"x" * 24],
+        [pack({**imu, "seq": 10**6}), b"x" * 25],  # not a whole number of rows
+        [pack({"v": 1, "device": device, "sensor": "depth", "seq": 0, "t_ns": 1, "dtype": "uint16",
+               "shape": [4096, 4096]}), b"xx"],  # declares 32 MiB, carries 2 bytes
+        [pack({**imu, "seq": 10**6 + 1}), nan_imu],
+        [pack(mic_header), mic_payload],  # a duplicate of a message already sent
+    ]
+
+
+def test_bad_input_is_dropped_counted_and_loses_nothing(ray_local, redis_server):
+    device = "glasses-bad"
+    good = list(SimulatedWearable(device, seed=11, start_ns=START_NS).messages(5))
+    # the clock of the mic goes back once: a valid message with a fresh seq but an old time
+    mics = [h for h, _ in good if h["sensor"] == "mic"]
+    backwards = ({**mics[-1], "seq": mics[-1]["seq"] + 1, "t_ns": START_NS}, bytes(960 * 2))
+    frames = [[msgpack.packb(h), p] for h, p in good]
+    frames[200:200] = bad_messages(device, good)
+    frames.append([msgpack.packb(backwards[0]), backwards[1]])
+    config = PipelineConfig(ingest=["tcp://127.0.0.1:*"], model="tiny", max_wait_ms=20, matchers=0)
+    pipeline = Pipeline(config, redis_server.url, "tiny")
+    (endpoint,) = pipeline.start()
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(endpoint)
+    for message in frames:
+        push.send_multipart(message)
+    push.close(linger=-1)
+    wait_for(lambda: sum(n for a in pipeline.stats()["window"] for k, n in a["counts"].items()
+                         if k.startswith("in:")) == len(good) + 2, 60, "the valid messages to reach windowing")
+    final = pipeline.drain()
+    pipeline.kill()
+    ingest = final["ingest"][0]["counts"]
+    assert ingest["rejected_malformed:unknown"] == 1
+    assert ingest["rejected_bad_version:unknown"] == 1  # a header of another version is not read further
+    for reason in ("unknown_sensor", "missing_key", "non_finite"):
+        assert ingest[f"rejected_{reason}:{device}"] == 1, reason
+    assert ingest[f"rejected_payload_size:{device}"] == 2  # 25 bytes of IMU; 2 bytes declared as 4096 x 4096
+    window = final["window"][0]["counts"]
+    assert window[f"dropped_seq_replay:{device}"] == 1
+    assert window[f"dropped_clock_backwards:{device}"] == 1
+    # nothing accepted was lost: every window of the good stream was published
+    windower = Windower()
+    expected = set()
+    for header, payload in good:
+        expected |= {(w.modality, w.t0) for w in windower.add(decode([msgpack.packb(header), payload]))}
+    published = {(r.modality, r.t0) for r in read_all(redis.Redis.from_url(redis_server.url), device)
+                 if r.modality != "fused"}
+    assert published == expected
