@@ -100,11 +100,8 @@ def offline_throughput(frames: list[list[bytes]], model: str, max_batch: int) ->
     return len(windows), len(windows) / (done - start), len(windows) / (done - windowed)
 
 
-def bench_pipeline(devices: int, seconds: float, config: PipelineConfig) -> PipelineFigures:
-    frames = simulated_frames(devices, seconds)
-    payload_mb = sum(len(m[1]) for m in frames) / 1e6
-    ingest_mb_s = ingest_throughput(frames)
-    windows, offline_wps, encoder_wps = offline_throughput(frames, config.model or "tiny", config.max_batch)
+def pipeline_throughput(frames: list[list[bytes]], config: PipelineConfig) -> tuple[float, dict]:
+    """(windows published per second, final stats) for one run of the whole pipeline over `frames`."""
     config.ingest = ["tcp://127.0.0.1:*"]
     with pipeline_session(config) as (pipeline, _, _):
         start = time.perf_counter()
@@ -116,11 +113,28 @@ def bench_pipeline(devices: int, seconds: float, config: PipelineConfig) -> Pipe
         elapsed = time.perf_counter() - start
     published = sum(n for a in final["publish"] for k, n in a["counts"].items()
                     if k.startswith("out:") and k != "out:fused")
+    final["elapsed_s"] = elapsed
+    return published / elapsed, final
+
+
+def bench_pipeline(devices: int, seconds: float, config: PipelineConfig, rounds: int = 2) -> PipelineFigures:
+    """Offline and pipeline runs alternate `rounds` times; each figure is the best of its runs, so that
+    a noisy neighbour on a shared machine disturbs both sides alike."""
+    frames = simulated_frames(devices, seconds)
+    payload_mb = sum(len(m[1]) for m in frames) / 1e6
+    ingest_mb_s = ingest_throughput(frames)
+    offline, pipeline_runs = [], []
+    for _ in range(rounds):
+        offline.append(offline_throughput(frames, config.model or "tiny", config.max_batch))
+        pipeline_runs.append(pipeline_throughput(frames, config))
+    windows = offline[0][0]
+    wps, final = max(pipeline_runs, key=lambda run: run[0])
     publish = final["publish"][0]
     return PipelineFigures(
         messages=len(frames), payload_mb=payload_mb, windows=windows,
-        pipeline_windows_per_s=published / elapsed, offline_windows_per_s=offline_wps,
-        encoder_windows_per_s=encoder_wps, latency_p50_ms=publish.get("latency_p50_ms", float("nan")),
+        pipeline_windows_per_s=wps, offline_windows_per_s=max(o[1] for o in offline),
+        encoder_windows_per_s=max(o[2] for o in offline), latency_p50_ms=publish.get("latency_p50_ms", float("nan")),
         latency_p99_ms=publish.get("latency_p99_ms", float("nan")), ingest_mb_per_s=ingest_mb_s,
-        elapsed_s=elapsed, busy_s={stage: sum(a["busy_s"] for a in actors) for stage, actors in final.items()},
+        elapsed_s=final["elapsed_s"],
+        busy_s={stage: sum(a["busy_s"] for a in final[stage]) for stage in ("ingest", "window", "embed", "publish")},
     )

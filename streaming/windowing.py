@@ -30,6 +30,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from encoders import transforms
 from sensors.protocol import Rejected, SensorMessage, decode_image
@@ -242,6 +243,7 @@ class WindowStageSettings:
     overload: str = LIVE
     backlog: int = 256  # windows waiting for an embedder call, with `drop_oldest`
     max_windows_per_call: int = 32  # the pipeline sets it to the embedders' batch size
+    torch_threads: int = 1  # preprocessing is many small ops: scale out with more windowing actors instead
 
 
 class WindowStage:
@@ -251,6 +253,7 @@ class WindowStage:
         if settings.overload not in (LIVE, REPLAY):
             raise ValueError(f"overload policy must be {LIVE!r} or {REPLAY!r}, got {settings.overload!r}")
         self.settings = settings
+        torch.set_num_threads(settings.torch_threads)
         self.windower = Windower(settings.windowing)
         self.downstream = Downstream(embedders, settings.max_inflight)
         self.metrics = StageMetrics("window")
