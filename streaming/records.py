@@ -23,10 +23,6 @@ class Window:
     data: np.ndarray  # float32 model input without batch axis, e.g. (3, 2, 224, 224) for vision
     arrived_ns: int  # wall clock at which the message that completed the window reached ingest
 
-    @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.device, self.modality, self.t0)
-
 
 @dataclass
 class Embedding:
@@ -44,4 +40,5 @@ class Embedding:
 
     @property
     def key(self) -> tuple[str, str, int]:
+        """What identifies a window's embedding: a re-sent window has the same key."""
         return (self.device, self.modality, self.t0)
