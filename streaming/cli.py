@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import click
 import numpy as np
@@ -128,7 +129,8 @@ def pipeline_options(command):
     options = [
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="TOML file with PipelineConfig keys (see deploy/bindstream.toml)."),
-        click.option("--redis", default=None, help="Redis URL (redis://, rediss://); default: an embedded server."),
+        click.option("--redis", default=None, envvar="BINDSTREAM_REDIS_URL",
+                     help="Redis URL (redis://, rediss://; env BINDSTREAM_REDIS_URL); default: an embedded server."),
         click.option("--ingest", multiple=True, help="Endpoint to bind for devices (repeatable); "
                                                      "default tcp://127.0.0.1:5555."),
         MODEL_OPTION, CHECKPOINT_OPTION, DEVICE_OPTION, DTYPE_OPTION,
@@ -150,6 +152,11 @@ def build_config(config_file, **flags):
         if value not in (None, ()):
             setattr(config, key, list(value) if key == "ingest" else value)
     return config
+
+
+def redacted(url: str) -> str:
+    """A Redis URL without its password, for logs."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
 
 
 def say_model(model: str) -> None:
@@ -178,11 +185,12 @@ def run(config_file, live, **flags):
 
     config = build_config(config_file, **flags)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     with pipeline_session(config) as (pipeline, redis_url, model):
+        # set after ray.init, which installs a SIGTERM handler of its own that ends the process undrained
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         say_model(model)
-        console.print(f"ingest: {', '.join(pipeline.endpoints)}   redis: {redis_url}")
+        console.print(f"ingest: {', '.join(pipeline.endpoints)}   redis: {redacted(redis_url)}")
         if live:
             with Live(stats_table(pipeline.stats()), console=console, refresh_per_second=2) as view:
                 while not stop.wait(0.5):
@@ -225,8 +233,8 @@ def demo(seconds, devices, seed, config_file, **flags):
         final = pipeline.drain()
     console.print(stats_table(final, "bindstream demo: summary"))
     console.print(per_modality_table(final))
-    console.print(f"embeddings were in Redis at {redis_url} (an embedded server, now stopped; "
-                  f"use --redis URL to keep them)")
+    console.print(f"embeddings were in Redis at {redacted(redis_url)}"
+                  + ("" if config.redis else " (an embedded server, now stopped; use --redis URL to keep them)"))
 
 
 @main.command()
