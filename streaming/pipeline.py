@@ -26,7 +26,7 @@ from .ingest import Ingest, IngestSettings
 from .matcher import MatcherSettings, start_matchers
 from .publisher import Publisher, PublisherSettings
 from .redis_server import RedisServer
-from .windowing import WindowingConfig, WindowStage, WindowStageSettings
+from .windowing import WindowingConfig, WindowSpec, WindowStage, WindowStageSettings
 
 log = logging.getLogger(__name__)
 # Ingest, windowing and publisher actors run their calls one at a time, in the order they were sent (a
@@ -84,7 +84,8 @@ class PipelineConfig:
             raise ValueError(f"unknown pipeline config keys: {sorted(unknown)}")
         data = dict(data)
         if "windowing" in data:
-            data["windowing"] = WindowingConfig(**data["windowing"])
+            windowing = {k: WindowSpec(**v) if isinstance(v, dict) else v for k, v in data["windowing"].items()}
+            data["windowing"] = WindowingConfig(**windowing)
         if "limits" in data:
             data["limits"] = Limits(**data["limits"])
         if isinstance(data.get("ingest"), str):

@@ -130,3 +130,16 @@ def test_stream_bound(sensor_count):
                       np.zeros((CHUNK, 1), np.float32).tobytes()]))
     assert len(w.streams) == 3
     assert sum(n for (d, reason), n in w.drops.items() if reason == "too_many_streams") == 2
+
+
+def test_pipeline_config_reads_window_specs_from_toml(tmp_path):
+    from streaming.pipeline import PipelineConfig
+
+    path = tmp_path / "p.toml"
+    path.write_text("[windowing]\nmax_frame_gap_ns = 400000000\n"
+                    "[windowing.imu]\nlength_ns = 4000000000\nhop_ns = 2000000000\n")
+    config = PipelineConfig.from_toml(path)
+    assert config.windowing.imu.length_ns == 4 * SECOND and config.windowing.imu.hop_ns == 2 * SECOND
+    assert config.windowing.max_frame_gap_ns == 400_000_000
+    with pytest.raises(ValueError, match="unknown pipeline config keys"):
+        PipelineConfig.from_dict({"embeders": 2})
