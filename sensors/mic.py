@@ -28,18 +28,23 @@ def publish_microphone(publisher: DevicePublisher, *, rate: int = DEFAULT_RATE, 
                        seconds: float | None = None) -> int:
     """Capture chunks of `chunk_ms` and send them until `seconds` pass (None: until interrupted).
 
-    Each chunk is stamped with the monotonic time of its first sample, taken from PortAudio's
-    ADC timestamp when the host API reports one, else estimated from the chunk length.
+    Chunks are stamped by counting samples from the first one's time (monotonic clock, from PortAudio's
+    ADC timestamp when the host API reports one): callback jitter never reaches `t_ns`, so consecutive
+    chunks meet exactly. After an input overflow (samples lost) the count restarts from the clock.
     Returns the number of chunks handed to send.
     """
     sd = _sounddevice()
     chunks: queue.Queue = queue.Queue()
+    clock = {"t0": None, "samples": 0}  # stream time = t0 + samples / rate
 
     def on_audio(indata, frames, time_info, status):  # PortAudio thread: no socket use here
-        lag_s = time_info.currentTime - time_info.inputBufferAdcTime
-        if not 0 < lag_s < 1:
-            lag_s = frames / rate
-        chunks.put((time.monotonic_ns() - round(lag_s * NS_PER_S), indata.copy()))
+        if clock["t0"] is None or status.input_overflow:
+            lag_s = time_info.currentTime - time_info.inputBufferAdcTime
+            if not 0 < lag_s < 1:
+                lag_s = frames / rate
+            clock["t0"], clock["samples"] = time.monotonic_ns() - round(lag_s * NS_PER_S), 0
+        chunks.put((clock["t0"] + clock["samples"] * NS_PER_S // rate, indata.copy()))
+        clock["samples"] += frames
 
     deadline = None if seconds is None else time.monotonic() + seconds
     count = 0

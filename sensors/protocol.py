@@ -298,7 +298,8 @@ def decode_image(msg: SensorMessage) -> np.ndarray:
         raise ValueError(f"decode_image needs a camera message, got {msg.sensor!r}")
     if msg.encoding == "raw":
         return msg.payload
-    bgr = cv2.imdecode(msg.payload, cv2.IMREAD_COLOR)
+    # the pixels as stored: the declared shape is the stored one, whatever EXIF orientation says
+    bgr = cv2.imdecode(msg.payload, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise Rejected(BAD_IMAGE, f"{msg.encoding} payload of {msg.device} seq {msg.seq} does not decode")
     if bgr.shape != msg.shape:

@@ -23,6 +23,7 @@ from .publisher import DEFAULT_SNDHWM, connect_push
 FORMAT = "bindstream-session"
 FORMAT_VERSION = 1
 MAX_RECORD_BYTES = 2 * DEFAULT_LIMITS.max_payload_bytes  # room for a payload over the limit, as received
+RECORD_OVERHEAD_BYTES = 1024  # msgpack framing of one record around its frames
 POLL_MS = 100  # how often record() checks its deadline
 REPLAY_LINGER_MS = -1  # close() waits until the receiver has taken every message, like the blocking sends
 FILE_BUFFER_BYTES = 1 << 20
@@ -41,6 +42,7 @@ class Recorder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.skipped = 0  # messages `record` could not store (too large)
         self._file = open(self.path, "ab", buffering=FILE_BUFFER_BYTES)
         if self._file.tell() == 0:
             self._write({"format": FORMAT, "version": FORMAT_VERSION})
@@ -50,18 +52,25 @@ class Recorder:
         self._file.flush()
 
     def write(self, frames, rx_ns: int | None = None) -> None:
-        """Store one message's frames (bytes, memoryview or zmq.Frame), valid or not."""
-        self._write({"rx": time.time_ns() if rx_ns is None else rx_ns,
-                     "f": [f.bytes if isinstance(f, zmq.Frame) else bytes(f) for f in frames]})
+        """Store one message's frames (bytes, memoryview or zmq.Frame), valid or not. A message too large
+        for `read_session` to read back (over MAX_RECORD_BYTES) raises ValueError and is not stored."""
+        data = [f.bytes if isinstance(f, zmq.Frame) else bytes(f) for f in frames]
+        if sum(map(len, data)) > MAX_RECORD_BYTES - RECORD_OVERHEAD_BYTES:
+            raise ValueError(f"a message of {sum(map(len, data))} bytes is over the session file's record limit")
+        self._write({"rx": time.time_ns() if rx_ns is None else rx_ns, "f": data})
 
     def record(self, socket: zmq.Socket, *, seconds: float | None = None, count: int | None = None) -> int:
-        """Store what arrives on a bound PULL socket until `seconds` pass or `count` messages; returns how many."""
+        """Store what arrives on a bound PULL socket until `seconds` pass or `count` messages; returns how many.
+        Messages too large to store are skipped and counted in `self.skipped`."""
         deadline = None if seconds is None else time.monotonic() + seconds
         stored = 0
         while (count is None or stored < count) and (deadline is None or time.monotonic() < deadline):
             if socket.poll(POLL_MS):
-                self.write(socket.recv_multipart(copy=False))
-                stored += 1
+                try:
+                    self.write(socket.recv_multipart(copy=False))
+                    stored += 1
+                except ValueError:
+                    self.skipped += 1
         return stored
 
     def close(self) -> None:

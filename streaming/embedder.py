@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+import ray
 
 from .records import STREAM_MODALITIES, Embedding, Window
-from .stage import Downstream, StageMetrics, now_ns
+from .stage import Downstream, StageMetrics
 
 log = logging.getLogger(__name__)
+PUBLISH_RETRY_S, PUBLISH_RETRY_MAX_S = 0.05, 2.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Ticket:
 class Queued(NamedTuple):
     window: Window
     ticket: Ticket
+    queued_at: float  # time.monotonic() when it entered the queue: the batch deadline counts from here
 
 
 class WindowQueue:
@@ -79,7 +82,7 @@ class WindowQueue:
         return dropped
 
     def _pop_oldest(self) -> Queued:
-        fifo = min((f for f in self.fifos.values() if f), key=lambda f: f[0].window.arrived_ns)
+        fifo = min((f for f in self.fifos.values() if f), key=lambda f: f[0].queued_at)
         self.size -= 1
         return fifo.popleft()
 
@@ -90,14 +93,14 @@ class WindowQueue:
             while True:
                 heads = [f for f in self.fifos.values() if f]
                 if heads:
-                    fifo = min(heads, key=lambda f: f[0].window.arrived_ns)
-                    deadline = fifo[0].window.arrived_ns / 1e9 + max_wait_s
-                    if len(fifo) >= max_batch or stop.is_set() or time.time() >= deadline:
+                    fifo = min(heads, key=lambda f: f[0].queued_at)
+                    deadline = fifo[0].queued_at + max_wait_s
+                    if len(fifo) >= max_batch or stop.is_set() or time.monotonic() >= deadline:
                         batch = [fifo.popleft() for _ in range(min(max_batch, len(fifo)))]
                         self.size -= len(batch)
                         self.cond.notify_all()
                         return batch
-                    self.cond.wait(timeout=max(deadline - time.time(), 0.001))
+                    self.cond.wait(timeout=max(deadline - time.monotonic(), 0.001))
                 elif stop.is_set():
                     return []
                 else:
@@ -126,10 +129,13 @@ class Embedder:
     def push(self, windows: list[Window]) -> int:
         """Embed windows (batched with other calls' windows); returns, with the queue depth, once they are
         published or dropped."""
+        if not windows:
+            return self.queue.size
         ticket = Ticket(len(windows))
         for window in windows:
             self.metrics.count("in", window.modality)
-        for item in self.queue.put([Queued(w, ticket) for w in windows]):
+        now = time.monotonic()
+        for item in self.queue.put([Queued(w, ticket, now) for w in windows]):
             self.metrics.count("dropped_queue_full", item.window.modality)
             item.ticket.settle()
         self.metrics.queue_depth(self.queue.size)
@@ -163,10 +169,10 @@ class Embedder:
                     self.metrics.count("rejected_by_encoder", modality)
         if self.settings.throttle_ms:
             time.sleep(self.settings.throttle_ms / 1000)
-        done = now_ns()
+        done = time.time_ns()
         self.metrics.busy(time.perf_counter() - start)
         out = [
-            Embedding(w.device, w.modality, w.t0, w.t1, v, self.encoder.name, w.arrived_ns, done)
+            Embedding(w.device, w.modality, w.t0, w.t1, v, self.encoder.name, w.arrived_ns, done, epoch=w.epoch)
             for w, v in zip(batch, vectors)
             if v is not None
         ]
@@ -176,10 +182,22 @@ class Embedder:
             self.metrics.latency((done - e.arrived_ns) / 1e9)
         self.metrics.queue_depth(self.queue.size)
         if out:
-            self.downstream.push(out)
-            self.downstream.wait()  # the publisher holds them now
+            self._publish(out)
         for item in items:
             item.ticket.settle()
+
+    def _publish(self, embeddings: list[Embedding]) -> None:
+        """Hand embeddings to the publisher; while it is down (Ray restarts it) try again, with backoff."""
+        backoff = PUBLISH_RETRY_S
+        while True:
+            try:
+                self.downstream.push(embeddings)
+                self.downstream.wait()  # the publisher holds them now
+                return
+            except ray.exceptions.RayActorError:
+                self.metrics.count("publisher_unavailable")
+                time.sleep(backoff)
+                backoff = min(2 * backoff, PUBLISH_RETRY_MAX_S)
 
     def drain(self) -> dict:
         """Embed everything queued, hand it to the publisher, and stop the worker. (Once the windowing

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 import zmq
 
 from sensors.protocol import DEFAULT_ENDPOINT, Limits, Rejected, decode
@@ -115,7 +116,11 @@ class Ingest:
         for device, messages in batches.items():
             by_actor.setdefault(id(self.downstream.actor_for(device)), []).extend(messages)
         for messages in by_actor.values():
-            self.downstream.push(messages, arrived_ns, key=messages[0].device)
+            try:
+                self.downstream.push(messages, arrived_ns, key=messages[0].device)
+            except ray.exceptions.RayError:  # a windowing actor gone for good: count, keep receiving
+                log.exception("passing %d messages to a windowing actor failed", len(messages))
+                self.metrics.count("dropped_window_stage_error", n=len(messages))
         self.metrics.busy(time.perf_counter() - start)
 
     def stop(self) -> dict:

@@ -19,7 +19,10 @@ import numpy as np
 import ray
 import redis
 
+from sensors.protocol import NS_PER_S
+
 from .queries import QUERY_CHANNEL, QUERY_VERSION, Background, Query, load_background, load_queries
+from .records import text
 from .stage import StageMetrics
 from .subscriber import BadRecord, EmbeddingRecord, decode_record, parse_key, stream_keys
 
@@ -32,7 +35,6 @@ DEDUP_PREFIX = "bindstream:alerted"
 DEFAULT_GROUP = "bindstream-matchers"
 DEFAULT_CONSUMER = "matcher"
 NEVER_NS = -(1 << 62)  # "no alert yet": any device time is more than a cooldown after it
-NS_PER_S = 1_000_000_000
 LAST_ID_FIELD = "last_id"  # in a stream's state hash; every other field is a query id
 ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 UNIT_TOLERANCE = 0.01  # |norm - 1| of a stored embedding (bf16 encoders normalise to ~0.4 %)
@@ -159,7 +161,7 @@ class StreamState:
 
     @classmethod
     def decode(cls, raw: dict) -> "StreamState":
-        f = {_text(k): _text(v) for k, v in raw.items()}
+        f = {text(k): text(v) for k, v in raw.items()}
         last_id = f.pop(LAST_ID_FIELD, "0-0")
         return cls(last_id, {qid: QueryState.decode(v) for qid, v in f.items()})
 
@@ -331,7 +333,7 @@ class Matcher:
         s = self.settings
         reply = self.client.xreadgroup(s.group, s.consumer, {k: marker for k in self.keys}, count=s.read_count,
                                        block=block_ms)
-        return [(_text(key), _text(entry_id), f) for key, items in reply or [] for entry_id, f in items]
+        return [(text(key), text(entry_id), f) for key, items in reply or [] for entry_id, f in items]
 
     def _process(self, entries: list[tuple[str, str, dict | None]]) -> None:
         acks: dict[str, list[str]] = defaultdict(list)
@@ -445,15 +447,17 @@ class Matcher:
     # ----- running -----
 
     def run(self) -> None:
-        """`step` until `stop`; Redis errors back off and the unacknowledged entries are read again."""
+        """`step` until `stop`; errors back off and the unacknowledged entries are read again."""
         backoff = 0.0
         while not self._stop.is_set():
             try:
                 self.step()
                 backoff = 0.0
-            except redis.RedisError as err:
-                self.metrics.count("redis_error")
+            except Exception as err:  # Redis down, or a bad query/background/state record: keep matching
+                self.metrics.count("redis_error" if isinstance(err, redis.RedisError) else "error")
                 self.last_error = str(err)
+                if not isinstance(err, redis.RedisError):
+                    log.exception("matching failed; retrying")
                 if "NOGROUP" in str(err):
                     self.forget_streams()
                 self.pending = True
@@ -474,10 +478,6 @@ class Matcher:
     def stats(self) -> dict:
         return self.metrics.snapshot(streams=len(self.keys), queries=sum(i.m for i in self.indexes.values()),
                                      pending=self.pending, last_error=self.last_error)
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def start_matchers(settings: MatcherSettings, redis_url: str, count: int = 1, max_restarts: int = -1,

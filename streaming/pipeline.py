@@ -29,10 +29,9 @@ from .redis_server import RedisServer
 from .windowing import WindowingConfig, WindowSpec, WindowStage, WindowStageSettings
 
 log = logging.getLogger(__name__)
-# Ingest, windowing and publisher actors run their calls one at a time, in the order they were sent (a
-# device's messages must reach its windows in order); their worker threads do the slow work beside.
-# An embedder's push calls wait until their windows are published, so many run at once.
-ACTOR_CONCURRENCY = 1
+# Ingest, windowing and publisher actors run their calls one at a time (Ray's default), in the order they
+# were sent: a device's messages must reach its windows in order. Their worker threads do the slow work
+# beside. An embedder's push calls wait until their windows are published, so many run at once.
 EMBEDDER_CONCURRENCY = 64
 RESTART = dict(max_restarts=-1)  # every stage comes back after a crash (Ray restarts the actor)
 
@@ -130,7 +129,7 @@ class Pipeline:
         gpus = config.embedder_gpus
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and config.device in (None, "cuda") else 0
-        publisher = ray.remote(Publisher).options(num_cpus=0, max_concurrency=ACTOR_CONCURRENCY, **RESTART).remote(
+        publisher = ray.remote(Publisher).options(num_cpus=0, max_task_retries=-1, **RESTART).remote(
             PublisherSettings(redis_url, maxlen=config.stream_maxlen, queue_capacity=config.publish_queue,
                               fused_wait_s=config.fused_wait_s)
         )
@@ -148,7 +147,7 @@ class Pipeline:
             for _ in range(config.embedders)
         ]
         windowers = [
-            ray.remote(WindowStage).options(num_cpus=0, max_concurrency=ACTOR_CONCURRENCY, **RESTART).remote(
+            ray.remote(WindowStage).options(num_cpus=0, max_task_retries=-1, **RESTART).remote(
                 WindowStageSettings(config.windowing, overload=config.overload, backlog=config.window_backlog,
                                     max_windows_per_call=config.max_batch),
                 embedders,
@@ -156,8 +155,7 @@ class Pipeline:
             for _ in range(config.windowers)
         ]
         ingests = [
-            ray.remote(Ingest).options(num_cpus=0, resources=config.ingest_resources,
-                                       max_concurrency=ACTOR_CONCURRENCY, **RESTART).remote(
+            ray.remote(Ingest).options(num_cpus=0, resources=config.ingest_resources, **RESTART).remote(
                 IngestSettings(endpoint, config.limits, windowing=config.windowing), windowers
             )
             for endpoint in config.ingest
@@ -199,13 +197,15 @@ def pipeline_session(config: PipelineConfig):
     (drain first to keep what was accepted)."""
     connect_ray()
     server = None if config.redis else RedisServer().start()
-    redis_url = config.redis or server.url
-    model = default_model_name(config.model, config.checkpoint)
-    pipeline = Pipeline(config, redis_url, model)
+    pipeline = None
     try:
+        redis_url = config.redis or server.url
+        model = default_model_name(config.model, config.checkpoint)
+        pipeline = Pipeline(config, redis_url, model)
         pipeline.start()
         yield pipeline, redis_url, model
     finally:
-        pipeline.kill()
+        if pipeline:
+            pipeline.kill()
         if server:
             server.stop()

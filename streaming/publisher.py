@@ -20,7 +20,7 @@ import numpy as np
 import redis
 
 from .records import FUSED, Embedding
-from .stage import StageMetrics, now_ns
+from .stage import StageMetrics
 
 KEY_PREFIX = "bindstream:emb"
 FUSED_MODALITIES = ("vision", "audio", "depth", "thermal")
@@ -53,33 +53,42 @@ class PublisherSettings:
 
 
 class FusedWindows:
-    """Collects the fused modalities' embeddings per (device, t0, t1) and says when a window is ready."""
+    """Collects the fused modalities' embeddings per window and says when a window is ready. Each window
+    is fused once: a member arriving after its window was fused is left out (counted by the caller)."""
 
-    def __init__(self, wait_s: float):
+    def __init__(self, wait_s: float, remember: int):
         self.wait_s = wait_s
-        self.pending: dict[tuple[str, int, int], dict[str, Embedding]] = {}
-        self.first_seen: dict[tuple[str, int, int], float] = {}
-        self.latest_t0: dict[tuple[str, str], int] = {}  # (device, modality) -> newest t0 seen
+        self.remember = remember
+        self.pending: dict[tuple, dict[str, Embedding]] = {}  # (device, epoch, t0, t1) -> members so far
+        self.first_seen: dict[tuple, float] = {}
+        self.latest_t0: dict[tuple, int] = {}  # (device, epoch, modality) -> newest t0 seen
+        self.fused: OrderedDict[tuple, None] = OrderedDict()  # windows already fused, the newest `remember`
 
-    def add(self, e: Embedding) -> None:
+    def add(self, e: Embedding) -> bool:
+        """Take a member; False if its window was already fused (it comes too late)."""
         if e.modality not in FUSED_MODALITIES:
-            return
-        key = (e.device, e.t0, e.t1)
+            return True
+        key = (e.device, e.epoch, e.t0, e.t1)
+        if key in self.fused:
+            return False
         self.pending.setdefault(key, {})[e.modality] = e
         self.first_seen.setdefault(key, time.monotonic())
-        self.latest_t0[e.device, e.modality] = max(e.t0, self.latest_t0.get((e.device, e.modality), e.t0))
+        newest = (e.device, e.epoch, e.modality)
+        self.latest_t0[newest] = max(e.t0, self.latest_t0.get(newest, e.t0))
+        return True
 
     def ready(self, flush: bool = False) -> list[Embedding]:
         out = []
         now = time.monotonic()
         for key, parts in list(self.pending.items()):
-            device, t0, _ = key
-            settled = all(
-                m in parts or self.latest_t0.get((device, m), -1) > t0 for m in FUSED_MODALITIES
-            )
+            device, epoch, t0, _ = key
+            settled = all(m in parts or self.latest_t0.get((device, epoch, m), -1) > t0 for m in FUSED_MODALITIES)
             if flush or settled or now - self.first_seen[key] >= self.wait_s:
                 out.append(self._fuse(parts))
                 del self.pending[key], self.first_seen[key]
+                self.fused[key] = None
+                if len(self.fused) > self.remember:
+                    self.fused.popitem(last=False)
         return out
 
     @staticmethod
@@ -90,7 +99,7 @@ class FusedWindows:
         return Embedding(
             first.device, FUSED, first.t0, first.t1, (total / np.linalg.norm(total)).astype(np.float32), first.model,
             max(e.arrived_ns for e in members), max(e.embedded_ns for e in members),
-            members=tuple(e.modality for e in members),
+            members=tuple(e.modality for e in members), epoch=first.epoch,
         )
 
 
@@ -102,7 +111,7 @@ class Publisher:
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.queue: deque = deque()
         self.cond = threading.Condition()
-        self.fused = FusedWindows(settings.fused_wait_s)
+        self.fused = FusedWindows(settings.fused_wait_s, remember=settings.dedup_keys)
         self.seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()  # bounded by settings.dedup_keys
         self.metrics = StageMetrics("publish")
         self._stop = threading.Event()
@@ -135,25 +144,30 @@ class Publisher:
             with self.cond:
                 if not self.queue and not pending and not self._stop.is_set():
                     self.cond.wait(timeout=0.1)
-                room = self.settings.max_batch - len(pending)
-                batch = [self.queue.popleft() for _ in range(min(len(self.queue), max(room, 0)))]
-                stopping = self._stop.is_set() and not self.queue
+                room = max(self.settings.max_batch - len(pending), 0)
+                batch = [self.queue.popleft() for _ in range(min(len(self.queue), room))]
+                stopping, queue_empty = self._stop.is_set(), not self.queue
             for e in batch:
-                self.fused.add(e)
-            pending += batch + self.fused.ready(flush=stopping)
+                if not self.fused.add(e):
+                    self.metrics.count("fused_late", e.modality)
+            pending += batch + self.fused.ready(flush=stopping and queue_empty)
             try:
                 self._write(pending)
                 pending, backoff = [], 0.0
             except redis.RedisError as err:
                 self.metrics.count("redis_error")
+                self.last_error = str(err)
                 if stopping and time.monotonic() - self._stop_at > self.settings.drain_timeout_s:
+                    with self.cond:
+                        pending += list(self.queue)
+                        self.queue.clear()
+                    pending += self.fused.ready(flush=True)
                     self.metrics.count("dropped_redis_down", n=len(pending))
                     return
                 backoff = min(max(2 * backoff, 0.05), self.settings.retry_max_s)
-                self.last_error = str(err)
                 time.sleep(backoff)
                 continue
-            if stopping:
+            if stopping and queue_empty:
                 return
 
     def _write(self, embeddings: list[Embedding]) -> None:
@@ -166,7 +180,7 @@ class Publisher:
             pipe.xadd(stream_key(e.device, e.modality), fields, maxlen=self.settings.maxlen, approximate=True)
         pipe.execute()
         self.metrics.busy(time.perf_counter() - start)
-        done = now_ns()
+        done = time.time_ns()
         for e in embeddings:
             self.metrics.count("out", e.modality)
             self.metrics.latency((done - e.arrived_ns) / 1e9)

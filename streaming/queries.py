@@ -24,6 +24,7 @@ import numpy as np
 import redis
 
 from .publisher import FUSED_MODALITIES
+from .records import text
 
 QUERY_PREFIX = "bindstream:query"
 QUERY_SET = "bindstream:queries"
@@ -188,10 +189,6 @@ def check_modality(encoder, modality: str) -> None:
 # ----- Redis -----------------------------------------------------------------------------------------
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _vector(raw: bytes, dim: int, what: str) -> np.ndarray:
     if len(raw) % (4 * dim):
         raise QueryError(f"{what}: {len(raw)} bytes of emb is no whole number of {dim}-d float32 vectors")
@@ -217,15 +214,15 @@ def save_query(client: redis.Redis, q: Query, event: str = "add") -> Query:
 
 
 def load_query(client: redis.Redis, query_id: str) -> Query:
-    f = {_text(k): v for k, v in client.hgetall(query_key(query_id)).items()}
+    f = {text(k): v for k, v in client.hgetall(query_key(query_id)).items()}
     if not f:
         raise QueryError(f"no query {query_id!r}")
     try:
         decision = Decision(float(f["threshold"]), int(f["k"]), int(f["n"]), float(f["cooldown_s"]),
                             float(f["hysteresis"]))
-        return Query(text=_text(f["text"]), modality=_text(f["modality"]), model=_text(f["model"]),
-                     emb=_vector(f["emb"], int(f["dim"]), query_id)[0], device=_text(f["device"]),
-                     decision=decision, source=_text(f["source"]), id=query_id, created=float(f["created"]))
+        return Query(text=text(f["text"]), modality=text(f["modality"]), model=text(f["model"]),
+                     emb=_vector(f["emb"], int(f["dim"]), query_id)[0], device=text(f["device"]),
+                     decision=decision, source=text(f["source"]), id=query_id, created=float(f["created"]))
     except (KeyError, ValueError, IndexError) as err:
         raise QueryError(f"query {query_id!r} is malformed: {err}") from err
 
@@ -235,7 +232,7 @@ def load_queries(client: redis.Redis) -> list[Query]:
     out = []
     for query_id in client.smembers(QUERY_SET):
         try:
-            out.append(load_query(client, _text(query_id)))
+            out.append(load_query(client, text(query_id)))
         except QueryError:
             continue
     return sorted(out, key=lambda q: q.created)
@@ -269,11 +266,11 @@ def save_background(client: redis.Redis, bg: Background) -> Background:
 
 
 def load_background(client: redis.Redis, model: str, modality: str) -> Background | None:
-    f = {_text(k): v for k, v in client.hgetall(background_key(model, modality)).items()}
+    f = {text(k): v for k, v in client.hgetall(background_key(model, modality)).items()}
     if not f:
         return None
     try:
-        return Background(model, modality, tuple(_text(f["prompts"]).split("\n")),
+        return Background(model, modality, tuple(text(f["prompts"]).split("\n")),
                           _vector(f["emb"], int(f["dim"]), background_key(model, modality)),
                           float(f["logit_scale"]), float(f["exclude_cos"]))
     except (KeyError, ValueError) as err:

@@ -12,6 +12,11 @@ STREAM_MODALITIES = ("vision", "audio", "depth", "thermal", "imu")
 FUSED = "fused"
 
 
+def text(value) -> str:
+    """A Redis reply value (bytes or not) as str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 @dataclass
 class Window:
     """One window of one device's sensor, preprocessed into the encoder's input."""
@@ -21,7 +26,8 @@ class Window:
     t0: int  # window bounds on the device clock, ns; t1 exclusive
     t1: int
     data: np.ndarray  # float32 model input without batch axis, e.g. (3, 2, 224, 224) for vision
-    arrived_ns: int  # wall clock at which the message that completed the window reached ingest
+    arrived_ns: int  # wall clock at which ingest received the batch holding the window's last message
+    epoch: int = 0  # the device's session (+1 at each restart): windows of two sessions may share t0
 
 
 @dataclass
@@ -37,8 +43,9 @@ class Embedding:
     arrived_ns: int
     embedded_ns: int  # wall clock when the encoder returned
     members: tuple[str, ...] = ()  # for fused embeddings: the modalities summed
+    epoch: int = 0
 
     @property
-    def key(self) -> tuple[str, str, int]:
+    def key(self) -> tuple[str, str, int, int]:
         """What identifies a window's embedding: a re-sent window has the same key."""
-        return (self.device, self.modality, self.t0)
+        return (self.device, self.modality, self.epoch, self.t0)

@@ -16,6 +16,8 @@ from fnmatch import fnmatchcase
 import numpy as np
 import redis
 
+from sensors.protocol import NS_PER_S
+
 from .matcher import ALERTS_STREAM, Alert, ModalityIndex, build_indexes, is_unit
 from .publisher import stream_key
 from .queries import Query, QueryError, load_background, load_queries
@@ -23,7 +25,6 @@ from .subscriber import BadRecord, EmbeddingRecord, decode_record, stream_keys
 
 XRANGE_CHUNK = 10_000  # entries per XRANGE call (bounds the memory of one read)
 DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-NS_PER_S = 1e9
 
 # the HTML timeline
 SVG_WIDTH, SVG_HEIGHT, SVG_MARGIN = 900, 150, 40

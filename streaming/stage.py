@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import zlib
 from collections import Counter, deque
 from itertools import cycle
@@ -14,6 +13,7 @@ from ray.util import metrics
 
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 LATENCY_WINDOW = 4096  # recent latencies kept for p50/p99 in `snapshot`
+MAX_LABELS = 1000  # distinct labels (devices, modalities) per stage; later ones are counted as "other"
 
 
 class StageMetrics:
@@ -25,6 +25,7 @@ class StageMetrics:
         self.counts: Counter = Counter()
         self.latencies: deque = deque(maxlen=LATENCY_WINDOW)
         self.busy_s = 0.0
+        self.labels: set[str] = set()
         self._lock = threading.Lock()
         self._events = metrics.Counter(
             "bindstream_events_total", "Pipeline events per stage (in, out, drops by reason).",
@@ -41,6 +42,10 @@ class StageMetrics:
         if n <= 0:
             return
         with self._lock:
+            if label not in self.labels:
+                if len(self.labels) >= MAX_LABELS:
+                    label = "other"  # a flood of device ids must not grow memory or metric series
+                self.labels.add(label)
             self.counts[event, label] += n
         self._events.inc(n, tags={"stage": self.stage, "event": event, "label": label})
 
@@ -92,19 +97,15 @@ class Downstream:
 
     def has_room(self) -> bool:
         """Whether a call can be made now without waiting (calls that returned are let go)."""
-        if len(self._inflight) >= self.max_inflight:
-            done, _ = ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=0)
-            if done:
-                done = set(done)
-                self._inflight = deque(r for r in self._inflight if r not in done)
-                ray.get(list(done))  # surface errors of finished calls
-        return len(self._inflight) < self.max_inflight
+        while len(self._inflight) >= self.max_inflight:
+            done, _ = ray.wait(list(self._inflight), num_returns=1, timeout=0)
+            if not done:
+                return False
+            self._inflight.remove(done[0])
+            ray.get(done[0])  # surface the error of a failed call
+        return True
 
     def wait(self) -> None:
         """Block until every call made so far has been taken by the next stage."""
         while self._inflight:
             ray.get(self._inflight.popleft())
-
-
-def now_ns() -> int:
-    return time.time_ns()

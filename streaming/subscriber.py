@@ -8,6 +8,7 @@ import numpy as np
 import redis
 
 from .publisher import KEY_PREFIX, stream_key
+from .records import text
 
 
 class BadRecord(ValueError):
@@ -40,7 +41,7 @@ def decode_record(stream: str, entry_id: str, fields: dict) -> EmbeddingRecord:
     """Decode one stream entry (fields as bytes or str keys); raises BadRecord if it is malformed."""
     f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
     try:
-        dtype = _text(f["dtype"])
+        dtype = text(f["dtype"])
         dim = int(f["dim"])
         if dtype != "float32":
             raise BadRecord(f"{stream} {entry_id}: dtype {dtype!r}, expected float32")
@@ -48,10 +49,10 @@ def decode_record(stream: str, entry_id: str, fields: dict) -> EmbeddingRecord:
             raise BadRecord(f"{stream} {entry_id}: emb has {len(f['emb'])} bytes, expected {4 * dim}")
         device, modality = parse_key(stream)
         return EmbeddingRecord(
-            stream=stream, id=_text(entry_id), device=device, modality=modality,
-            t0=int(f["t0"]), t1=int(f["t1"]), model=_text(f["model"]),
+            stream=stream, id=text(entry_id), device=device, modality=modality,
+            t0=int(f["t0"]), t1=int(f["t1"]), model=text(f["model"]),
             emb=np.frombuffer(f["emb"], dtype="<f4").astype(np.float32),
-            modalities=tuple(_text(f["modalities"]).split(",")) if "modalities" in f else (),
+            modalities=tuple(text(f["modalities"]).split(",")) if "modalities" in f else (),
         )
     except (KeyError, ValueError, TypeError) as err:
         if isinstance(err, BadRecord):
@@ -59,13 +60,9 @@ def decode_record(stream: str, entry_id: str, fields: dict) -> EmbeddingRecord:
         raise BadRecord(f"{stream} {entry_id}: {err!r}") from err
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def stream_keys(client: redis.Redis, device: str = "*", modality: str = "*") -> list[str]:
     """Embedding stream keys matching a device and modality (glob patterns), sorted."""
-    return sorted(_text(k) for k in client.scan_iter(match=stream_key(device, modality), _type="stream"))
+    return sorted(text(k) for k in client.scan_iter(match=stream_key(device, modality), _type="stream"))
 
 
 def read_all(client: redis.Redis, device: str = "*", modality: str = "*") -> list[EmbeddingRecord]:
@@ -113,7 +110,7 @@ class Subscriber:
         for key, entries in reply or []:
             for entry_id, fields in entries:
                 try:
-                    out.append(decode_record(_text(key), entry_id, fields))
+                    out.append(decode_record(text(key), entry_id, fields))
                 except BadRecord:
                     self.skipped += 1
                     self.client.xack(key, self.group, entry_id)

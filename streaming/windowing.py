@@ -6,11 +6,14 @@ have identical bounds (which is what `fused` embeddings combine). A window is cu
 has data up to its end; the first window is the first grid point at or after the stream's first data.
 
 Per message, in order:
+- `seq` back at 0 after a higher one: the device restarted; its stream starts afresh (`device_restart`),
+  with the next `epoch` (which keeps the new session's windows apart from the old one's).
 - `seq` not above the last one: duplicate or reordered, dropped (`seq_replay`); `seq` jumping ahead:
   the missing messages are counted as `seq_lost` and the message is kept.
 - time going backwards (or a chunk overlapping the previous one): dropped (`clock_backwards`).
 - a hole in the data (a chunk starting after the previous one ended, or frames further apart than
-  `max_frame_gap_ns`): every window that would contain the hole is dropped (`gap`).
+  `max_frame_gap_ns`), or a change of a chunk's rate, channels or dtype (`format_change`): every window
+  that would contain it is dropped (`gap`).
 
 What each window holds:
 - vision: 2 frames sampled uniformly: the first frames at or after the centres of the window's two
@@ -24,21 +27,23 @@ samples (`frame_is_sampled`); the others travel as timestamps, which the checks 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from encoders import transforms
-from sensors.protocol import Rejected, SensorMessage, decode_image
+from sensors.protocol import NS_PER_S, Rejected, SensorMessage, decode_image
 
 from .records import SENSOR_MODALITY, Window
 from .stage import Downstream, StageMetrics
 
-SECOND = 1_000_000_000
+SECOND = NS_PER_S
+log = logging.getLogger(__name__)
 FRAME_SENSORS = ("camera", "depth", "thermal")
 VISION_FRAMES = 2
 
@@ -58,7 +63,7 @@ class WindowingConfig:
     imu: WindowSpec = WindowSpec(5 * SECOND, SECOND * 5 // 2)
     max_frame_gap_ns: int = 250_000_000  # frames further apart than this leave a hole
     clock_tolerance_ns: int = 1_000_000  # jitter allowed where chunks meet and where a window ends
-    max_streams: int = 10_000  # (device, sensor) pairs one windower keeps; beyond, messages are dropped
+    max_streams: int = 10_000  # (device, sensor) pairs one windower keeps; beyond, the least recent goes
 
     def spec(self, modality: str) -> WindowSpec:
         return self.imu if modality == "imu" else self.audio if modality == "audio" else self.vision
@@ -95,41 +100,64 @@ class SensorStream:
     last_t: int | None = None
     end_ns: int | None = None  # time up to which the stream has data
     next_t0: int | None = None
+    format: tuple | None = None  # (rate, channels, dtype) of the chunks buffered
+    epoch: int = 0  # sessions of this stream: +1 each time the device restarts
+
+
+def _format(msg: SensorMessage) -> tuple:
+    return (msg.rate, msg.channels, msg.dtype)
 
 
 class Windower:
-    """Turns SensorMessages of any number of devices into Windows. Drops are counted in `drops`,
-    keyed by (device, reason); `windows` counts the windows cut per (device, modality)."""
+    """Turns SensorMessages of any number of devices into Windows. Drops are counted in `drops`, keyed by
+    (device, reason); `take_drops()` hands over and clears them (what the pipeline stage does)."""
 
     def __init__(self, config: WindowingConfig = WindowingConfig()):
         self.config = config
-        self.streams: dict[tuple[str, str], SensorStream] = {}
+        self.streams: OrderedDict[tuple[str, str], SensorStream] = OrderedDict()  # least recently used first
         self.drops: Counter = Counter()
-        self.windows: Counter = Counter()
+
+    def take_drops(self) -> Counter:
+        drops, self.drops = self.drops, Counter()
+        return drops
 
     def add(self, msg: SensorMessage, arrived_ns: int | None = None) -> list[Window]:
         """Take one message; return the windows it completes."""
-        key = (msg.device, msg.sensor)
-        stream = self.streams.get(key)
-        if stream is None:
-            if len(self.streams) >= self.config.max_streams:
-                self.drops[msg.device, "too_many_streams"] += 1
-                return []
-            modality = SENSOR_MODALITY[msg.sensor]
-            stream = self.streams[key] = SensorStream(msg.sensor, self.config.spec(modality))
+        stream = self._stream_for(msg)
         if not self._in_order(stream, msg):
             return []
         start, end = msg.t_ns, msg.end_ns()
-        if msg.sensor in FRAME_SENSORS and stream.last_t is not None:
-            end = msg.t_ns + (msg.t_ns - stream.last_t)  # a frame lasts until the next one is due
-        if stream.end_ns is not None and self._has_hole(stream, msg):
+        hole = stream.end_ns is not None and self._has_hole(stream, msg)
+        if hole:
             self._drop_windows_before(stream, msg.device, start)
+        elif msg.sensor in FRAME_SENSORS and stream.last_t is not None:
+            end = msg.t_ns + (msg.t_ns - stream.last_t)  # a frame lasts until the next one is due
         if stream.next_t0 is None:
             stream.next_t0 = _ceil_to(start, stream.spec.hop_ns)
         if msg.payload.size:  # frames no window samples arrive without pixels (see module docstring)
             stream.items.append(msg)
         stream.last_t, stream.end_ns = msg.t_ns, max(end, stream.end_ns or end)
+        stream.format = _format(msg)
         return self._cut(stream, msg.device, arrived_ns or time.time_ns())
+
+    def _stream_for(self, msg: SensorMessage) -> SensorStream:
+        """The message's stream: created on first sight (evicting the least recently used one beyond
+        `max_streams`), and started afresh when the device restarted (its `seq` began again at 0)."""
+        key = (msg.device, msg.sensor)
+        stream = self.streams.get(key)
+        epoch = 0
+        if stream is not None and msg.seq == 0 and (stream.last_seq or 0) > 0:
+            self.drops[msg.device, "device_restart"] += 1  # the old session's incomplete window is lost
+            epoch = self.streams.pop(key).epoch + 1
+            stream = None
+        if stream is None:
+            if len(self.streams) >= self.config.max_streams:
+                (old_device, _), _ = self.streams.popitem(last=False)
+                self.drops[old_device, "evicted"] += 1
+            stream = SensorStream(msg.sensor, self.config.spec(SENSOR_MODALITY[msg.sensor]), epoch=epoch)
+            self.streams[key] = stream
+        self.streams.move_to_end(key)
+        return stream
 
     # ----- checks -----
 
@@ -150,6 +178,10 @@ class Windower:
         return not backwards
 
     def _has_hole(self, stream: SensorStream, msg: SensorMessage) -> bool:
+        """A hole in the data, or a change of sample format (rate, channels, dtype) that chunks must not mix."""
+        if stream.format is not None and _format(msg) != stream.format:
+            self.drops[msg.device, "format_change"] += 1
+            return True
         if msg.sensor in FRAME_SENSORS:
             return msg.t_ns - stream.last_t > self.config.max_frame_gap_ns
         return msg.t_ns > stream.end_ns + self.config.clock_tolerance_ns
@@ -177,8 +209,7 @@ class Windower:
             if data is None:
                 self.drops[device, reason] += 1
             else:
-                out.append(Window(device, modality, t0, t1, data, arrived_ns))
-                self.windows[device, modality] += 1
+                out.append(Window(device, modality, t0, t1, data, arrived_ns, epoch=stream.epoch))
             stream.next_t0 += spec.hop_ns
         self._prune(stream)
         return out
@@ -258,7 +289,6 @@ class WindowStage:
         self.downstream = Downstream(embedders, settings.max_inflight)
         self.metrics = StageMetrics("window")
         self.backlog: deque[Window] = deque()
-        self._reported_drops: Counter = Counter()
         self._lock = threading.Lock()  # backlog and downstream: push() and the pump thread share them
         self._pump = threading.Thread(target=self._pump_backlog, name="window-pump", daemon=True)
         self._pump.start()
@@ -272,12 +302,12 @@ class WindowStage:
         self.metrics.busy(time.perf_counter() - start)
         for window in windows:
             self.metrics.count("out", window.modality)
-        for (device, reason), n in (self.windower.drops - self._reported_drops).items():
+        for (device, reason), n in self.windower.take_drops().items():
             self.metrics.count(f"dropped_{reason}", device, n)
-        self._reported_drops = Counter(self.windower.drops)
         if self.settings.overload == REPLAY:
-            if windows:
-                self.downstream.push(windows)
+            self.backlog.extend(windows)
+            while self.backlog:
+                self._push_next()
             return
         with self._lock:
             self.backlog.extend(windows)
@@ -287,26 +317,36 @@ class WindowStage:
 
     def _send_backlog(self) -> None:
         while self.backlog and self.downstream.has_room():
-            self.downstream.push(self._take_backlog())
+            self._push_next()
         self.metrics.queue_depth(len(self.backlog))
+
+    def _push_next(self) -> None:
+        """Send the oldest waiting window, with the next ones bound for the same embedder. A device's
+        windows always go to the same embedder, so they reach the publisher in order."""
+        embedder = self.downstream.actor_for(self.backlog[0].device)
+        batch, rest = [], deque()
+        while self.backlog and len(batch) < self.settings.max_windows_per_call:
+            window = self.backlog.popleft()
+            (batch if self.downstream.actor_for(window.device) is embedder else rest).append(window)
+        self.backlog.extendleft(reversed(rest))
+        self.downstream.push(batch, key=batch[0].device)
 
     def _pump_backlog(self) -> None:
         """Send waiting windows as soon as an embedder call returns, also when no new data comes in."""
         while True:
             time.sleep(PUMP_INTERVAL_S)
             if self.backlog:
-                with self._lock:
-                    self._send_backlog()
-
-    def _take_backlog(self) -> list[Window]:
-        n = min(len(self.backlog), self.settings.max_windows_per_call)
-        return [self.backlog.popleft() for _ in range(n)]
+                try:
+                    with self._lock:
+                        self._send_backlog()
+                except Exception:  # an embedder restarting: the windows stay in the backlog, try again
+                    log.exception("sending windows to the embedders failed")
 
     def flush(self) -> dict:
         """Hand every window cut so far to the embedders and wait until they are published."""
         with self._lock:
             while self.backlog:
-                self.downstream.push(self._take_backlog())
+                self._push_next()
             self.downstream.wait()
         return self.stats()
 

@@ -1,7 +1,6 @@
 """Wire protocol v1: round trips over loopback ZeroMQ, and every reject reason from crafted messages."""
 
 import dataclasses
-import time
 import tracemalloc
 
 import cv2
@@ -11,7 +10,7 @@ import pytest
 import zmq
 
 from sensors import protocol as p
-from sensors import DevicePublisher, Limits, Rejected, SimulatedWearable, decode, decode_image, encode_header
+from sensors import DevicePublisher, Limits, Rejected, decode, decode_image, encode_header
 from sensors.images import encode_jpeg
 
 pytestmark = pytest.mark.timeout(60)
@@ -329,19 +328,3 @@ def test_rejects_arrive_over_loopback(pull):
     push.close(linger=1000)
     assert [rejected(pull.recv_multipart(copy=False)) for _ in sent] == [reason for _, reason in sent]
     assert decode(pull.recv_multipart(copy=False)).payload.shape == (1, 6)
-
-
-def test_decode_throughput(capsys):
-    """Prints MB/s of payload for the simulator's camera JPEG and mic chunks (informational, not asserted)."""
-    by_sensor: dict[str, list] = {}
-    for h, payload in SimulatedWearable("sim-000", 0, start_ns=0).messages(1.0):
-        by_sensor.setdefault(h["sensor"], []).append([zmq.Frame(msgpack.packb(h)), zmq.Frame(payload)])
-    lines = []
-    for sensor in ("camera", "mic"):
-        msgs = by_sensor[sensor] * 20
-        start = time.perf_counter()
-        total = sum(decode(m).nbytes for m in msgs)
-        elapsed = time.perf_counter() - start
-        lines.append(f"decode {sensor}: {total / elapsed / 1e6:.0f} MB/s, {elapsed / len(msgs) * 1e6:.1f} us/message")
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))

@@ -230,7 +230,7 @@ def test_replay_follows_the_device_clock(pull, tmp_path):
             recorder.write([encode_header("dev", "imu", k, 10 * NS + k * 100_000_000, rate=100), bytes(24)], rx_ns=k)
     start = time.monotonic()
     Replay(path).play(endpoint(pull), speed=2.0)
-    assert 0.14 < time.monotonic() - start < 1.0  # 300 ms of device time at 2x
+    assert time.monotonic() - start >= 0.14  # 300 ms of device time at 2x: paced, not sent at once
     assert [decode(pull.recv_multipart(copy=False)).seq for _ in range(4)] == [0, 1, 2, 3]
 
 

@@ -122,14 +122,48 @@ def test_undecodable_jpeg_loses_the_window_not_the_stream():
     assert [(x.t0 - START) // SECOND for x in windows] == [1]
 
 
-@pytest.mark.parametrize("sensor_count", [3])
-def test_stream_bound(sensor_count):
-    w = Windower(WindowingConfig(max_streams=sensor_count))
+def test_streams_are_bounded_least_recently_used_first():
+    w = Windower(WindowingConfig(max_streams=3))
     for i in range(5):
         w.add(decode([encode_header(f"d{i}", "mic", 0, START, rate=MIC_RATE, channels=1, dtype="float32"),
                       np.zeros((CHUNK, 1), np.float32).tobytes()]))
-    assert len(w.streams) == 3
-    assert sum(n for (d, reason), n in w.drops.items() if reason == "too_many_streams") == 2
+    assert [device for device, _ in w.streams] == ["d2", "d3", "d4"]
+    assert w.drops["d0", "evicted"] == w.drops["d1", "evicted"] == 1
+
+
+def test_windows_after_a_long_frame_gap_are_cut_when_their_frames_come():
+    w = Windower()
+    period = SECOND // 10
+    times = [k * period for k in range(25)] + [12 * SECOND + k * period for k in range(40)]  # 2.4 s .. 12 s hole
+    windows = feed(w, [depth(i, START + t, 1000) for i, t in enumerate(times)])
+    assert [(x.t0 - START) // SECOND for x in windows] == [0, 12, 13, 14]
+    assert w.drops[DEVICE, "gap"] == 11  # the windows starting at 1 s .. 11 s contain the hole
+    assert w.drops[DEVICE, "empty"] == 0
+
+
+def test_device_restart_starts_a_new_session():
+    w = Windower()
+    first = mic_stream(3)  # seq 0..149, windows at 0 s and 1 s
+    assert len(feed(w, first)) == 2
+    rebooted = [mic(k, START // 2 + k * CHUNK_NS) for k in range(150)]  # seq from 0 again, clock reset
+    windows = feed(w, rebooted)
+    assert w.drops[DEVICE, "device_restart"] == 1
+    assert w.drops[DEVICE, "seq_replay"] == w.drops[DEVICE, "clock_backwards"] == 0
+    assert [(x.epoch, (x.t0 - START // 2) // SECOND) for x in windows] == [(1, 0), (1, 1)]
+
+
+def test_a_change_of_sample_rate_is_a_hole_not_a_mix():
+    w = Windower()
+    before = mic_stream(1.5)
+    n = len(before)
+    t = START + n * CHUNK_NS
+    after = [decode([encode_header(DEVICE, "mic", n + k, t + k * CHUNK_NS // 2, rate=2 * MIC_RATE, channels=1,
+                                   dtype="float32"), np.zeros((CHUNK, 1), np.float32).tobytes()])
+             for k in range(300)]
+    windows = feed(w, before + after)
+    assert w.drops[DEVICE, "format_change"] == 1
+    assert w.drops[DEVICE, "gap"] == 2  # the windows at 0 s and 1 s held both rates
+    assert all(x.t0 >= START + 2 * SECOND for x in windows)
 
 
 def test_pipeline_config_reads_window_specs_from_toml(tmp_path):
