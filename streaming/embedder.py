@@ -1,6 +1,6 @@
 """Embedder stage: batches windows per modality across devices and runs the encoders (GPU when present).
 
-`push` returns only once its windows are embedded and handed to the publisher (or dropped, counted). So
+`push` returns only once its windows are embedded and queued by the publisher (or dropped, counted). So
 when an embedder dies, the push calls it had not finished are still open: Ray retries them on the
 restarted actor (`max_task_retries`), and the windows are embedded again; the publisher drops the
 duplicates. Nothing a windowing actor handed over is lost with an embedder.

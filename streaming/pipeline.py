@@ -38,8 +38,8 @@ RESTART = dict(max_restarts=-1)  # every stage comes back after a crash (Ray res
 
 @dataclass
 class PipelineConfig:
-    """Everything `bindstream run` needs; a TOML file with these keys (and [windowing], [limits] tables)
-    is read by `from_toml`, and every key is also a command-line flag."""
+    """Everything `bindstream run` needs. A TOML file with these keys (and [windowing], [limits] tables)
+    is read by `from_toml`; the common keys are also command-line flags (`bindstream run --help`)."""
 
     ingest: list[str] = field(default_factory=lambda: [DEFAULT_ENDPOINT])
     redis: str | None = None  # URL; None: an embedded redis-server for the run

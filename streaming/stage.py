@@ -32,7 +32,8 @@ class StageMetrics:
             tag_keys=("stage", "event", "label"),
         )
         self._latency = metrics.Histogram(
-            "bindstream_latency_seconds", "From arrival at ingest of a window's last message to this stage's output.",
+            "bindstream_latency_seconds",
+            "From ingest receiving the batch with a window's last message to this stage's output.",
             boundaries=LATENCY_BOUNDARIES_S, tag_keys=("stage",),
         )
         self._queue = metrics.Gauge("bindstream_queue_depth", "Items waiting in a stage.", tag_keys=("stage",))

@@ -270,7 +270,7 @@ class WindowStageSettings:
     `block` (replay) waits, which stops ingest reading, so ZeroMQ holds back the senders."""
 
     windowing: WindowingConfig = WindowingConfig()
-    max_inflight: int = 8  # calls to embedders not yet returned (each returns once its windows are published)
+    max_inflight: int = 8  # calls to embedders not yet returned (each returns once the publisher holds its windows)
     overload: str = LIVE
     backlog: int = 256  # windows waiting for an embedder call, with `drop_oldest`
     max_windows_per_call: int = 32  # the pipeline sets it to the embedders' batch size
