@@ -63,6 +63,7 @@ class Limits:
     max_side: int = 4096  # image, depth and thermal height and width
     max_audio_seconds: float = 1.0
     max_imu_rows: int = 4000
+    max_imu_seconds: float = 1.0  # so one message can never complete more than a couple of windows
     max_header_bytes: int = 4096
 
 
@@ -229,6 +230,8 @@ def _imu(header: dict, body: memoryview, limits: Limits) -> tuple[np.ndarray, di
     rows = body.nbytes // IMU_ROW_BYTES
     if rows > limits.max_imu_rows:
         raise Rejected(TOO_LARGE, f"{rows} rows exceed {limits.max_imu_rows}")
+    if rows > rate * limits.max_imu_seconds:
+        raise Rejected(TOO_LARGE, f"{rows} rows at {rate} Hz exceed {limits.max_imu_seconds} s")
     samples = np.frombuffer(body, IMU_DTYPE).reshape(rows, len(IMU_COLUMNS))
     _require_finite(samples)
     return samples, {"rate": rate}

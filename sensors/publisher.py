@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import zmq
+import zmq.auth
 
 from .protocol import (CAMERA, DEFAULT_ENDPOINT, DEFAULT_LIMITS, DEPTH, DEVICE_PATTERN, IMU, IMU_DTYPE, MIC,
                        THERMAL, Limits, decode, encode_header)
@@ -19,10 +20,33 @@ TCP_KEEPALIVE_INTVL_S = 5
 TCP_KEEPALIVE_CNT = 3
 
 
+def _curve_client_keys(server_public_file: str | None, client_secret_file: str | None) -> tuple | None:
+    """(server public, client public, client secret) Z85 keys from zmq certificate files, or None for plain."""
+    if server_public_file is None and client_secret_file is None:
+        return None
+    if server_public_file is None or client_secret_file is None:
+        raise ValueError("CurveZMQ needs both curve_server_public_file and curve_client_secret_file")
+    server_public, _ = zmq.auth.load_certificate(server_public_file)
+    client_public, client_secret = zmq.auth.load_certificate(client_secret_file)
+    if not client_secret:
+        raise ValueError(f"{client_secret_file} holds no secret key: pass the device's .key_secret file")
+    return server_public, client_public, client_secret
+
+
 def connect_push(endpoint: str = DEFAULT_ENDPOINT, *, sndhwm: int = DEFAULT_SNDHWM,
-                 linger_ms: int = DEFAULT_LINGER_MS, context: zmq.Context | None = None) -> zmq.Socket:
-    """A PUSH socket with the protocol's recommended options, connected to `endpoint`."""
+                 linger_ms: int = DEFAULT_LINGER_MS, context: zmq.Context | None = None,
+                 curve_server_public_file: str | None = None,
+                 curve_client_secret_file: str | None = None) -> zmq.Socket:
+    """A PUSH socket with the protocol's recommended options, connected to `endpoint`.
+
+    With `curve_server_public_file` (the server's public certificate, `server.key`) and
+    `curve_client_secret_file` (this device's secret certificate, `<device>.key_secret`) the connection
+    uses CurveZMQ: encrypted, and accepted only if the server allows this device's public key.
+    """
+    curve = _curve_client_keys(curve_server_public_file, curve_client_secret_file)
     sock = (context or zmq.Context.instance()).socket(zmq.PUSH)
+    if curve:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
     sock.setsockopt(zmq.SNDHWM, sndhwm)
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
@@ -59,12 +83,14 @@ class DevicePublisher:
     `seq` counts per sensor and advances for every message handed to `send`, so messages
     dropped because the queue was full (non-blocking mode) show up as gaps at the receiver.
     With `validate`, every message is checked with `decode` first (a bug raises Rejected here
-    instead of being refused by the server).
+    instead of being refused by the server). `curve_server_public_file` and `curve_client_secret_file`
+    (both or neither) turn on CurveZMQ; see `connect_push` and SECURITY.md.
     """
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, device: str = "device", *,
                  sndhwm: int = DEFAULT_SNDHWM, block: bool = False, linger_ms: int = DEFAULT_LINGER_MS,
-                 validate: bool = True, limits: Limits = DEFAULT_LIMITS, context: zmq.Context | None = None):
+                 validate: bool = True, limits: Limits = DEFAULT_LIMITS, context: zmq.Context | None = None,
+                 curve_server_public_file: str | None = None, curve_client_secret_file: str | None = None):
         if not DEVICE_PATTERN.fullmatch(device):
             raise ValueError(f"device id must be 1..64 of [A-Za-z0-9_.:-], got {device!r}")
         self.endpoint = endpoint
@@ -72,7 +98,9 @@ class DevicePublisher:
         self.block = block
         self.validate = validate
         self.limits = limits
-        self.socket = connect_push(endpoint, sndhwm=sndhwm, linger_ms=linger_ms, context=context)
+        self.socket = connect_push(endpoint, sndhwm=sndhwm, linger_ms=linger_ms, context=context,
+                                   curve_server_public_file=curve_server_public_file,
+                                   curve_client_secret_file=curve_client_secret_file)
         self.sent: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.bytes_sent = 0
@@ -95,6 +123,16 @@ class DevicePublisher:
         self.sent[sensor] += 1
         self.bytes_sent += len(header) + memoryview(payload).nbytes
         return True
+
+    def reconnect(self) -> None:
+        """Drop the connection to the endpoint and connect again. ZeroMQ reconnects by itself after network
+        failures, but not after the server refused this device's CURVE key: once the key is allowed, call this
+        (or restart the device). Messages queued for the refused connection are lost (seq shows the gap)."""
+        try:
+            self.socket.disconnect(self.endpoint)
+        except zmq.ZMQError:
+            pass
+        self.socket.connect(self.endpoint)
 
     def close(self, linger_ms: int | None = None) -> None:
         """Close the socket, waiting up to `linger_ms` (default: the socket's) to flush the queue."""

@@ -18,10 +18,13 @@ import zmq
 from sensors.protocol import DEFAULT_ENDPOINT, Limits, Rejected, decode
 
 from .records import SENSOR_MODALITY
+from .security import CurveSettings, peer_user_id, secure_server
 from .stage import Downstream, StageMetrics
 from .windowing import FRAME_SENSORS, WindowingConfig, frame_is_sampled
 
 NO_PIXELS = np.empty(0, np.uint8)
+OVERSIZE_FACTOR = 4  # frames up to this many times the payload limit are read (to count them), not more
+DEVICE_MISMATCH = "device_mismatch"  # with CurveZMQ: a device may only speak for itself
 REPORTED_MAX = 10_000
 log = logging.getLogger(__name__)
 
@@ -33,8 +36,9 @@ class IngestSettings:
     batch_max: int = 512  # messages per call to a windowing actor
     batch_ms: float = 10.0  # longest a received message waits before it is passed on
     max_inflight: int = 4  # calls to windowing actors not yet returned; then ingest waits (ZeroMQ buffers)
-    rcvhwm: int = 10_000  # messages the socket queues before devices' sends block or drop
+    rcvhwm: int = 1_000  # messages the socket queues before devices' sends block or drop (devices buffer too)
     windowing: WindowingConfig = WindowingConfig()  # to know which frames windows sample
+    curve: CurveSettings | None = None  # CurveZMQ with an allow-list of device keys (SECURITY.md)
 
 
 class Ingest:
@@ -50,6 +54,12 @@ class Ingest:
         self.socket = self.ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, settings.rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)
+        # a frame a little over the payload limit is received and counted (too_large); a peer sending one
+        # far over it is disconnected before the frame is buffered (memory stays bounded, nothing counted)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, OVERSIZE_FACTOR * settings.limits.max_payload_bytes)
+        self.auth = None
+        if settings.curve:
+            self.auth = secure_server(self.socket, settings.curve, lambda reason: self.metrics.count(f"refused_{reason}"))
         self.socket.bind(settings.endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.bytes_in = 0
@@ -88,13 +98,16 @@ class Ingest:
         start = time.perf_counter()
         try:
             msg = decode(frames, self.settings.limits)
+            if self.auth and peer_user_id(frames[0]) != msg.device:
+                raise Rejected(DEVICE_MISMATCH, "the header's device is not the sender's certificate name", msg.device)
         except Rejected as err:
             self.metrics.busy(time.perf_counter() - start)
             device = err.device or "unknown"
             self.metrics.count(f"rejected_{err.reason}", device)
             if (device, err.reason) not in self.reported and len(self.reported) < REPORTED_MAX:  # log each kind of fault once per device
                 self.reported.add((device, err.reason))
-                log.warning("rejected a message from %s: %s (further ones are only counted)", device, err)
+                # str(err), not err: a logged exception would keep the received buffers alive
+                log.warning("rejected a message from %s: %s (further ones are only counted)", device, str(err))
             return
         self.bytes_in += msg.nbytes
         modality = SENSOR_MODALITY[msg.sensor]
@@ -130,6 +143,8 @@ class Ingest:
             self._worker.join()
         self.downstream.wait()
         self.socket.close()
+        if self.auth:
+            self.auth.stop()  # after the socket is closed (SECURITY.md: its monitor must be read until then)
         return self.stats()
 
     def stats(self) -> dict:

@@ -26,6 +26,7 @@ from .ingest import Ingest, IngestSettings
 from .matcher import MatcherSettings, start_matchers
 from .publisher import Publisher, PublisherSettings
 from .redis_server import RedisServer
+from .security import CurveSettings
 from .windowing import WindowingConfig, WindowSpec, WindowStage, WindowStageSettings
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class PipelineConfig:
     embedder_gpus: float | None = None
     windowing: WindowingConfig = field(default_factory=WindowingConfig)
     limits: Limits = field(default_factory=Limits)
+    curve: CurveSettings | None = None  # CurveZMQ for devices, [curve] table in TOML (SECURITY.md)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "PipelineConfig":
@@ -87,6 +89,8 @@ class PipelineConfig:
             data["windowing"] = WindowingConfig(**windowing)
         if "limits" in data:
             data["limits"] = Limits(**data["limits"])
+        if "curve" in data:
+            data["curve"] = CurveSettings(**data["curve"])
         if isinstance(data.get("ingest"), str):
             data["ingest"] = [data["ingest"]]
         return cls(**data)
@@ -156,7 +160,7 @@ class Pipeline:
         ]
         ingests = [
             ray.remote(Ingest).options(num_cpus=0, resources=config.ingest_resources, **RESTART).remote(
-                IngestSettings(endpoint, config.limits, windowing=config.windowing), windowers
+                IngestSettings(endpoint, config.limits, windowing=config.windowing, curve=config.curve), windowers
             )
             for endpoint in config.ingest
         ]

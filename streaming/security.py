@@ -336,7 +336,10 @@ def _register(context: zmq.Context, domain: bytes, auth: CurveAuth) -> _ZapHandl
     with _registry_lock:
         handler = _handlers.get(context.underlying)
         if handler is None or not handler.thread.is_alive():
+            previous = handler
             handler = _handlers[context.underlying] = _ZapHandler(context)
+            if previous is not None:  # the old thread died: its sockets are refusing everyone; take them over
+                handler.domains.update(previous.domains)
         handler.domains[domain] = auth
         return handler
 
