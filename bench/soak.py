@@ -114,10 +114,13 @@ def actor_pids(pipeline) -> dict[str, int]:
 
 
 def rss_of(pids: dict[str, int]) -> dict[str, float]:
+    """Private resident memory (RSS less shared pages) per process, MB. Shared pages are left out: Ray's
+    object store is shared memory that every process touching it maps, and file pages are reclaimable."""
     out = {}
     for name, pid in pids.items():
         try:
-            out[name] = psutil.Process(pid).memory_info().rss / MB
+            info = psutil.Process(pid).memory_info()
+            out[name] = (info.rss - info.shared) / MB
         except psutil.Error:
             out[name] = float("nan")
     return out
@@ -244,7 +247,7 @@ def build_report(args, samples: list[Sample], end: Sample, final: dict, sent: in
 
 
 def print_report(console: Console, r: dict) -> None:
-    mem = Table(title=f"Resident memory (MB), {r['devices']} devices, {r['seconds']:.0f} s")
+    mem = Table(title=f"Private resident memory (MB: RSS less shared pages), {r['devices']} devices, {r['seconds']:.0f} s")
     for col in ("process", "start", "peak", "end", "end - start"):
         mem.add_column(col, justify="left" if col == "process" else "right")
     for name, m in r["rss_mb"].items():
