@@ -8,7 +8,8 @@ The devices' payloads are generated once per `--bases` simulated wearables for `
 replayed in a loop (each device keeps its own id, seq and clock): generating 20 wearables live would need
 more CPU than the pipeline itself. Devices send non-blocking, as real sensors do; a full queue is a drop.
 
-Not available yet: an artificial embedder slowdown (--throttle-ms); the embedder has no hook for it.
+`--throttle-ms` makes the embedders slower than the input (an overload soak: windows are dropped, oldest
+first, and counted, while memory and latency must stay bounded).
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--embedders", type=int, default=1)
     parser.add_argument("--windowers", type=int, default=1)
+    parser.add_argument("--throttle-ms", type=float, default=0.0, help="extra time per embedder batch (overload)")
     parser.add_argument("--bases", type=int, default=4, help="distinct simulated wearables whose payloads are cycled")
     parser.add_argument("--cycle-s", type=float, default=2.0, help="seconds of payloads cached per base wearable")
     parser.add_argument("--settle-s", type=float, default=60.0, help="longest wait for the pipeline to drain")
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
     else:
         ray.init(include_dashboard=False, log_to_driver=False)
     config = PipelineConfig(ingest=["tcp://127.0.0.1:*"], model=args.model, embedders=args.embedders,
-                            windowers=args.windowers)
+                            windowers=args.windowers, embedder_throttle_ms=args.throttle_ms)
     with pipeline_session(config) as (pipeline, redis_url, model):
         endpoint = pipeline.endpoints[0]
         pids = {"driver": os.getpid(), **actor_pids(pipeline)}

@@ -69,8 +69,8 @@ class Ingest:
         self._worker = threading.Thread(target=self._run, name="ingest", daemon=True)
         self._worker.start()
 
-    def start(self) -> str:
-        """The bound endpoint (with the real port when the configured one was `*`)."""
+    def bound_endpoint(self) -> str:
+        """The endpoint it listens on (with the real port when the configured one was `*`)."""
         return self.endpoint
 
     def _run(self) -> None:

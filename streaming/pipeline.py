@@ -172,7 +172,7 @@ class Pipeline:
 
     def start(self) -> list[str]:
         """Wait until the ingest sockets are bound; returns their endpoints."""
-        self.endpoints = ray.get([a.start.remote() for a in self.stages["ingest"]])
+        self.endpoints = ray.get([a.bound_endpoint.remote() for a in self.stages["ingest"]])
         return self.endpoints
 
     def stats(self) -> dict[str, list[dict]]:

@@ -1,5 +1,6 @@
 """Shared test helpers: the read-only ../shared folder (fixtures and real media) beside the checkout."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,37 @@ def redis_server():
 
     with RedisServer() as server:
         yield server
+
+
+RECV_TIMEOUT_MS = 5000
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.05):
+    """Poll `predicate` until it returns something truthy (returned), or fail saying `what` never came."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def pull():
+    """A real PULL socket bound to an ephemeral loopback port (see `endpoint`)."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
+    sock.bind("tcp://127.0.0.1:*")
+    yield sock
+    ctx.destroy(linger=0)
+
+
+def endpoint(sock) -> str:
+    """The endpoint a socket is bound to."""
+    import zmq
+
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)

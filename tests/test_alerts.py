@@ -5,7 +5,6 @@ the query is e0, the background prompts e1..e8, so a window e0 scores ~1 and a b
 """
 
 import importlib.util
-import time
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from streaming.records import Embedding
 from streaming.redis_server import RedisServer
 from streaming.search import search
 
-from .conftest import ASSETS
+from .conftest import ASSETS, wait_for
 
 DIM = 64  # tiny's joint space
 MODEL = "tiny"
@@ -106,16 +105,6 @@ def counts(m: Matcher, event: str) -> int:
     return sum(n for k, n in m.stats()["counts"].items() if k.split(":")[0] == event)
 
 
-def wait_for(predicate, what: str, timeout_s: float = WAIT_S):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 # ----- the decision -------------------------------------------------------------------------------------
 
 
@@ -144,7 +133,7 @@ def test_alert_is_published_on_the_channel(server, client):
     pubsub.subscribe(ALERTS_CHANNEL)
     write(client, "dev", [MATCH])
     drain(matcher(server))
-    message = wait_for(lambda: pubsub.get_message(timeout=0.1), "the published alert")
+    message = wait_for(lambda: pubsub.get_message(timeout=0.1), WAIT_S, "the published alert")
     assert b'"query_text":"a dog barking"' in message["data"] and alerts(client)[0].id in message["data"].decode()
 
 
@@ -253,9 +242,9 @@ def test_new_device_and_new_query_are_picked_up_while_running(server, client):
     m.start()
     try:
         q = add_query(client, Decision(k=1, n=1))
-        wait_for(lambda: m.stats()["queries"] == 1, "the matcher to load the new query")
+        wait_for(lambda: m.stats()["queries"] == 1, WAIT_S, "the matcher to load the new query")
         ids = write(client, "new-device", [QUIET, MATCH])
-        (a,) = wait_for(lambda: alerts(client), "an alert from the new device")
+        (a,) = wait_for(lambda: alerts(client), WAIT_S, "an alert from the new device")
         assert (a.device, a.query, a.source_id) == ("new-device", q.id, ids[1])
     finally:
         m.stop()
@@ -280,11 +269,11 @@ def test_actor_restart_resumes_without_double_alert(ray_local, server, client):
         except ray.exceptions.RayActorError:
             return None
 
-    wait_for(all_acked, "the actor to process the first windows")
+    wait_for(all_acked, WAIT_S, "the actor to process the first windows")
     ray.kill(actor, no_restart=False)
     ids += write(client, "dev", [MATCH] * 3, start_s=4)
-    wait_for(alive, "the restarted actor")
-    wait_for(all_acked, "the restarted actor to process the rest")
+    wait_for(alive, WAIT_S, "the restarted actor")
+    wait_for(all_acked, WAIT_S, "the restarted actor to process the rest")
     assert [a.source_id for a in alerts(client)] == [ids[2]]  # smoothing state kept across the restart
     ray.get(actor.stop.remote())
     ray.kill(actor)

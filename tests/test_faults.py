@@ -17,6 +17,8 @@ from streaming.redis_server import RedisServer, free_port
 from streaming.subscriber import read_all
 from streaming.windowing import SECOND, Windower
 
+from .conftest import wait_for
+
 pytestmark = pytest.mark.timeout(240)
 
 START_NS = 1_000 * SECOND
@@ -47,14 +49,6 @@ def ingested(pipeline) -> int:
     return sum(n for a in pipeline.stats()["window"] for k, n in a["counts"].items() if k.startswith("in:"))
 
 
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def published_keys(url: str, device: str) -> list[tuple[str, int]]:
     return [(r.modality, r.t0) for r in read_all(redis.Redis.from_url(url), device) if r.modality != "fused"]
 
@@ -66,10 +60,10 @@ def test_killed_embedder_restarts_and_every_window_arrives_exactly_once(ray_loca
     (endpoint,) = pipeline.start()
     sender = threading.Thread(target=send_paced, args=(endpoint, messages, 3.0))
     sender.start()
-    wait_until(lambda: len(published_keys(redis_server.url, device)) >= 4, 60, "first embeddings")
+    wait_for(lambda: len(published_keys(redis_server.url, device)) >= 4, 60, "first embeddings")
     ray.kill(pipeline.stages["embed"][0], no_restart=False)
     sender.join()
-    wait_until(lambda: ingested(pipeline) == len(messages), 60, "ingest to pass everything on")
+    wait_for(lambda: ingested(pipeline) == len(messages), 60, "ingest to pass everything on")
     final = pipeline.drain()
     pipeline.kill()
     expected = expected_windows(messages)
@@ -89,12 +83,12 @@ def test_redis_outage_within_the_buffer_loses_nothing(ray_local):
         (endpoint,) = pipeline.start()
         sender = threading.Thread(target=send_paced, args=(endpoint, messages, 1.0))
         sender.start()
-        wait_until(lambda: len(published_keys(server.url, device)) >= 2, 60, "first embeddings")
+        wait_for(lambda: len(published_keys(server.url, device)) >= 2, 60, "first embeddings")
         server.stop(keep_data=True)
         time.sleep(5)
         server.start()
         sender.join()
-        wait_until(lambda: ingested(pipeline) == len(messages), 60, "ingest to pass everything on")
+        wait_for(lambda: ingested(pipeline) == len(messages), 60, "ingest to pass everything on")
         final = pipeline.drain()
         pipeline.kill()
         keys = published_keys(server.url, device)
@@ -171,7 +165,7 @@ def test_replay_policy_blocks_instead_of_dropping(ray_local, redis_server):
     pipeline = Pipeline(config, redis_server.url, "tiny")
     (endpoint,) = pipeline.start()
     send_paced(endpoint, messages, speed=100.0)
-    wait_until(lambda: ingested(pipeline) == len(messages), 60, "ingest to pass everything on")
+    wait_for(lambda: ingested(pipeline) == len(messages), 60, "ingest to pass everything on")
     final = pipeline.drain()
     pipeline.kill()
     assert count(final, "window", "dropped_overload") == 0

@@ -129,7 +129,7 @@ class Storm:
         self.discard = Discard.remote()
         self.windower = ray.remote(WindowStage).options(num_cpus=0).remote(WindowStageSettings(), [self.discard])
         self.ingest = Ingest(IngestSettings(endpoint="tcp://127.0.0.1:*"), windowers=[self.windower])
-        self.endpoint = self.ingest.start()
+        self.endpoint = self.ingest.bound_endpoint()
         self.push = zmq.Context.instance().socket(zmq.PUSH)
         self.push.setsockopt(zmq.SNDHWM, 20_000)
         self.push.connect(self.endpoint)

@@ -1,7 +1,5 @@
 """End to end with real parts: a simulated wearable -> ZeroMQ on loopback -> Ray actors -> redis-server."""
 
-import time
-
 import msgpack
 import numpy as np
 import pytest
@@ -14,6 +12,8 @@ from sensors.simulator import SimulatedWearable
 from streaming.pipeline import Pipeline, PipelineConfig
 from streaming.subscriber import read_all
 from streaming.windowing import SECOND, Windower
+
+from .conftest import wait_for
 
 SECONDS = 12
 START_NS = 1_000 * SECOND  # on the 1 s grid, so the first window starts with the stream
@@ -30,16 +30,6 @@ def send_all(endpoint: str, messages) -> int:
         n += 1
     push.close(linger=-1)
     return n
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

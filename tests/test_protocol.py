@@ -13,9 +13,10 @@ from sensors import protocol as p
 from sensors import DevicePublisher, Limits, Rejected, decode, decode_image, encode_header
 from sensors.images import encode_jpeg
 
+from .conftest import endpoint
+
 pytestmark = pytest.mark.timeout(60)
 
-RECV_TIMEOUT_MS = 5000
 DEVICE = "glasses-01"
 T0 = 1_000_000_000
 RNG = np.random.default_rng(0)
@@ -23,21 +24,6 @@ _Y, _X = np.mgrid[0:48, 0:64]
 RGB = np.stack([_X * 4, _Y * 5, np.full_like(_X, 40)], axis=2).astype(np.uint8)  # smooth, distinct channels
 JPEG = encode_jpeg(cv2.cvtColor(RGB, cv2.COLOR_RGB2BGR), 90).tobytes()
 PNG = cv2.imencode(".png", cv2.cvtColor(RGB, cv2.COLOR_RGB2BGR))[1].tobytes()
-
-
-@pytest.fixture
-def pull():
-    """A PULL socket bound to an ephemeral loopback port (see `endpoint`)."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
-    sock.bind("tcp://127.0.0.1:*")
-    yield sock
-    ctx.destroy(linger=0)
-
-
-def endpoint(sock: zmq.Socket) -> str:
-    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
 def header(*bases: dict, **overrides) -> dict:

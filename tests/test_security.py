@@ -24,18 +24,10 @@ from sensors.publisher import DevicePublisher
 from streaming.security import (BAD_HANDSHAKE, NO_KEY, UNKNOWN_KEY, CurveSettings, RedisAccessError, check_redis,
                                 generate_keys, peer_user_id, redact_url, secure_server)
 
+from .conftest import wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 IMU_ROWS = np.tile(np.float32([0, 0, 9.81, 0, 0, 0.5]), (40, 1))
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Metrics:
@@ -280,7 +272,7 @@ def test_ingest_with_curve_end_to_end(keys, ray_local):
     sink = Sink.remote()
     settings = CurveSettings(keys["server_secret"], str(keys["allowed"]), reload_every_s=0)
     ingest = Ingest(IngestSettings(endpoint="tcp://127.0.0.1:*", curve=settings), windowers=[sink])
-    endpoint = ingest.start()
+    endpoint = ingest.bound_endpoint()
     try:
         curve = dict(curve_server_public_file=keys["server_public"], curve_client_secret_file=keys["good_secret"])
         with device(endpoint, "glasses-good", **curve) as good, device(endpoint, "glasses-plain") as plain, \

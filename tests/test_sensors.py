@@ -17,26 +17,12 @@ from sensors import (DevicePublisher, ImuRecording, Recorder, Rejected, Replay, 
                      read_session, simulate)
 from sensors.simulator import COMMON_KEYS
 
+from .conftest import RECV_TIMEOUT_MS, endpoint
+
 pytestmark = pytest.mark.timeout(60)
 
-RECV_TIMEOUT_MS = 5000
 NS = 1_000_000_000
 PER_SECOND = {"camera": 30, "mic": 50, "imu": 20, "depth": 30, "thermal": 9}
-
-
-@pytest.fixture
-def pull():
-    """A PULL socket bound to an ephemeral loopback port (see `endpoint`)."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
-    sock.bind("tcp://127.0.0.1:*")
-    yield sock
-    ctx.destroy(linger=0)
-
-
-def endpoint(sock: zmq.Socket) -> str:
-    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
 def receive(sock: zmq.Socket, count: int) -> list[list[bytes]]:
