@@ -29,14 +29,15 @@ from .publisher import encode_fields, stream_key
 from .queries import (QUERY_MODALITIES, Background, Decision, Query, QueryError, background_key, check_modality,
                       confusion, delete_query, ensemble, ensure_background, fit_threshold, load_background,
                       load_queries, load_query, save_background, save_query, set_decision, unit)
+from .options import CHECKPOINT_OPTION, MODEL_OPTION
 from .records import Embedding
 from .search import parse_duration_ms, search, since_id, timeline, timeline_html, timeline_png
+from .security import redact_url
 from .subscriber import decode_record, parse_key, stream_keys
 
 console = Console()
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
-MODELS = ("imagebind_huge", "tiny")
 EMBED_BATCH = 8  # clips per encoder call in `alert tune`
 MIN_CLIPS_PER_CLASS = 2  # `alert tune` needs a positive and a negative in each split
 MAX_TOP = 10_000
@@ -44,10 +45,6 @@ REFRESH_S = 0.5  # live tables
 WATCH_BLOCK_MS = 500
 
 REDIS_OPTION = click.option("--redis", "redis_url", default=DEFAULT_REDIS, show_default=True, help="Redis URL.")
-MODEL_OPTION = click.option("--model", type=click.Choice(MODELS), default=None,
-                            help="Encoder; default: imagebind_huge when its checkpoint is on disk, else tiny.")
-CHECKPOINT_OPTION = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                                 help="Path of the model's checkpoint file.")
 
 
 def connect(url: str) -> redis.Redis:
@@ -55,7 +52,7 @@ def connect(url: str) -> redis.Redis:
     try:
         client.ping()
     except redis.RedisError as err:
-        raise click.ClickException(f"cannot reach Redis at {url}: {err}") from err
+        raise click.ClickException(f"cannot reach Redis at {redact_url(url)}: {err}") from err
     return client
 
 

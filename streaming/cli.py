@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 
 import click
 import numpy as np
@@ -12,18 +11,11 @@ from rich.table import Table
 
 from sensors.cli import main as device_commands
 from streaming.alerts_cli import alert, bench_alerts, match, search_command, timeline_command, watch
+from streaming.options import CHECKPOINT_OPTION, DEVICE_OPTION, DTYPE_OPTION, MODEL_OPTION
+from streaming.security import redact_url
 
 console = Console()
 
-MODEL_OPTION = click.option(
-    "--model", type=click.Choice(["imagebind_huge", "tiny"]), default=None,
-    help="Encoder weights; default: imagebind_huge when its checkpoint is on disk, else tiny (random weights).",
-)
-CHECKPOINT_OPTION = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                                 help="Path of the model's checkpoint file.")
-DEVICE_OPTION = click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
-DTYPE_OPTION = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "int8"]), default=None,
-                            help="Weights dtype (default: bfloat16 on GPU, float32 on CPU; int8 is CPU only).")
 
 
 def parse_list(text: str, kind=int) -> tuple:
@@ -154,11 +146,6 @@ def build_config(config_file, **flags):
     return config
 
 
-def redacted(url: str) -> str:
-    """A Redis URL without its password, for logs."""
-    return re.sub(r"//[^@/]*@", "//***@", url)
-
-
 def say_model(model: str) -> None:
     if model == "tiny":
         from encoders.api import random_weights_warning
@@ -190,7 +177,7 @@ def run(config_file, live, **flags):
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         say_model(model)
-        console.print(f"ingest: {', '.join(pipeline.endpoints)}   redis: {redacted(redis_url)}")
+        console.print(f"ingest: {', '.join(pipeline.endpoints)}   redis: {redact_url(redis_url)}")
         if live:
             with Live(stats_table(pipeline.stats()), console=console, refresh_per_second=2) as view:
                 while not stop.wait(0.5):
@@ -233,7 +220,7 @@ def demo(seconds, devices, seed, config_file, **flags):
         final = pipeline.drain()
     console.print(stats_table(final, "bindstream demo: summary"))
     console.print(per_modality_table(final))
-    console.print(f"embeddings were in Redis at {redacted(redis_url)}"
+    console.print(f"embeddings were in Redis at {redact_url(redis_url)}"
                   + ("" if config.redis else " (an embedded server, now stopped; use --redis URL to keep them)"))
 
 
