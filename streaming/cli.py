@@ -49,8 +49,11 @@ def embed(files, modality, texts, output, model, checkpoint, device, dtype):
     enc = encoders.load(default_model_name(model, checkpoint), checkpoint=checkpoint, device=device, dtype=dtype)
     rows = []
     for path in files:
-        file_modality, tensor = load_file(path, modality)
-        rows.append((path, file_modality, enc.embed(file_modality, tensor.unsqueeze(0))[0]))
+        try:
+            file_modality, tensor = load_file(path, modality)
+            rows.append((path, file_modality, enc.embed(file_modality, tensor.unsqueeze(0))[0]))
+        except (ValueError, OSError) as err:
+            raise click.ClickException(f"{path}: {err}") from err
     embeddings = np.stack([emb for _, _, emb in rows])
     text_embeddings = enc.embed_text(list(texts)) if texts else np.zeros((0, enc.embed_dim), np.float32)
 
