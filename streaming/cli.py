@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import click
@@ -119,8 +120,31 @@ def bench_encoders_command(model, checkpoint, device, dtypes, batches, modalitie
 # The pipeline
 # --------------------------------------------------------------------------------------------------
 
+FLAG_HELP = {
+    "embedders": "Embedder actors (one GPU each when present).",
+    "windowers": "Windowing actors (devices are split among them).",
+    "max_batch": "Windows per encoder call.",
+    "max_wait_ms": "Longest a partial batch waits.",
+    "matchers": "Alert matchers started with the pipeline (0: none).",
+    "overload": "drop_oldest (live input) or block (replays).",
+    "embed_queue": "Windows waiting per embedder; when full the oldest is dropped.",
+    "window_backlog": "Windows waiting in a windowing actor when embedders fall behind (drop_oldest).",
+    "publish_queue": "Embeddings waiting for Redis (rides out outages); when full the oldest is dropped.",
+    "stream_maxlen": "Entries kept per Redis stream (XADD MAXLEN ~).",
+    "fused_wait_s": "Longest a window waits for its modalities before it is fused.",
+    "torch_threads": "torch threads per embedder.",
+    "embedder_gpus": "GPUs per embedder (default: 1 when the cluster has GPUs).",
+    "embedder_throttle_ms": "Tests only: extra time per embedder batch.",
+    "matcher_group": "Consumer group of the alert matchers.",
+}
+FLAG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float, "str | None": str}
+
+
 def pipeline_options(command):
-    """Flags shared by `run`, `demo` and `bench pipeline`; each overrides the config file's key."""
+    """Flags shared by `run`, `demo` and `bench pipeline`: one per scalar key of PipelineConfig, each
+    overriding the config file's value (the nested tables, such as [windowing], come from the file)."""
+    from streaming.pipeline import PipelineConfig
+
     options = [
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="TOML file with PipelineConfig keys (see deploy/bindstream.toml)."),
@@ -129,11 +153,13 @@ def pipeline_options(command):
         click.option("--ingest", multiple=True, help="Endpoint to bind for devices (repeatable); "
                                                      "default tcp://127.0.0.1:5555."),
         MODEL_OPTION, CHECKPOINT_OPTION, DEVICE_OPTION, DTYPE_OPTION,
-        click.option("--embedders", type=int, default=None, help="Embedder actors (one GPU each when present)."),
-        click.option("--windowers", type=int, default=None, help="Windowing actors (devices are split among them)."),
-        click.option("--max-batch", type=int, default=None, help="Windows per encoder call."),
-        click.option("--max-wait-ms", type=float, default=None, help="Longest a partial batch waits."),
     ]
+    covered = {"redis", "ingest", "model", "checkpoint", "device", "dtype"}
+    for f in dataclasses.fields(PipelineConfig):
+        if f.name not in covered and f.type in FLAG_TYPES:
+            help_text = FLAG_HELP.get(f.name, f"PipelineConfig.{f.name}")
+            options.append(click.option(f"--{f.name.replace('_', '-')}", f.name, type=FLAG_TYPES[f.type],
+                                        default=None, help=f"{help_text} [config default: {f.default}]"))
     for option in reversed(options):
         command = option(command)
     return command
