@@ -249,7 +249,7 @@ def _split(n: int, holdout: float, rng: np.random.Generator) -> tuple[np.ndarray
 
 
 @alert.command("tune")
-@click.argument("query_id")
+@click.argument("query")
 @click.option("--positive", type=click.Path(exists=True, file_okay=False), required=True,
               help="Folder of clips where the query should fire.")
 @click.option("--negative", type=click.Path(exists=True, file_okay=False), required=True,
@@ -260,14 +260,18 @@ def _split(n: int, holdout: float, rng: np.random.Generator) -> tuple[np.ndarray
 @click.option("--dry-run", is_flag=True, help="Report only; keep the stored threshold.")
 @REDIS_OPTION
 @CHECKPOINT_OPTION
-def alert_tune(query_id, positive, negative, holdout, seed, dry_run, redis_url, checkpoint):
-    """Fit QUERY_ID's threshold on labelled clips (best F1 on the training split) and report precision and
-    recall on the held-out clips."""
+def alert_tune(query, positive, negative, holdout, seed, dry_run, redis_url, checkpoint):
+    """Fit QUERY's threshold (its id, or its text when one query has it) on labelled clips (best F1 on the
+    training split) and report precision and recall on the held-out clips."""
     client = connect(redis_url)
     try:
-        q = load_query(client, query_id)
+        q = load_query(client, query)
     except QueryError as err:
-        raise click.ClickException(str(err)) from err
+        same_text = [x for x in load_queries(client) if x.text == query]
+        if len(same_text) != 1:
+            raise click.ClickException(f"{err}, and {len(same_text)} queries have that text: give an id "
+                                       f"(bindstream alert list)") from err
+        q = same_text[0]
     if q.modality == "fused":
         raise click.ClickException("a fused query cannot be tuned from clips: no single clip makes a fused window")
     background = load_background(client, q.model, q.modality)

@@ -366,7 +366,7 @@ def test_alert_tune_fits_and_stores_a_threshold(server, tmp_path):
         for i in range(4):
             soundfile.write(tmp_path / label / f"{i}.wav", make(i).astype(np.float32), 16000)
     (tmp_path / "pos" / "notes.txt").write_text("not audio")
-    out = run(alert, ["tune", query_id, "--positive", str(tmp_path / "pos"), "--negative", str(tmp_path / "neg"),
+    out = run(alert, ["tune", "a tone", "--positive", str(tmp_path / "pos"), "--negative", str(tmp_path / "neg"),
                       "--holdout", "0.5", "--redis", server.url]).output
     assert "held out" in out and "precision" in out and "skipped 1 file" in out
     tuned = load_query(client, query_id).decision
