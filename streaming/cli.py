@@ -121,7 +121,9 @@ def bench_encoders_command(model, checkpoint, device, dtypes, batches, modalitie
 # --------------------------------------------------------------------------------------------------
 
 FLAG_HELP = {
-    "embedders": "Embedder actors (one GPU each when present).",
+    "embedders": "Embedder actors (one GPU each when present); the fewest with --embedders-max.",
+    "embedders_max": "Add embedders while the windowing backlog is over half full, up to this many.",
+    "scale_down_after_s": "Idle seconds before an added embedder is removed.",
     "windowers": "Windowing actors (devices are split among them).",
     "max_batch": "Windows per encoder call.",
     "max_wait_ms": "Longest a partial batch waits.",
@@ -210,9 +212,11 @@ def run(config_file, live, **flags):
         if live:
             with Live(stats_table(pipeline.stats()), console=console, refresh_per_second=2) as view:
                 while not stop.wait(0.5):
+                    pipeline.autoscale()
                     view.update(stats_table(pipeline.stats()))
         else:
-            stop.wait()
+            while not stop.wait(0.5):
+                pipeline.autoscale()
         console.print("draining ...")
         console.print(stats_table(pipeline.drain(), title="bindstream: final"))
 
@@ -242,6 +246,7 @@ def demo(seconds, devices, seed, config_file, **flags):
         sim.start()
         with Live(console=console, refresh_per_second=2) as view:
             while sim.is_alive():
+                pipeline.autoscale()
                 stats = pipeline.stats()
                 view.update(Group(stats_table(stats, f"bindstream demo: {devices} wearables"),
                                   per_modality_table(stats)))

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,7 +50,9 @@ class PipelineConfig:
     device: str | None = None
     dtype: str | None = None
     windowers: int = 1
-    embedders: int = 1
+    embedders: int = 1  # replicas; with `embedders_max`, the fewest
+    embedders_max: int | None = None  # scale embedders with the windowing backlog up to this many
+    scale_down_after_s: float = 30.0  # idle time before an extra embedder is removed
     max_batch: int = 32
     max_wait_ms: float = 50.0
     embed_queue: int = 256
@@ -142,14 +145,13 @@ class Pipeline:
             max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, queue_capacity=config.embed_queue,
             torch_threads=config.torch_threads, throttle_ms=config.embedder_throttle_ms,
         )
-        embedders = [
-            ray.remote(Embedder).options(
-                num_cpus=0 if gpus else 1, num_gpus=gpus, resources=config.embedder_resources,
-                scheduling_strategy="SPREAD", max_concurrency=EMBEDDER_CONCURRENCY,
-                max_task_retries=-1, **RESTART,  # calls open when it died are run again on the new one
-            ).remote(embedder_settings, [publisher])
-            for _ in range(config.embedders)
-        ]
+        self._new_embedder = lambda: ray.remote(Embedder).options(
+            num_cpus=0 if gpus else 1, num_gpus=gpus, resources=config.embedder_resources,
+            scheduling_strategy="SPREAD", max_concurrency=EMBEDDER_CONCURRENCY,
+            max_task_retries=-1, **RESTART,  # calls open when it died are run again on the new one
+        ).remote(embedder_settings, [publisher])
+        embedders = [self._new_embedder() for _ in range(config.embedders)]
+        self._idle_since: float | None = None
         windowers = [
             ray.remote(WindowStage).options(num_cpus=0, max_task_retries=-1, **RESTART).remote(
                 WindowStageSettings(config.windowing, overload=config.overload, backlog=config.window_backlog,
@@ -187,6 +189,33 @@ class Pipeline:
         final["publish"] = ray.get([a.drain.remote() for a in self.stages["publish"]])
         final["match"] = ray.get([a.stop.remote() for a in self.stages.get("match", [])])
         return final
+
+    def autoscale(self) -> int:
+        """Between `embedders` and `embedders_max` replicas: add one while the windowing backlog is over
+        half full, remove one after `scale_down_after_s` with nothing waiting. Call it now and then (the
+        `run` loop does); returns the number of embedders."""
+        embedders = self.stages["embed"]
+        maximum = self.config.embedders_max or self.config.embedders
+        backlog = max(s.get("queue", 0) for s in ray.get([w.stats.remote() for w in self.stages["window"]]))
+        if backlog > self.config.window_backlog // 2 and len(embedders) < maximum:
+            self._set_embedders(embedders + [self._new_embedder()])
+            log.info("backlog %d: added an embedder (%d now)", backlog, len(self.stages["embed"]))
+        elif backlog == 0 and len(embedders) > self.config.embedders:
+            self._idle_since = self._idle_since or time.monotonic()
+            if time.monotonic() - self._idle_since >= self.config.scale_down_after_s:
+                removed = embedders[-1]
+                self._set_embedders(embedders[:-1])  # the windowers finish their calls to it first
+                ray.get(removed.drain.remote())
+                ray.kill(removed)
+                self._idle_since = None
+                log.info("idle: removed an embedder (%d now)", len(self.stages["embed"]))
+        if backlog:
+            self._idle_since = None
+        return len(self.stages["embed"])
+
+    def _set_embedders(self, embedders: list) -> None:
+        ray.get([w.set_embedders.remote(embedders) for w in self.stages["window"]])
+        self.stages["embed"] = embedders
 
     def kill(self) -> None:
         for actors in self.stages.values():

@@ -304,12 +304,12 @@ class WindowStage:
             self.metrics.count("out", window.modality)
         for (device, reason), n in self.windower.take_drops().items():
             self.metrics.count(f"dropped_{reason}", device, n)
-        if self.settings.overload == REPLAY:
-            self.backlog.extend(windows)
-            while self.backlog:
-                self._push_next()
-            return
         with self._lock:
+            if self.settings.overload == REPLAY:
+                self.backlog.extend(windows)
+                while self.backlog:
+                    self._push_next()
+                return
             self.backlog.extend(windows)
             while len(self.backlog) > self.settings.backlog:
                 self.metrics.count("dropped_overload", self.backlog.popleft().modality)
@@ -341,6 +341,12 @@ class WindowStage:
                         self._send_backlog()
                 except Exception:  # an embedder restarting: the windows stay in the backlog, try again
                     log.exception("sending windows to the embedders failed")
+
+    def set_embedders(self, embedders: list) -> None:
+        """Send to these embedders from now on (after the calls open to the old ones have returned)."""
+        with self._lock:
+            self.downstream.wait()
+            self.downstream = Downstream(embedders, self.settings.max_inflight)
 
     def flush(self) -> dict:
         """Hand every window cut so far to the embedders and wait until they are published."""
