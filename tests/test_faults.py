@@ -136,6 +136,15 @@ def count(stats: dict, stage: str, prefix: str) -> int:
     return sum(n for a in stats[stage] for k, n in a["counts"].items() if k.split(":")[0] == prefix)
 
 
+def window_accounts(final: dict) -> tuple[int, int, int]:
+    """(windows cut, windows published, windows dropped for overload) over a run's final stats."""
+    cut = count(final, "window", "out")
+    dropped = count(final, "window", "dropped_overload") + count(final, "embed", "dropped_queue_full")
+    published = count(final, "publish", "out") - sum(
+        n for a in final["publish"] for k, n in a["counts"].items() if k == "out:fused")
+    return cut, published, dropped
+
+
 def test_overload_drops_the_oldest_windows_and_accounts_for_every_one(ray_local, redis_server):
     """Embedders slower than the input: windows are dropped (oldest first, counted), none vanish."""
     config = PipelineConfig(ingest=["tcp://127.0.0.1:*"], max_batch=1, max_wait_ms=1, embedder_throttle_ms=150,
@@ -148,10 +157,7 @@ def test_overload_drops_the_oldest_windows_and_accounts_for_every_one(ray_local,
     time.sleep(0.5)
     final = pipeline.drain()
     pipeline.kill()
-    cut = count(final, "window", "out")
-    dropped = count(final, "window", "dropped_overload") + count(final, "embed", "dropped_queue_full")
-    published = count(final, "publish", "out") - sum(
-        n for a in final["publish"] for k, n in a["counts"].items() if k == "out:fused")
+    cut, published, dropped = window_accounts(final)
     assert dropped > 0, "the embedders kept up: no overload happened"
     assert published + dropped == cut
     assert final["window"][0]["queue"] == 0
@@ -187,8 +193,5 @@ def test_embedders_scale_with_the_backlog_and_back(ray_local, redis_server):
     wait_for(lambda: pipeline.autoscale() == 1, 60, "the extra embedder to be removed once idle")
     final = pipeline.drain()
     pipeline.kill()
-    cut = count(final, "window", "out")
-    dropped = count(final, "window", "dropped_overload") + count(final, "embed", "dropped_queue_full")
-    published = count(final, "publish", "out") - sum(
-        n for a in final["publish"] for k, n in a["counts"].items() if k == "out:fused")
+    cut, published, dropped = window_accounts(final)
     assert published + dropped == cut  # scaling up and down lost no window unaccounted
