@@ -45,6 +45,9 @@ IMU -> (6, 2000): a 5 s window at 400 Hz, the shape ImageBind's IMU encoder take
     with one second of its edge value, so gravity's offset does not ring against zero padding.
     Other rates use linear interpolation (no anti-alias filter; only for odd inferred rates).
   * shorter windows are zero-padded to 2000 steps, as audio is.
+  * readings are clipped to +-IMU_LIMIT = 1000 (m/s^2, rad/s), beyond any wearable IMU's range, so that
+    no finite input can overflow the encoder.
+Audio samples are clipped to the nominal range [-1, 1] (PROTOCOL.md), as a converter would.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ IMU_RATE = 400
 IMU_STEPS = IMU_SECONDS * IMU_RATE  # 2000
 IMU_RATE_TOLERANCE = 1e-3  # relative distance to an integer rate for sinc resampling
 IMU_CONTEXT_S = 1.0  # samples after the window used (only) to resample its end
+IMU_LIMIT = 1000.0  # m/s^2 (~100 g) and rad/s: beyond any wearable's range; readings are clipped to it
 
 # files
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
@@ -173,15 +177,40 @@ def _resize_crop(x: torch.Tensor, mode: str) -> torch.Tensor:
     return _center_crop(_resize_short_side(x, mode))
 
 
+RESAMPLER_WIDTH = 6  # torchaudio's defaults: zero crossings of the windowed sinc, and its rolloff
+RESAMPLER_ROLLOFF = 0.99
+MAX_RESAMPLER_TAPS = 2**19  # 2 MiB of float32 kernel; every common audio and IMU rate needs less
+RATE_GRID_HZ = 100  # beyond that bound a rate is resampled as the nearest multiple of this
+
+
+def resampler_taps(rate: int, target: int) -> int:
+    """Size of torchaudio's sinc kernel for rate -> target: it grows with the ratio reduced by the rates'
+    gcd (44,100 -> 16,000 Hz is 441/160: 76k taps; 44,101 -> 16,000 Hz is 44101/16000: 7e8 taps, 2.8 GB)."""
+    g = math.gcd(rate, target)
+    orig, new = rate // g, target // g
+    width = math.ceil(RESAMPLER_WIDTH * orig / (min(orig, new) * RESAMPLER_ROLLOFF))
+    return new * (orig + 2 * width)
+
+
+def nominal_rate(rate: int, target: int) -> int:
+    """The rate a stream is resampled as: its own, unless its kernel would exceed MAX_RESAMPLER_TAPS; then
+    the nearest multiple of RATE_GRID_HZ (a pitch and time error of at most 0.6 % at 8 kHz, 23 ppm at
+    44.1 kHz), whose kernel to 16 kHz is at most 331k taps. So the cost of any accepted rate is bounded."""
+    if resampler_taps(rate, target) <= MAX_RESAMPLER_TAPS:
+        return rate
+    return max(RATE_GRID_HZ, round(rate / RATE_GRID_HZ) * RATE_GRID_HZ)
+
+
 @functools.lru_cache(maxsize=32)
 def get_resampler(rate: int, target: int = AUDIO_RATE) -> torchaudio.transforms.Resample:
-    """One torchaudio resampler per (rate, target), built once and reused.
+    """One torchaudio resampler per (nominal rate, target), built once and reused (at most 32 x 2 MiB).
 
     Default settings (Hann-windowed sinc, 6 zero crossings, rolloff 0.99); the kernel is computed in
     float32 as `torchaudio.functional.resample` does for float32 input (the reference's call), which
     the transform's default float64-then-cast kernel misses by ~1e-6 (up to ~4e-3 in the log-mel).
     """
-    return torchaudio.transforms.Resample(rate, target, dtype=torch.float32)
+    return torchaudio.transforms.Resample(nominal_rate(rate, target), target, lowpass_filter_width=RESAMPLER_WIDTH,
+                                          rolloff=RESAMPLER_ROLLOFF, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,7 +385,8 @@ def audio_tensor(waveform: np.ndarray, rate: int) -> torch.Tensor:
     dozen samples, so the result equals resampling the whole recording.
     """
     keep = math.ceil((AUDIO_CLIP_SAMPLES / AUDIO_RATE + RESAMPLE_CONTEXT_S) * _integer_rate(rate, "audio"))
-    return mel_spectrogram(resample(_waveform(waveform)[..., :keep], rate))
+    clipped = _waveform(waveform)[..., :keep].clamp(-1.0, 1.0)  # the nominal range: louder samples clip
+    return mel_spectrogram(resample(clipped, rate))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,6 +476,7 @@ def imu_tensor(samples: np.ndarray, rate_hz: float) -> torch.Tensor:
     rate_hz = _positive_rate(rate_hz, "imu")
     x = torch.from_numpy(samples.astype(np.float32)).T  # (6, N)
     _check_finite(x, "imu", expected)
+    x = x.clamp(-IMU_LIMIT, IMU_LIMIT)  # finite float32 up to 3e38 would overflow the encoder to NaN
     x = x[:, : math.ceil((IMU_SECONDS + IMU_CONTEXT_S) * rate_hz)]  # the window and 1 s after it
     if x.shape[1] == 0:
         return torch.zeros(IMU_CHANNELS, IMU_STEPS)

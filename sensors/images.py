@@ -18,6 +18,8 @@ SOS = 0xDA  # start of scan: entropy-coded data follows, no SOF seen before it m
 SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG, DAC are not frames
 STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RSTn carry no length
 MAX_SEGMENTS = 128  # real files reach SOF within a dozen segments
+PNG_DEPTH_AT, PNG_COLOR_AT = 24, 25  # IHDR bit depth and colour type bytes
+PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel (3: palette index)
 
 
 def _be16(buf: memoryview, i: int) -> int:
@@ -54,6 +56,22 @@ def encoded_image_size(buf: memoryview, encoding: str) -> tuple[int, int] | None
         height = int.from_bytes(buf[20:24], "big")
         return height, width
     return None
+
+
+def jpeg_scan_count(buf: memoryview) -> int:
+    """Start-of-scan markers in a JPEG. Inside entropy-coded data 0xFF is always followed by 0x00 or a
+    restart marker, so every 0xFF 0xDA pair is a scan: baseline files have 1, progressive ones about 10."""
+    data = np.frombuffer(buf, np.uint8)
+    after_ff = np.flatnonzero(data[:-1] == MARKER) + 1
+    return int(np.count_nonzero(data[after_ff] == SOS))
+
+
+def png_decoded_bytes(buf: memoryview) -> int | None:
+    """Bytes of the raw pixels a PNG inflates to (what decoding it costs), from its IHDR; None if unreadable."""
+    if len(buf) <= PNG_COLOR_AT or buf[PNG_COLOR_AT] not in PNG_SAMPLES:
+        return None
+    height, width = encoded_image_size(buf, "png") or (0, 0)
+    return height * width * PNG_SAMPLES[buf[PNG_COLOR_AT]] * max(buf[PNG_DEPTH_AT], 8) // 8
 
 
 def encode_jpeg(bgr: np.ndarray, quality: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import zmq
 import zmq.auth
 
-from .protocol import (CAMERA, DEFAULT_ENDPOINT, DEFAULT_LIMITS, DEPTH, DEVICE_PATTERN, IMU, IMU_DTYPE, MIC,
+from .protocol import (CAMERA, DEFAULT_ENDPOINT, DEFAULT_LIMITS, DEPTH, DEVICE_PATTERN, DEVICE_RULE, IMU, IMU_DTYPE, MIC,
                        THERMAL, Limits, decode, encode_header)
 
 DEFAULT_SNDHWM = 1000  # messages queued while the link is slow or down (~7 s of a full wearable)
@@ -92,7 +92,7 @@ class DevicePublisher:
                  validate: bool = True, limits: Limits = DEFAULT_LIMITS, context: zmq.Context | None = None,
                  curve_server_public_file: str | None = None, curve_client_secret_file: str | None = None):
         if not DEVICE_PATTERN.fullmatch(device):
-            raise ValueError(f"device id must be 1..64 of [A-Za-z0-9_.:-], got {device!r}")
+            raise ValueError(f"device id must be {DEVICE_RULE}, got {device!r}")
         self.endpoint = endpoint
         self.device = device
         self.block = block

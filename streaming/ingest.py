@@ -1,6 +1,10 @@
 """Ingest stage: a ZeroMQ PULL socket that devices PUSH to. Validates each message (stateless, cheap:
 images stay encoded) and routes it by device to the windowing actor that owns that device's windows.
 
+Bounds: connections (number, idle time: streaming/connections.py), and devices: at most `max_devices`
+device ids at once; one silent for `device_idle_s` gives up its place, and a new one beyond the cap is
+refused (`rejected_device_cap`), so a flood of ids cannot grow ingest's per-device state.
+
 Frames that no window samples (most of a 30 fps stream: a window takes 2 camera frames, 1 depth frame)
 are forwarded without their pixels, as timestamps; see streaming/windowing.py."""
 
@@ -9,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,14 +22,16 @@ import zmq
 
 from sensors.protocol import DEFAULT_ENDPOINT, Limits, Rejected, decode
 
+from .connections import ConnectionGuard, ConnectionLimits
 from .records import SENSOR_MODALITY
 from .security import CurveSettings, peer_user_id, secure_server
 from .stage import Downstream, StageMetrics
 from .windowing import FRAME_SENSORS, WindowingConfig, frame_is_sampled
 
 NO_PIXELS = np.empty(0, np.uint8)
-OVERSIZE_FACTOR = 4  # frames up to this many times the payload limit are read (to count them), not more
+OVERSIZE_FACTOR = 2  # frames up to this many times the payload limit are read (to count them), not more
 DEVICE_MISMATCH = "device_mismatch"  # with CurveZMQ: a device may only speak for itself
+DEVICE_CAP = "device_cap"  # a new device id while `max_devices` others are active
 REPORTED_MAX = 10_000
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,7 @@ class IngestSettings:
     rcvhwm: int = 1_000  # messages the socket queues before devices' sends block or drop (devices buffer too)
     windowing: WindowingConfig = WindowingConfig()  # to know which frames windows sample
     curve: CurveSettings | None = None  # CurveZMQ with an allow-list of device keys (SECURITY.md)
+    connections: ConnectionLimits = ConnectionLimits()
 
 
 class Ingest:
@@ -59,11 +67,15 @@ class Ingest:
         self.socket.setsockopt(zmq.MAXMSGSIZE, OVERSIZE_FACTOR * settings.limits.max_payload_bytes)
         self.auth = None
         if settings.curve:
-            self.auth = secure_server(self.socket, settings.curve, lambda reason: self.metrics.count(f"refused_{reason}"))
+            self.auth = secure_server(self.socket, settings.curve, lambda reason: self.metrics.count(f"refused_{reason}"),
+                                      monitor=False)
+        self.connections = ConnectionGuard(self.socket, settings.connections, self.metrics.count,
+                                           listeners=(self.auth,) if self.auth else ())
         self.socket.bind(settings.endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.bytes_in = 0
         self.reported: set[tuple[str, str]] = set()  # (device, reason) already logged; bounded by REPORTED_MAX
+        self.devices: OrderedDict[str, float] = OrderedDict()  # device -> its last message (monotonic), oldest first
         self.last_frame_t: dict[tuple[str, str], int] = {}  # (device, sensor) -> time of its last frame
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="ingest", daemon=True)
@@ -96,10 +108,13 @@ class Ingest:
 
     def _accept(self, frames, batches: dict[str, list]) -> None:
         start = time.perf_counter()
+        self.connections.seen(frames[0])
         try:
             msg = decode(frames, self.settings.limits)
             if self.auth and peer_user_id(frames[0]) != msg.device:
                 raise Rejected(DEVICE_MISMATCH, "the header's device is not the sender's certificate name", msg.device)
+            if not self._admit(msg.device):
+                raise Rejected(DEVICE_CAP, f"{len(self.devices)} devices are active, the limit", msg.device)
         except Rejected as err:
             self.metrics.busy(time.perf_counter() - start)
             device = err.device or "unknown"
@@ -113,15 +128,37 @@ class Ingest:
         modality = SENSOR_MODALITY[msg.sensor]
         self.metrics.count("in", modality)
         if msg.sensor in FRAME_SENSORS:
-            previous = self.last_frame_t.get((msg.device, msg.sensor))
-            if not frame_is_sampled(msg.sensor, self.settings.windowing.spec(modality), previous, msg.t_ns):
-                msg.payload = NO_PIXELS
-                self.metrics.count("thinned", modality)
-            known = previous is not None or len(self.last_frame_t) < self.settings.windowing.max_streams
-            if known and (previous is None or msg.t_ns > previous):  # beyond the bound, frames keep pixels
-                self.last_frame_t[msg.device, msg.sensor] = msg.t_ns
+            self._thin(msg, modality)
         batches.setdefault(msg.device, []).append(msg)
         self.metrics.busy(time.perf_counter() - start)
+
+    def _admit(self, device: str) -> bool:
+        """Whether `device` may send now: it is active, or there is room (after letting idle ones go)."""
+        now = time.monotonic()
+        if device in self.devices:
+            self.devices.move_to_end(device)
+        else:
+            idle_s = self.settings.connections.device_idle_s
+            while self.devices and now - next(iter(self.devices.values())) > idle_s:
+                gone, _ = self.devices.popitem(last=False)
+                for sensor in FRAME_SENSORS:
+                    self.last_frame_t.pop((gone, sensor), None)
+            if len(self.devices) >= self.settings.connections.max_devices:
+                return False
+        self.devices[device] = now
+        return True
+
+    def _thin(self, msg, modality: str) -> None:
+        """Drop the pixels of a frame no window samples. A frame whose time does not follow the last one
+        (a restart, a clock jump, a replay) keeps them: the windowing stage decides what it is."""
+        key = (msg.device, msg.sensor)
+        previous = self.last_frame_t.get(key)
+        if previous is not None and not 0 < msg.t_ns - previous <= self.settings.windowing.max_clock_jump_ns:
+            previous = None
+        if not frame_is_sampled(msg.sensor, self.settings.windowing.spec(modality), previous, msg.t_ns):
+            msg.payload = NO_PIXELS
+            self.metrics.count("thinned", modality)
+        self.last_frame_t[key] = msg.t_ns
 
     def _flush(self, batches: dict[str, list], arrived_ns: int) -> None:
         start = time.perf_counter()
@@ -148,4 +185,5 @@ class Ingest:
         return self.stats()
 
     def stats(self) -> dict:
-        return self.metrics.snapshot(endpoint=self.endpoint, bytes_in=self.bytes_in)
+        return self.metrics.snapshot(endpoint=self.endpoint, bytes_in=self.bytes_in, devices=len(self.devices),
+                                     **self.connections.stats())

@@ -160,6 +160,7 @@ class CurveAuth:
         self._monitor: threading.Thread | None = None
         self._socket: zmq.Socket | None = None
         self._handler: _ZapHandler | None = None
+        self._next_reload = time.monotonic() + settings.reload_every_s
 
     def reload(self) -> int:
         """Re-read the allow-list folder; returns the number of keys allowed. If the folder is gone the previous
@@ -200,13 +201,27 @@ class CurveAuth:
             except OSError as err:
                 log.error("CURVE allow-list reload failed, keeping the previous list: %s", err)
 
+    def on_monitor_event(self, event: dict) -> None:
+        """Counts the handshake failures ZAP never sees (from a monitor of the socket)."""
+        if self._stopped.is_set():
+            return
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            self.refuse(_PROTOCOL_REASONS.get(event["value"], PROTOCOL_ERROR))
+        elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self.refuse(HANDSHAKE_FAILED)
+
+    def tick(self) -> None:
+        """Called now and then by the monitor's reader: re-reads a changed allow-list folder."""
+        if self.settings.reload_every_s and not self._stopped.is_set() and time.monotonic() >= self._next_reload:
+            self._next_reload = time.monotonic() + self.settings.reload_every_s
+            self._maybe_reload()
+
     def _watch(self, monitor: zmq.Socket) -> None:
-        """Monitor thread: counts handshake failures ZAP never sees; re-reads a changed allow-list folder.
+        """Monitor thread (when `secure_server` reads the monitor itself): see `on_monitor_event`, `tick`.
 
         It reads until the server socket is closed (libzmq then sends MONITOR_STOPPED), even after `stop()`:
         libzmq writes monitor events with a blocking send from its I/O thread, so a monitor nobody reads, or
         one whose reader went away, stalls every socket of the context."""
-        next_reload = time.monotonic() + self.settings.reload_every_s
         try:
             while True:
                 try:
@@ -214,15 +229,8 @@ class CurveAuth:
                         event = parse_monitor_message(monitor.recv_multipart())
                         if event["event"] == zmq.EVENT_MONITOR_STOPPED:
                             return  # the server socket was closed
-                        if not self._stopped.is_set():
-                            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                                self.refuse(_PROTOCOL_REASONS.get(event["value"], PROTOCOL_ERROR))
-                            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-                                self.refuse(HANDSHAKE_FAILED)
-                    if (self.settings.reload_every_s and not self._stopped.is_set()
-                            and time.monotonic() >= next_reload):
-                        next_reload = time.monotonic() + self.settings.reload_every_s
-                        self._maybe_reload()
+                        self.on_monitor_event(event)
+                    self.tick()
                 except zmq.ZMQError:
                     raise
                 except Exception:  # keep reading whatever happens: see the docstring
@@ -353,9 +361,12 @@ def _unregister(handler: _ZapHandler, domain: bytes) -> None:
                 del _handlers[handler.context.underlying]
 
 
-def secure_server(socket: zmq.Socket, settings: CurveSettings, on_refused: Callable[[str], None]) -> CurveAuth:
+def secure_server(socket: zmq.Socket, settings: CurveSettings, on_refused: Callable[[str], None],
+                  monitor: bool = True) -> CurveAuth:
     """Make `socket` (not yet bound) a CURVE server that accepts only the clients in the allow-list folder.
-    `on_refused(reason)` is called, from a helper thread, for every refused connection attempt."""
+    `on_refused(reason)` is called, from a helper thread, for every refused connection attempt. With
+    `monitor=False` the caller reads the socket's monitor and passes its events to the returned object's
+    `on_monitor_event` and calls its `tick` (a socket has one monitor: see streaming/connections.py)."""
     if socket.getsockopt(zmq.LAST_ENDPOINT):
         raise RuntimeError("secure_server must be called before socket.bind")
     if not zmq.has("curve"):
@@ -373,10 +384,11 @@ def secure_server(socket: zmq.Socket, settings: CurveSettings, on_refused: Calla
         log.warning("libzmq lacks ZAP_ENFORCE_DOMAIN: connections would be accepted if the ZAP handler died")
     auth._handler = _register(socket.context, domain, auth)
     auth._socket = socket
-    monitor = socket.get_monitor_socket(_MONITORED | zmq.EVENT_MONITOR_STOPPED)
-    auth._monitor = threading.Thread(target=auth._watch, args=(monitor,), name="bindstream-curve-monitor",
-                                     daemon=True)
-    auth._monitor.start()
+    if monitor:
+        events = socket.get_monitor_socket(_MONITORED | zmq.EVENT_MONITOR_STOPPED)
+        auth._monitor = threading.Thread(target=auth._watch, args=(events,), name="bindstream-curve-monitor",
+                                         daemon=True)
+        auth._monitor.start()
     return auth
 
 

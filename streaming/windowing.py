@@ -6,8 +6,11 @@ have identical bounds (which is what `fused` embeddings combine). A window is cu
 has data up to its end; the first window is the first grid point at or after the stream's first data.
 
 Per message, in order:
-- `seq` back at 0 after a higher one: the device restarted; its stream starts afresh (`device_restart`),
-  with the next `epoch` (which keeps the new session's windows apart from the old one's).
+- a new session: the stream starts afresh with the next `epoch` (which keeps the new session's windows
+  apart from the old one's), counted once under the reason: `seq` back at 0 after a higher one, or more
+  than `seq_replay_window` below the last one (`device_restart`); `seq` more than `max_seq_jump` ahead
+  (`seq_jump`); time more than `max_clock_jump_ns` away from the stream's, either way (`clock_jump`).
+  So a spoofed or corrupt `seq` or clock costs a stream the window in progress, never its future.
 - `seq` not above the last one: duplicate or reordered, dropped (`seq_replay`); `seq` jumping ahead:
   the missing messages are counted as `seq_lost` and the message is kept.
 - time going backwards (or a chunk overlapping the previous one): dropped (`clock_backwards`).
@@ -23,6 +26,12 @@ Since a frame's use follows from its time alone, ingest forwards only the pixels
 samples (`frame_is_sampled`); the others travel as timestamps, which the checks above still see.
 - audio: the window's samples, resampled to 16 kHz, 128-bin log-mel, 1 x 128 x 204.
 - imu: the window's rows resampled to 2000 steps, 6 x 2000.
+
+Preprocessing is where a device's data costs CPU, so it is metered per device: each device may spend
+`device_cpu_share` seconds of CPU per second (bursts up to `device_cpu_burst_s`); beyond, its windows are
+dropped uncut (`throttled`) until its allowance has refilled. An error while cutting a window loses
+that window only (`bad_data`, or `preprocess_error` for anything unexpected), never the stream or
+another device's data. A camera frame that two windows sample is decoded once.
 """
 
 from __future__ import annotations
@@ -64,6 +73,11 @@ class WindowingConfig:
     max_frame_gap_ns: int = 250_000_000  # frames further apart than this leave a hole
     clock_tolerance_ns: int = 1_000_000  # jitter allowed where chunks meet and where a window ends
     max_streams: int = 10_000  # (device, sensor) pairs one windower keeps; beyond, the least recent goes
+    seq_replay_window: int = 1024  # a `seq` this far below the last one is a replay; further, a restart
+    max_seq_jump: int = 1 << 20  # messages a device may lose (counted) before a jump means a new session
+    max_clock_jump_ns: int = 300 * SECOND  # a jump in time beyond this, either way, starts a new session
+    device_cpu_share: float = 0.25  # preprocessing CPU seconds per second one device may use
+    device_cpu_burst_s: float = 2.0  # ... and how much of it may be spent at once
 
     def spec(self, modality: str) -> WindowSpec:
         return self.imu if modality == "imu" else self.audio if modality == "audio" else self.vision
@@ -102,10 +116,36 @@ class SensorStream:
     next_t0: int | None = None
     format: tuple | None = None  # (rate, channels, dtype) of the chunks buffered
     epoch: int = 0  # sessions of this stream: +1 each time the device restarts
+    frames: dict = field(default_factory=dict)  # t_ns -> preprocessed frame (None: undecodable), for reuse
 
 
 def _format(msg: SensorMessage) -> tuple:
     return (msg.rate, msg.channels, msg.dtype)
+
+
+class CpuAllowance:
+    """Token buckets of CPU seconds, one per device: refilled at `share` seconds per second up to `burst`.
+    Only the `max_devices` most recently seen are kept (a device seen again after eviction starts full)."""
+
+    def __init__(self, share: float, burst: float, max_devices: int):
+        self.share, self.burst, self.max_devices = share, burst, max_devices
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # device -> (seconds left, at)
+
+    def left(self, device: str) -> float:
+        """Seconds the device may still spend now (negative: overdrawn)."""
+        now = time.monotonic()
+        left, at = self.buckets.pop(device, (self.burst, now))
+        left = min(self.burst, left + (now - at) * self.share)
+        self.buckets[device] = (left, now)
+        if len(self.buckets) > self.max_devices:
+            self.buckets.popitem(last=False)
+        return left
+
+    def charge(self, device: str, seconds: float) -> None:
+        self.buckets[device] = (self.left(device) - seconds, time.monotonic())
+
+
+REPORTED_MAX = 1000  # (device, error) pairs logged; later ones are only counted
 
 
 class Windower:
@@ -116,6 +156,8 @@ class Windower:
         self.config = config
         self.streams: OrderedDict[tuple[str, str], SensorStream] = OrderedDict()  # least recently used first
         self.drops: Counter = Counter()
+        self.cpu = CpuAllowance(config.device_cpu_share, config.device_cpu_burst_s, config.max_streams)
+        self.reported: set[tuple[str, str]] = set()
 
     def take_drops(self) -> Counter:
         drops, self.drops = self.drops, Counter()
@@ -142,12 +184,13 @@ class Windower:
 
     def _stream_for(self, msg: SensorMessage) -> SensorStream:
         """The message's stream: created on first sight (evicting the least recently used one beyond
-        `max_streams`), and started afresh when the device restarted (its `seq` began again at 0)."""
+        `max_streams`), and started afresh when the message begins a new session (module docstring)."""
         key = (msg.device, msg.sensor)
         stream = self.streams.get(key)
         epoch = 0
-        if stream is not None and msg.seq == 0 and (stream.last_seq or 0) > 0:
-            self.drops[msg.device, "device_restart"] += 1  # the old session's incomplete window is lost
+        reason = stream and self._new_session(stream, msg)
+        if reason:
+            self.drops[msg.device, reason] += 1  # the old session's incomplete window is lost
             epoch = self.streams.pop(key).epoch + 1
             stream = None
         if stream is None:
@@ -158,6 +201,19 @@ class Windower:
             self.streams[key] = stream
         self.streams.move_to_end(key)
         return stream
+
+    def _new_session(self, stream: SensorStream, msg: SensorMessage) -> str | None:
+        """Why `msg` cannot continue `stream`'s session, if it cannot (Python ints: no overflow)."""
+        last, config = stream.last_seq, self.config
+        if last is None:
+            return None
+        if (msg.seq == 0 and last > 0) or last - msg.seq > config.seq_replay_window:
+            return "device_restart"
+        if msg.seq - last > config.max_seq_jump:
+            return "seq_jump"
+        if stream.end_ns is not None and abs(msg.t_ns - stream.end_ns) > config.max_clock_jump_ns:
+            return "clock_jump"
+        return None
 
     # ----- checks -----
 
@@ -202,10 +258,11 @@ class Windower:
         out = []
         while stream.next_t0 + spec.length_ns <= stream.end_ns + self.config.clock_tolerance_ns:
             t0, t1 = stream.next_t0, stream.next_t0 + spec.length_ns
-            try:
-                data, reason = self._window_data(stream, t0, t1), "empty"
-            except (Rejected, ValueError):  # e.g. a JPEG that does not decode: the window is lost, not the stream
-                data, reason = None, "bad_data"
+            data, reason = None, "throttled"
+            if self.cpu.left(device) > 0:
+                started = time.thread_time()
+                data, reason = self._window_data_or_reason(stream, device, t0, t1)
+                self.cpu.charge(device, time.thread_time() - started)
             if data is None:
                 self.drops[device, reason] += 1
             else:
@@ -213,6 +270,19 @@ class Windower:
             stream.next_t0 += spec.hop_ns
         self._prune(stream)
         return out
+
+    def _window_data_or_reason(self, stream: SensorStream, device: str, t0: int, t1: int) -> tuple:
+        """(window data, None), or (None, why not): one window's failure never reaches the stream."""
+        try:
+            data = self._window_data(stream, t0, t1)
+        except (Rejected, ValueError):  # e.g. a JPEG that does not decode: the window is lost, not the stream
+            return None, "bad_data"
+        except Exception as err:  # e.g. an allocation refused: the window is lost, not the stage
+            if (device, type(err).__name__) not in self.reported and len(self.reported) < REPORTED_MAX:
+                self.reported.add((device, type(err).__name__))
+                log.warning("preprocessing a %s window of %s failed: %s", stream.sensor, device, str(err)[:200])
+            return None, "preprocess_error"
+        return data, ("empty" if data is None else None)
 
     @staticmethod
     def _prune(stream: SensorStream) -> None:
@@ -222,6 +292,8 @@ class Windower:
         frames = stream.sensor in FRAME_SENSORS
         while items and (items[0].t_ns < t0 if frames else items[0].end_ns() <= t0):
             items.popleft()
+        if stream.frames:
+            stream.frames = {t: x for t, x in stream.frames.items() if t >= t0}
 
     def _window_data(self, stream: SensorStream, t0: int, t1: int) -> np.ndarray | None:
         if stream.sensor in FRAME_SENSORS:
@@ -231,12 +303,27 @@ class Windower:
                 frame = next((m for m in frames if m.t_ns >= t0 + offset), None)
                 if frame is None:
                     return None
-                picked.append(frame)
+                picked.append(self._frame(stream, frame))
             if stream.sensor == "camera":
-                return transforms.video_tensor([decode_image(m) for m in picked], VISION_FRAMES).numpy()
-            to_tensor = transforms.depth_tensor if stream.sensor == "depth" else transforms.thermal_tensor
-            return to_tensor(picked[0].payload).numpy()
+                return np.stack(picked, axis=1)  # (3, 2, 224, 224)
+            return picked[0]
         return self._samples_window(stream, t0, t1)
+
+    @staticmethod
+    def _frame(stream: SensorStream, msg: SensorMessage) -> np.ndarray:
+        """The model input of one frame ((3, 224, 224) camera, (1, 224, 224) depth or thermal), made once:
+        a camera frame sampled by two windows is decoded once."""
+        if msg.t_ns not in stream.frames:
+            stream.frames[msg.t_ns] = None  # undecodable, unless the lines below finish
+            if msg.sensor == "camera":
+                x = transforms.image_tensor(decode_image(msg))
+            else:
+                x = (transforms.depth_tensor if msg.sensor == "depth" else transforms.thermal_tensor)(msg.payload)
+            stream.frames[msg.t_ns] = x.numpy()
+        frame = stream.frames[msg.t_ns]
+        if frame is None:
+            raise ValueError(f"{msg.sensor} frame of {msg.device} at {msg.t_ns} ns did not decode")
+        return frame
 
     def _samples_window(self, stream: SensorStream, t0: int, t1: int) -> np.ndarray | None:
         """Concatenate the chunks' samples covering [t0, t1) and preprocess them."""
@@ -298,7 +385,11 @@ class WindowStage:
         windows = []
         for msg in messages:
             self.metrics.count("in", SENSOR_MODALITY[msg.sensor])
-            windows += self.windower.add(msg, arrived_ns)
+            try:
+                windows += self.windower.add(msg, arrived_ns)
+            except Exception:  # a bug met by one message: that message is lost, counted under its device
+                log.exception("windowing a %s message of %s failed", msg.sensor, msg.device)
+                self.metrics.count("dropped_stage_error", msg.device)
         self.metrics.busy(time.perf_counter() - start)
         for window in windows:
             self.metrics.count("out", window.modality)
@@ -312,7 +403,7 @@ class WindowStage:
                 return
             self.backlog.extend(windows)
             while len(self.backlog) > self.settings.backlog:
-                self.metrics.count("dropped_overload", self.backlog.popleft().modality)
+                self.metrics.count("dropped_overload", self.backlog.popleft().device)
             self._send_backlog()
 
     def _send_backlog(self) -> None:

@@ -114,6 +114,7 @@ class Storm:
     """A real Ingest with a PUSH socket into it, and the ledger of what it must have counted."""
 
     def __init__(self, ray):
+        from streaming.connections import ConnectionLimits
         from streaming.ingest import Ingest, IngestSettings
         from streaming.windowing import WindowStage, WindowStageSettings
 
@@ -128,7 +129,9 @@ class Storm:
         self.ray = ray
         self.discard = Discard.remote()
         self.windower = ray.remote(WindowStage).options(num_cpus=0).remote(WindowStageSettings(), [self.discard])
-        self.ingest = Ingest(IngestSettings(endpoint="tcp://127.0.0.1:*"), windowers=[self.windower])
+        # every random device id admitted: this harness checks validation, not the device cap
+        self.ingest = Ingest(IngestSettings(endpoint="tcp://127.0.0.1:*", connections=ConnectionLimits(max_devices=10**7)),
+                             windowers=[self.windower])
         self.endpoint = self.ingest.bound_endpoint()
         self.push = zmq.Context.instance().socket(zmq.PUSH)
         self.push.setsockopt(zmq.SNDHWM, 20_000)

@@ -13,6 +13,7 @@ from sensors import protocol as p
 from sensors import DevicePublisher, Limits, Rejected, decode, decode_image, encode_header
 from sensors.images import encode_jpeg
 
+from .attacks import png_bomb, progressive_jpeg, scan_bomb_jpeg
 from .conftest import endpoint
 
 pytestmark = pytest.mark.timeout(60)
@@ -189,6 +190,10 @@ REJECTS = {
     "device-space": (frames(header(device="my glasses")), "bad_value"),
     "device-newline": (frames(header(device="glasses\n")), "bad_value"),
     "device-65-chars": (frames(header(device="d" * 65)), "bad_value"),
+    "device-colon": (frames(header(device="a:vision")), "bad_value"),  # ":" separates Redis key fields
+    # images whose decoding costs far more than their size
+    "jpeg-scan-bomb": (frames(header(sensor="camera", rate=None, encoding="jpeg"), scan_bomb_jpeg(64, 40)), "too_costly"),
+    "png-16-bit-rgba-4096": (frames(header(sensor="camera", rate=None, encoding="png"), png_bomb(4096)), "too_costly"),
     "imu-rate-0": (frames(header(rate=0)), "bad_value"),
     "imu-rate-4001": (frames(header(rate=4001)), "bad_value"),
     "mic-rate-low": (frames(header(MIC, rate=7999), bytes(2)), "bad_value"),
@@ -242,6 +247,14 @@ def test_reject(case):
 
 def test_every_reason_is_exercised():
     assert {reason for _, reason in REJECTS.values()} == set(p.REASONS)
+
+
+def test_costly_image_limits_let_ordinary_images_through():
+    assert decode(frames(header(sensor="camera", rate=None, encoding="jpeg"), progressive_jpeg(64))).shape == (64, 64, 3)
+    rgb_png = png_bomb(4096, bit_depth=8, colour_type=2)  # 8-bit RGB at the largest side: at the limit, accepted
+    assert decode(frames(header(sensor="camera", rate=None, encoding="png"), rgb_png)).shape == (4096, 4096, 3)
+    with pytest.raises(Rejected, match="scans"):
+        decode(frames(header(sensor="camera", rate=None, encoding="jpeg"), progressive_jpeg(64)), Limits(max_jpeg_scans=4))
 
 
 def test_limits_are_configurable():

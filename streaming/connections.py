@@ -1,0 +1,181 @@
+"""Bounds on the connections of a ZeroMQ server socket (ingest's PULL): how many peers, how long silent.
+
+libzmq accepts every TCP connection and keeps it for as long as the peer keeps it open; it has no limit
+of its own, so idle connections would use up the process's file descriptors and each may hold a partial
+message of up to MAXMSGSIZE bytes. `ConnectionGuard` reads a monitor of the socket, which reports each
+connection's file descriptor as it is accepted and as it closes, and learns from every received message
+the descriptor it came from (`seen`). With these it:
+- closes a connection beyond `max_connections` as soon as it is accepted (`refused_connection_cap`);
+- closes a connection that delivered no complete message for `idle_timeout_s` (`closed_idle`): a silent
+  peer, or one stuck inside a large message, whose buffer is then freed;
+and sets libzmq's handshake timeout and heartbeats, which close peers that never finish the handshake or
+no longer answer. So the memory of partial messages is at most max_connections x MAXMSGSIZE, and no
+longer than idle_timeout_s.
+
+A device loses nothing when its idle connection is closed: its PUSH socket reconnects by itself and keeps
+unsent messages across the reconnect. Closing is `shutdown()` on a duplicate of the descriptor, so that
+libzmq sees the peer go and closes its own end (the descriptor stays libzmq's to close).
+
+A socket has one monitor: other readers of its events (the CurveZMQ accounting) are passed as listeners.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import resource
+import socket as pysocket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+log = logging.getLogger(__name__)
+POLL_MS = 100
+SWEEP_S = 1.0  # how often idle connections are looked for
+FD_RESERVE = 64  # descriptors kept for everything else the process opens (Ray, Redis, files)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Per ingest socket; the TOML table [connections] of the pipeline config."""
+
+    max_connections: int = 1024  # peers connected at once (also capped by the process's file limit)
+    idle_timeout_s: float = 30.0  # a connection delivering no complete message this long is closed
+    handshake_timeout_s: float = 10.0  # a ZMTP (and CurveZMQ) handshake must finish within this
+    heartbeat_s: float = 5.0  # ZMTP heartbeat interval; a peer silent for 3 of them is dropped by libzmq
+    max_devices: int = 2000  # device ids an ingest serves at once; a new one beyond is refused (counted)
+    device_idle_s: float = 300.0  # a device silent this long gives up its place
+
+
+class EventListener(Protocol):
+    def on_monitor_event(self, event: dict) -> None: ...
+
+    def tick(self) -> None: ...
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim: gives freed heap memory back to the system (a no-op elsewhere)."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+def raise_file_limit(wanted: int) -> int:
+    """Raise the soft limit of open files towards the hard one; returns the descriptors available."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard == resource.RLIM_INFINITY else max(soft, min(hard, wanted))
+    if target != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class ConnectionGuard:
+    """Enforces `ConnectionLimits` on one server socket (set up before it is bound). `count(event)` is
+    called for each connection refused or closed; `stats()` gives the connections open now."""
+
+    def __init__(self, socket: zmq.Socket, limits: ConnectionLimits, count: Callable[[str], None],
+                 listeners: tuple[EventListener, ...] = ()):
+        self.limits = limits
+        self.count = count
+        self.listeners = listeners
+        files = raise_file_limit(limits.max_connections + FD_RESERVE)
+        self.max_connections = min(limits.max_connections, max(files - FD_RESERVE, 1))
+        if self.max_connections < limits.max_connections:
+            log.warning("open-file limit %d: at most %d connections (not %d)", files, self.max_connections,
+                        limits.max_connections)
+        socket.setsockopt(zmq.HANDSHAKE_IVL, int(limits.handshake_timeout_s * 1000))
+        socket.setsockopt(zmq.HEARTBEAT_IVL, int(limits.heartbeat_s * 1000))
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * limits.heartbeat_s * 1000))
+        self.opened: dict[int, float] = {}  # descriptor -> time accepted (monitor thread only)
+        self.last_message: dict[int, float] = {}  # descriptor -> time of its last complete message
+        self._freed = False  # connections closed since the last sweep
+        self._trim = _malloc_trim()
+        monitor = socket.get_monitor_socket(zmq.EVENT_ALL)
+        self._thread = threading.Thread(target=self._watch, args=(monitor,), name="ingest-connections",
+                                        daemon=True)
+        self._thread.start()
+
+    def seen(self, frame: zmq.Frame) -> None:
+        """A complete message arrived on `frame`'s connection (called by the receiving thread)."""
+        try:
+            self.last_message[frame.get(zmq.SRCFD)] = time.monotonic()
+        except zmq.ZMQError:
+            pass
+
+    def stats(self) -> dict:
+        return {"connections": len(self.opened)}
+
+    def _watch(self, monitor: zmq.Socket) -> None:
+        """Reads events until the socket closes (libzmq then sends MONITOR_STOPPED): a monitor nobody reads
+        would stall the socket's I/O thread, so nothing here may end the loop early."""
+        next_sweep = time.monotonic() + SWEEP_S
+        try:
+            while True:
+                try:
+                    if monitor.poll(POLL_MS) and self._handle(monitor) == zmq.EVENT_MONITOR_STOPPED:
+                        return
+                    if time.monotonic() >= next_sweep:
+                        while monitor.poll(0):  # the latest state first: a closed descriptor may be reused
+                            if self._handle(monitor) == zmq.EVENT_MONITOR_STOPPED:
+                                return
+                        self._close_idle(time.monotonic())
+                        next_sweep = time.monotonic() + SWEEP_S
+                    for listener in self.listeners:
+                        listener.tick()
+                except zmq.ZMQError:
+                    raise
+                except Exception:  # keep reading whatever happens: see the docstring
+                    log.exception("ingest connection event not handled")
+        except zmq.ZMQError as err:
+            if err.errno != zmq.ETERM:
+                log.exception("ingest connection monitor stopped")
+        finally:
+            monitor.close(linger=0)
+
+    def _handle(self, monitor: zmq.Socket) -> int:
+        event = parse_monitor_message(monitor.recv_multipart())
+        kind, fd = event["event"], event["value"]
+        if kind == zmq.EVENT_ACCEPTED:
+            if len(self.opened) >= self.max_connections:
+                self._close(fd)
+                self.count("refused_connection_cap")
+            else:
+                self.opened[fd] = time.monotonic()
+                self.last_message.pop(fd, None)
+        elif kind == zmq.EVENT_DISCONNECTED:
+            self.opened.pop(fd, None)
+            self.last_message.pop(fd, None)
+            self._freed = True
+        for listener in self.listeners:
+            listener.on_monitor_event(event)
+        return kind
+
+    def _close_idle(self, now: float) -> None:
+        idle = [fd for fd, since in self.opened.items()
+                if now - max(since, self.last_message.get(fd, since)) > self.limits.idle_timeout_s]
+        for fd in idle:
+            self._close(fd)
+            del self.opened[fd]
+            self.count("closed_idle")
+        if self._freed:
+            self._trim()  # closed connections freed their buffers (and partial messages): return the memory
+            self._freed = False
+
+    @staticmethod
+    def _close(fd: int) -> None:
+        try:
+            with pysocket.socket(fileno=os.dup(fd)) as peer:
+                peer.shutdown(pysocket.SHUT_RDWR)
+        except OSError:  # already gone
+            pass
