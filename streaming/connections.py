@@ -5,7 +5,10 @@ of its own, so idle connections would use up the process's file descriptors and 
 message of up to MAXMSGSIZE bytes. `ConnectionGuard` reads a monitor of the socket, which reports each
 connection's file descriptor as it is accepted and as it closes, and learns from every received message
 the descriptor it came from (`seen`). With these it:
-- closes a connection beyond `max_connections` as soon as it is accepted (`refused_connection_cap`);
+- keeps at most `max_connections`: a new connection beyond them takes the place of the connection silent
+  longest, if that one delivered nothing for `evict_idle_s` (`evicted_idle`), else it is closed at once
+  (`refused_connection_cap`); so devices that send keep their connections, and idle ones cannot lock
+  newcomers out;
 - closes a connection that delivered no complete message for `idle_timeout_s` (`closed_idle`): a silent
   peer, or one stuck inside a large message, whose buffer is then freed;
 and sets libzmq's handshake timeout and heartbeats, which close peers that never finish the handshake or
@@ -46,6 +49,7 @@ class ConnectionLimits:
 
     max_connections: int = 1024  # peers connected at once (also capped by the process's file limit)
     idle_timeout_s: float = 30.0  # a connection delivering no complete message this long is closed
+    evict_idle_s: float = 1.0  # at the cap, a connection silent this long makes room for a new one
     handshake_timeout_s: float = 10.0  # a ZMTP (and CurveZMQ) handshake must finish within this
     heartbeat_s: float = 5.0  # ZMTP heartbeat interval; a peer silent for 3 of them is dropped by libzmq
     max_devices: int = 2000  # device ids an ingest serves at once; a new one beyond is refused (counted)
@@ -147,12 +151,12 @@ class ConnectionGuard:
         event = parse_monitor_message(monitor.recv_multipart())
         kind, fd = event["event"], event["value"]
         if kind == zmq.EVENT_ACCEPTED:
-            if len(self.opened) >= self.max_connections:
-                self._close(fd)
-                self.count("refused_connection_cap")
-            else:
+            if len(self.opened) < self.max_connections or self._evict_one():
                 self.opened[fd] = time.monotonic()
                 self.last_message.pop(fd, None)
+            else:
+                self._close(fd)
+                self.count("refused_connection_cap")
         elif kind == zmq.EVENT_DISCONNECTED:
             self.opened.pop(fd, None)
             self.last_message.pop(fd, None)
@@ -161,9 +165,21 @@ class ConnectionGuard:
             listener.on_monitor_event(event)
         return kind
 
+    def _silent_since(self, fd: int) -> float:
+        return max(self.opened[fd], self.last_message.get(fd, 0.0))
+
+    def _evict_one(self) -> bool:
+        """Close the connection silent longest, if it has been silent `evict_idle_s`; whether one was."""
+        fd = min(self.opened, key=self._silent_since)
+        if time.monotonic() - self._silent_since(fd) < self.limits.evict_idle_s:
+            return False
+        self._close(fd)
+        del self.opened[fd]
+        self.count("evicted_idle")
+        return True
+
     def _close_idle(self, now: float) -> None:
-        idle = [fd for fd, since in self.opened.items()
-                if now - max(since, self.last_message.get(fd, since)) > self.limits.idle_timeout_s]
+        idle = [fd for fd in self.opened if now - self._silent_since(fd) > self.limits.idle_timeout_s]
         for fd in idle:
             self._close(fd)
             del self.opened[fd]

@@ -6,11 +6,14 @@ have identical bounds (which is what `fused` embeddings combine). A window is cu
 has data up to its end; the first window is the first grid point at or after the stream's first data.
 
 Per message, in order:
-- a new session: the stream starts afresh with the next `epoch` (which keeps the new session's windows
-  apart from the old one's), counted once under the reason: `seq` back at 0 after a higher one, or more
-  than `seq_replay_window` below the last one (`device_restart`); `seq` more than `max_seq_jump` ahead
-  (`seq_jump`); time more than `max_clock_jump_ns` away from the stream's, either way (`clock_jump`).
-  So a spoofed or corrupt `seq` or clock costs a stream the window in progress, never its future.
+- a jump: `seq` back at 0 after a higher one, or more than `seq_replay_window` below the last one
+  (`device_restart`); `seq` more than `max_seq_jump` ahead (`seq_jump`); time more than
+  `max_clock_jump_ns` away from the stream's, either way (`clock_jump`). The message is held until the
+  next one: if that one follows it (next `seq`, time within the jump bound), the device really jumped
+  and a new session starts with both messages, with the next `epoch` (which keeps its windows apart
+  from the old session's); if not, the held message was a lone outlier (spoofed or corrupt) and is
+  dropped. Either way the reason is counted once, and `seq_lost` never counts across a jump. So one
+  forged message costs a stream nothing, and a real restart loses no message.
 - `seq` not above the last one: duplicate or reordered, dropped (`seq_replay`); `seq` jumping ahead:
   the missing messages are counted as `seq_lost` and the message is kept.
 - time going backwards (or a chunk overlapping the previous one): dropped (`clock_backwards`).
@@ -117,6 +120,7 @@ class SensorStream:
     format: tuple | None = None  # (rate, channels, dtype) of the chunks buffered
     epoch: int = 0  # sessions of this stream: +1 each time the device restarts
     frames: dict = field(default_factory=dict)  # t_ns -> preprocessed frame (None: undecodable), for reuse
+    held: tuple[SensorMessage, str] | None = None  # a message that jumped, and why, until the next one
 
 
 def _format(msg: SensorMessage) -> tuple:
@@ -165,7 +169,23 @@ class Windower:
 
     def add(self, msg: SensorMessage, arrived_ns: int | None = None) -> list[Window]:
         """Take one message; return the windows it completes."""
-        stream = self._stream_for(msg)
+        arrived_ns = arrived_ns or time.time_ns()
+        key = (msg.device, msg.sensor)
+        stream = self._stream_for(key)
+        held, stream.held = stream.held, None
+        if held and self._follows(held[0], msg):  # two in a row: the device really jumped
+            self.drops[msg.device, held[1]] += 1  # the old session's incomplete windows are lost
+            stream = self._stream_for(key, new_session=True)
+            return self._add(stream, held[0], arrived_ns) + self._add(stream, msg, arrived_ns)
+        if held:
+            self.drops[msg.device, held[1]] += 1  # a lone outlier, dropped
+        jump = self._jump(stream, msg)
+        if jump:
+            stream.held = (msg, jump)
+            return []
+        return self._add(stream, msg, arrived_ns)
+
+    def _add(self, stream: SensorStream, msg: SensorMessage, arrived_ns: int) -> list[Window]:
         if not self._in_order(stream, msg):
             return []
         start, end = msg.t_ns, msg.end_ns()
@@ -180,29 +200,31 @@ class Windower:
             stream.items.append(msg)
         stream.last_t, stream.end_ns = msg.t_ns, max(end, stream.end_ns or end)
         stream.format = _format(msg)
-        return self._cut(stream, msg.device, arrived_ns or time.time_ns())
+        return self._cut(stream, msg.device, arrived_ns)
 
-    def _stream_for(self, msg: SensorMessage) -> SensorStream:
-        """The message's stream: created on first sight (evicting the least recently used one beyond
-        `max_streams`), and started afresh when the message begins a new session (module docstring)."""
-        key = (msg.device, msg.sensor)
+    def _stream_for(self, key: tuple[str, str], new_session: bool = False) -> SensorStream:
+        """The (device, sensor) stream: created on first sight (evicting the least recently used one beyond
+        `max_streams`), or afresh with the next epoch for a new session."""
         stream = self.streams.get(key)
         epoch = 0
-        reason = stream and self._new_session(stream, msg)
-        if reason:
-            self.drops[msg.device, reason] += 1  # the old session's incomplete window is lost
+        if stream is not None and new_session:
             epoch = self.streams.pop(key).epoch + 1
             stream = None
         if stream is None:
             if len(self.streams) >= self.config.max_streams:
                 (old_device, _), _ = self.streams.popitem(last=False)
                 self.drops[old_device, "evicted"] += 1
-            stream = SensorStream(msg.sensor, self.config.spec(SENSOR_MODALITY[msg.sensor]), epoch=epoch)
+            sensor = key[1]
+            stream = SensorStream(sensor, self.config.spec(SENSOR_MODALITY[sensor]), epoch=epoch)
             self.streams[key] = stream
         self.streams.move_to_end(key)
         return stream
 
-    def _new_session(self, stream: SensorStream, msg: SensorMessage) -> str | None:
+    def _follows(self, first: SensorMessage, then: SensorMessage) -> bool:
+        """Whether `then` continues `first`: the next `seq`, at most a clock jump later."""
+        return then.seq == first.seq + 1 and 0 <= then.t_ns - first.t_ns <= self.config.max_clock_jump_ns
+
+    def _jump(self, stream: SensorStream, msg: SensorMessage) -> str | None:
         """Why `msg` cannot continue `stream`'s session, if it cannot (Python ints: no overflow)."""
         last, config = stream.last_seq, self.config
         if last is None:

@@ -8,6 +8,8 @@ from encoders import transforms
 from sensors.protocol import decode, encode_header
 from streaming.windowing import SECOND, Windower, WindowingConfig
 
+from .attacks import progressive_jpeg
+
 DEVICE = "dev"
 START = 100 * SECOND
 MIC_RATE, CHUNK = 16_000, 320  # 20 ms chunks
@@ -177,3 +179,57 @@ def test_pipeline_config_reads_window_specs_from_toml(tmp_path):
     assert config.windowing.max_frame_gap_ns == 400_000_000
     with pytest.raises(ValueError, match="unknown pipeline config keys"):
         PipelineConfig.from_dict({"embeders": 2})
+
+
+# ----- hostile input (issue 9): forged seq and clocks, costly data -----
+
+def keys(windows):
+    return [(w.modality, w.epoch, w.t0) for w in windows]
+
+
+@pytest.mark.parametrize("forged, reason", [
+    (dict(seq=2**63 - 1), "seq_jump"),
+    (dict(t_ns=START + 2**62), "clock_jump"),
+    (dict(seq=0), "device_restart"),
+])
+def test_one_forged_message_costs_the_stream_nothing(forged, reason):
+    clean = mic_stream(5)
+    w = Windower()
+    spoof = dict(seq=100, t_ns=clean[100].t_ns) | forged
+    attacked = clean[:100] + [mic(spoof["seq"], spoof["t_ns"], value=0.5)] + clean[100:]
+    assert keys(feed(w, attacked)) == keys(feed(Windower(), clean))
+    assert w.drops[DEVICE, reason] == 1  # counted once, under the id it claimed
+    assert w.drops[DEVICE, "seq_lost"] == w.drops[DEVICE, "seq_replay"] == w.drops[DEVICE, "clock_backwards"] == 0
+
+
+def test_a_real_clock_jump_starts_a_new_session_and_loses_no_message():
+    w = Windower()
+    before = mic_stream(3)
+    later = START + 600 * SECOND  # the device paused for 10 minutes; seq goes on
+    after = [mic(len(before) + k, later + k * CHUNK_NS) for k in range(150)]
+    windows = feed(w, before + after)
+    assert w.drops[DEVICE, "clock_jump"] == 1 and w.drops[DEVICE, "gap"] == 0
+    assert [(x.epoch, (x.t0 - START) // SECOND) for x in windows] == [(0, 0), (0, 1), (1, 600), (1, 601)]
+
+
+def test_any_accepted_mic_rate_resamples_with_a_bounded_kernel():
+    rate = 44_101  # shares no factor with 16 kHz: its exact kernel would be 7e8 taps (2.8 GB)
+    assert transforms.resampler_taps(rate, transforms.AUDIO_RATE) > 100 * transforms.MAX_RESAMPLER_TAPS
+    assert transforms.get_resampler(rate).kernel.numel() <= transforms.MAX_RESAMPLER_TAPS
+    chunk = rate // 50
+    w = Windower()
+    msgs = [decode([encode_header(DEVICE, "mic", k, START + k * SECOND // 50, rate=rate, channels=1, dtype="int16"),
+                    np.zeros(chunk, np.int16).tobytes()]) for k in range(150)]
+    windows = feed(w, msgs)
+    assert [(x.t0 - START) // SECOND for x in windows] == [0, 1] and windows[0].data.shape == (1, 128, 204)
+
+
+def test_a_device_over_its_cpu_allowance_is_throttled_not_the_others():
+    w = Windower(WindowingConfig(device_cpu_share=0.05, device_cpu_burst_s=0.3))
+    big = progressive_jpeg(4096)  # valid, within every limit, ~0.15 s of CPU to decode
+    heavy = [decode([encode_header("heavy", "camera", k, START + k * SECOND // 5, encoding="jpeg"), big])
+             for k in range(30)]  # 6 s at 5 fps: 5 windows, 10 decodes
+    cut = feed(w, heavy) + feed(w, mic_stream(5))
+    assert w.drops["heavy", "throttled"] >= 2
+    assert [x.t0 for x in cut if x.device == DEVICE] == [START + k * SECOND for k in range(4)]
+    assert not any(reason == "throttled" for device, reason in w.drops if device == DEVICE)
