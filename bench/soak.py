@@ -31,9 +31,9 @@ from rich.table import Table
 from sensors.protocol import NS_PER_S, SENSORS
 from sensors.publisher import DevicePublisher
 from sensors.simulator import COMMON_KEYS, SimulatedWearable
+from streaming.bench import actor_pids, private_rss_mb
 from streaming.pipeline import PipelineConfig, pipeline_session
 
-MB = 2**20
 SENSOR_ORDER = {s: i for i, s in enumerate(SENSORS)}
 
 
@@ -105,28 +105,6 @@ class Fleet:
             p.close(linger_ms=0)
 
 
-def actor_pids(pipeline) -> dict[str, int]:
-    """{"ingest-0": pid, ...} for every actor of the pipeline."""
-    refs = {}
-    for stage, actors in pipeline.stages.items():
-        for i, actor in enumerate(actors):
-            refs[f"{stage}-{i}"] = actor.__ray_call__.remote(lambda self: os.getpid())
-    return {name: ray.get(ref, timeout=120) for name, ref in refs.items()}
-
-
-def rss_of(pids: dict[str, int]) -> dict[str, float]:
-    """Private resident memory (RSS less shared pages) per process, MB. Shared pages are left out: Ray's
-    object store is shared memory that every process touching it maps, and file pages are reclaimable."""
-    out = {}
-    for name, pid in pids.items():
-        try:
-            info = psutil.Process(pid).memory_info()
-            out[name] = (info.rss - info.shared) / MB
-        except psutil.Error:
-            out[name] = float("nan")
-    return out
-
-
 def sample(pipeline, pids: dict[str, int], began: float) -> Sample:
     stats = pipeline.stats()
     publish = stats["publish"][0]
@@ -134,7 +112,7 @@ def sample(pipeline, pids: dict[str, int], began: float) -> Sample:
     ingested = sum(n for s in stats["ingest"] for k, n in s["counts"].items() if k.startswith("in:"))
     queues = {f"{stage}-{i}": s.get("queue", 0) for stage in ("embed", "publish")
               for i, s in enumerate(stats[stage]) if "queue" in s}
-    return Sample(time.monotonic() - began, rss_of(pids), publish.get("latency_p50_ms"), publish.get("latency_p99_ms"),
+    return Sample(time.monotonic() - began, private_rss_mb(pids), publish.get("latency_p50_ms"), publish.get("latency_p99_ms"),
                   sum(n for k, n in counts.items() if k.startswith("out")), ingested, queues)
 
 

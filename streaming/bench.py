@@ -4,11 +4,14 @@ process (windowing + encoder), and the ingest stage's decode throughput on its o
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 
 import msgpack
 import numpy as np
+import psutil
+import ray
 import zmq
 
 import encoders
@@ -19,6 +22,29 @@ from .pipeline import PipelineConfig, pipeline_session
 from .windowing import SECOND, Windower
 
 START_NS = 1_000 * SECOND
+MB = 2**20
+
+
+def actor_pids(pipeline) -> dict[str, int]:
+    """{"ingest-0": pid, ...} for every actor of the pipeline."""
+    refs = {}
+    for stage, actors in pipeline.stages.items():
+        for i, actor in enumerate(actors):
+            refs[f"{stage}-{i}"] = actor.__ray_call__.remote(lambda self: os.getpid())
+    return {name: ray.get(ref, timeout=120) for name, ref in refs.items()}
+
+
+def private_rss_mb(pids: dict[str, int]) -> dict[str, float]:
+    """Private resident memory (RSS less shared pages) per process, MB. Shared pages are left out: Ray's
+    object store is shared memory that every process touching it maps, and file pages are reclaimable."""
+    out = {}
+    for name, pid in pids.items():
+        try:
+            info = psutil.Process(pid).memory_info()
+            out[name] = (info.rss - info.shared) / MB
+        except psutil.Error:
+            out[name] = float("nan")
+    return out
 
 
 @dataclass

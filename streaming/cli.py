@@ -132,6 +132,8 @@ FLAG_HELP = {
     "embed_queue": "Windows waiting per embedder; when full the oldest is dropped.",
     "window_backlog": "Windows waiting in a windowing actor when embedders fall behind (drop_oldest).",
     "publish_queue": "Embeddings waiting for Redis (rides out outages); when full the oldest is dropped.",
+    "drain_timeout_s": "Longest drain at exit; what is left then is dropped, counted (dropped_drain_timeout).",
+    "drain_report_s": "After --drain-timeout-s, how long stages may take to stop and report.",
     "stream_maxlen": "Entries kept per Redis stream (XADD MAXLEN ~).",
     "fused_wait_s": "Longest a window waits for its modalities before it is fused.",
     "torch_threads": "torch threads per embedder.",

@@ -4,6 +4,10 @@
 when an embedder dies, the push calls it had not finished are still open: Ray retries them on the
 restarted actor (`max_task_retries`), and the windows are embedded again; the publisher drops the
 duplicates. Nothing a windowing actor handed over is lost with an embedder.
+
+Every encoder output row is checked before it leaves: a row with a NaN or Inf, or whose norm is off 1 by
+more than `unit_tolerance` (zero included), is dropped, counted under the window's device; the others are
+renormalised in float32. Drops are counted per device: the device that lost the window sees it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import ray
 
+from .publisher import unit_rows
 from .records import STREAM_MODALITIES, Embedding, Window
 from .stage import Downstream, StageMetrics
 
@@ -36,6 +41,7 @@ class EmbedderSettings:
     queue_capacity: int = 256  # windows waiting; when full the oldest is dropped (live input)
     torch_threads: int | None = None
     throttle_ms: float = 0.0  # extra time per batch, to test overload (embedders slower than the input)
+    unit_tolerance: float = 1e-2  # an output row's norm may be off 1 by this much (bf16 rounding); beyond: dropped
 
 
 @dataclass
@@ -61,25 +67,40 @@ class Queued(NamedTuple):
 
 class WindowQueue:
     """Windows waiting to be embedded, one FIFO per modality, `capacity` in all. When full, the oldest
-    window of any modality is dropped: for live input the newest data matters most."""
+    window of any modality is dropped: for live input the newest data matters most. Once closed, it
+    takes nothing more."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.fifos: dict[str, deque] = {m: deque() for m in STREAM_MODALITIES}
         self.size = 0
+        self.closed = False
         self.cond = threading.Condition()
 
-    def put(self, items: list[Queued]) -> list[Queued]:
-        """Enqueue; return the items dropped to make room."""
+    def put(self, items: list[Queued]) -> tuple[list[Queued], list[Queued]]:
+        """Enqueue; return the items dropped to make room, and the items refused because it is closed."""
         dropped = []
         with self.cond:
+            if self.closed:
+                return [], items
             for item in items:
                 if self.size >= self.capacity:
                     dropped.append(self._pop_oldest())
                 self.fifos[item.window.modality].append(item)
                 self.size += 1
             self.cond.notify_all()
-        return dropped
+        return dropped, []
+
+    def close(self) -> list[Queued]:
+        """Take nothing more; return what was waiting."""
+        with self.cond:
+            self.closed = True
+            left = [item for fifo in self.fifos.values() for item in fifo]
+            for fifo in self.fifos.values():
+                fifo.clear()
+            self.size = 0
+            self.cond.notify_all()
+        return left
 
     def _pop_oldest(self) -> Queued:
         fifo = min((f for f in self.fifos.values() if f), key=lambda f: f[0].queued_at)
@@ -135,12 +156,18 @@ class Embedder:
         for window in windows:
             self.metrics.count("in", window.modality)
         now = time.monotonic()
-        for item in self.queue.put([Queued(w, ticket, now) for w in windows]):
-            self.metrics.count("dropped_queue_full", item.window.modality)
-            item.ticket.settle()
+        full, refused = self.queue.put([Queued(w, ticket, now) for w in windows])
+        self._drop(full, "queue_full")
+        self._drop(refused, "drain_timeout")
         self.metrics.queue_depth(self.queue.size)
         ticket.done.wait()
         return self.queue.size
+
+    def _drop(self, items: list[Queued], reason: str) -> None:
+        """Count each item as `dropped_{reason}` under its device and let its push call go on."""
+        for item in items:
+            self.metrics.count(f"dropped_{reason}", item.window.device)
+            item.ticket.settle()
 
     def _run(self) -> None:
         wait_s = self.settings.max_wait_ms / 1000
@@ -149,9 +176,7 @@ class Embedder:
                 self._embed(batch)
             except Exception:  # the stage must outlive one bad batch; its pushers must not hang
                 log.exception("embedding a batch of %d %s windows failed", len(batch), batch[0].window.modality)
-                self.metrics.count("dropped_embed_error", batch[0].window.modality, len(batch))
-                for item in batch:
-                    item.ticket.settle()
+                self._drop(batch, "embed_error")
 
     def _embed(self, items: list[Queued]) -> None:
         start = time.perf_counter()
@@ -166,16 +191,21 @@ class Embedder:
                     vectors.append(self.encoder.embed(modality, window.data[None])[0])
                 except ValueError:
                     vectors.append(None)
-                    self.metrics.count("rejected_by_encoder", modality)
+                    self.metrics.count("rejected_by_encoder", window.device)
         if self.settings.throttle_ms:
             time.sleep(self.settings.throttle_ms / 1000)
         done = time.time_ns()
         self.metrics.busy(time.perf_counter() - start)
-        out = [
-            Embedding(w.device, w.modality, w.t0, w.t1, v, self.encoder.name, w.arrived_ns, done, epoch=w.epoch)
-            for w, v in zip(batch, vectors)
-            if v is not None
-        ]
+        embedded = [(w, v) for w, v in zip(batch, vectors) if v is not None]
+        rows = np.array([v for _, v in embedded], np.float32).reshape(-1, self.encoder.embed_dim)
+        unit, reasons = unit_rows(rows, 1 - self.settings.unit_tolerance, 1 + self.settings.unit_tolerance)
+        out = []
+        for (w, _), v, reason in zip(embedded, unit, reasons):
+            if reason:
+                self.metrics.count(f"rejected_{reason}", w.device)
+            else:
+                out.append(Embedding(w.device, w.modality, w.t0, w.t1, v, self.encoder.name, w.arrived_ns, done,
+                                     epoch=w.epoch))
         self.metrics.count("out", modality, len(out))
         self.metrics.count("batches", modality)
         for e in out:
@@ -199,12 +229,16 @@ class Embedder:
                 time.sleep(backoff)
                 backoff = min(2 * backoff, PUBLISH_RETRY_MAX_S)
 
-    def drain(self) -> dict:
-        """Embed everything queued, hand it to the publisher, and stop the worker. (Once the windowing
-        actors are flushed, every window has been pushed and every push has returned.)"""
+    def drain(self, timeout_s: float | None = None) -> dict:
+        """Embed everything queued, hand it to the publisher, and stop the worker. What is still queued
+        after `timeout_s` (None: no limit), and every window pushed later, is dropped, counted per device
+        as `dropped_drain_timeout`; a batch already in the encoder finishes. (Once the windowing actors
+        are flushed, every window has been pushed and every push has returned.)"""
         self._stop.set()
         with self.queue.cond:
             self.queue.cond.notify_all()
+        self._worker.join(timeout_s)
+        self._drop(self.queue.close(), "drain_timeout")
         self._worker.join()
         self.downstream.wait()
         return self.stats()

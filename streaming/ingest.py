@@ -32,7 +32,7 @@ NO_PIXELS = np.empty(0, np.uint8)
 OVERSIZE_FACTOR = 2  # frames up to this many times the payload limit are read (to count them), not more
 DEVICE_MISMATCH = "device_mismatch"  # with CurveZMQ: a device may only speak for itself
 DEVICE_CAP = "device_cap"  # a new device id while `max_devices` others are active
-REPORTED_MAX = 10_000
+REPORTED_MAX = 100  # (device, reason) pairs logged; later ones are only counted (an id flood must not flood the log)
 log = logging.getLogger(__name__)
 
 

@@ -22,6 +22,7 @@ import ray
 from encoders.weights import default_model_name
 from sensors.protocol import DEFAULT_ENDPOINT, Limits
 
+from .connections import ConnectionLimits
 from .embedder import Embedder, EmbedderSettings
 from .ingest import Ingest, IngestSettings
 from .matcher import MatcherSettings, start_matchers
@@ -62,6 +63,8 @@ class PipelineConfig:
     window_backlog: int = 256
     embedder_throttle_ms: float = 0.0  # tests only: make embedders slower than the input
     publish_queue: int = 4096
+    drain_timeout_s: float = 30.0  # the whole drain at exit; then what is left is dropped (dropped_drain_timeout)
+    drain_report_s: float = 10.0  # past drain_timeout_s, wait this long for stages to stop (a batch in flight)
     stream_maxlen: int = 100_000
     fused_wait_s: float = 5.0
     torch_threads: int | None = None
@@ -73,6 +76,7 @@ class PipelineConfig:
     embedder_gpus: float | None = None
     windowing: WindowingConfig = field(default_factory=WindowingConfig)
     limits: Limits = field(default_factory=Limits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # per ingest socket, and devices
     curve: CurveSettings | None = None  # CurveZMQ for devices, [curve] table in TOML (SECURITY.md)
 
     @classmethod
@@ -92,6 +96,8 @@ class PipelineConfig:
             data["windowing"] = WindowingConfig(**windowing)
         if "limits" in data:
             data["limits"] = Limits(**data["limits"])
+        if "connections" in data:
+            data["connections"] = ConnectionLimits(**data["connections"])
         if "curve" in data:
             data["curve"] = CurveSettings(**data["curve"])
         if isinstance(data.get("ingest"), str):
@@ -162,7 +168,8 @@ class Pipeline:
         ]
         ingests = [
             ray.remote(Ingest).options(num_cpus=0, resources=config.ingest_resources, **RESTART).remote(
-                IngestSettings(endpoint, config.limits, windowing=config.windowing, curve=config.curve), windowers
+                IngestSettings(endpoint, config.limits, windowing=config.windowing, curve=config.curve,
+                               connections=config.connections), windowers
             )
             for endpoint in config.ingest
         ]
@@ -182,12 +189,24 @@ class Pipeline:
         return {stage: ray.get(r) for stage, r in refs.items()}
 
     def drain(self) -> dict[str, list[dict]]:
-        """Stop ingest, then let each stage finish what it accepted before the next one is drained."""
-        final = {"ingest": ray.get([a.stop.remote() for a in self.stages["ingest"]])}
-        final["window"] = ray.get([a.flush.remote() for a in self.stages["window"]])
-        final["embed"] = ray.get([a.drain.remote() for a in self.stages["embed"]])
-        final["publish"] = ray.get([a.drain.remote() for a in self.stages["publish"]])
-        final["match"] = ray.get([a.stop.remote() for a in self.stages.get("match", [])])
+        """Stop ingest, then let each stage finish what it accepted before the next one is drained, within
+        `drain_timeout_s` in all. Past it, embedders and publisher drop what they hold and what still comes
+        (counted per device as `dropped_drain_timeout`), and a stage silent `drain_report_s` later is
+        reported with `unfinished` (its actors are killed with the session)."""
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        report_by = deadline + self.config.drain_report_s
+        stop = [a.stop.remote() for a in self.stages["ingest"]]
+        wait_until(stop, deadline)
+        flush = [a.flush.remote() for a in self.stages["window"]]
+        wait_until(flush, deadline)
+        # a flush still running past the deadline ends too: the embedders now refuse what it pushes
+        embed = [a.drain.remote(remaining(deadline)) for a in self.stages["embed"]]
+        final = {"ingest": results("ingest", stop, report_by), "window": results("window", flush, report_by)}
+        wait_until(embed, report_by)
+        final["embed"] = results("embed", [a.stats.remote() for a in self.stages["embed"]], report_by)
+        final["publish"] = results("publish", [a.drain.remote(remaining(deadline)) for a in self.stages["publish"]],
+                                   report_by)
+        final["match"] = results("match", [a.stop.remote() for a in self.stages.get("match", [])], report_by)
         return final
 
     def autoscale(self) -> int:
@@ -223,15 +242,39 @@ class Pipeline:
                 ray.kill(actor)
 
 
+def remaining(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)
+
+
+def wait_until(refs: list, deadline: float) -> None:
+    """Wait for every call in `refs`, up to `deadline` (time.monotonic())."""
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=remaining(deadline))
+
+
+def results(stage: str, refs: list, deadline: float) -> list[dict]:
+    """The stats each call returns by `deadline`; for one that does not, or fails, a stub saying so."""
+    wait_until(refs, deadline)
+    out = []
+    for i, ref in enumerate(refs):
+        try:
+            out.append(ray.get(ref, timeout=0))
+        except ray.exceptions.RayError as err:
+            log.warning("%s actor %d did not finish draining: %s", stage, i, type(err).__name__)
+            out.append({"stage": stage, "counts": {}, "unfinished": type(err).__name__})
+    return out
+
+
 @contextmanager
 def pipeline_session(config: PipelineConfig):
     """Connect Ray, start an embedded redis-server unless `config.redis` names one, create and start the
     pipeline; yields (pipeline, redis_url, model). On exit the actors and the embedded server are stopped
-    (drain first to keep what was accepted)."""
-    connect_ray()
+    (drain first to keep what was accepted). The server starts before Ray's threads: its preexec_fn is not
+    safe once other threads run."""
     server = None if config.redis else RedisServer().start()
     pipeline = None
     try:
+        connect_ray()
         redis_url = config.redis or server.url
         model = default_model_name(config.model, config.checkpoint)
         pipeline = Pipeline(config, redis_url, model)

@@ -1,7 +1,11 @@
 """Publisher stage: writes embeddings to Redis Streams and forms the `fused` embedding of each moment.
 
 Layout (REDIS.md has the full description for consumers):
-    XADD bindstream:emb:{device}:{modality} MAXLEN ~ N * t0 t1 model dtype dim emb [modalities]
+    XADD bindstream:emb:{device}:{modality} MAXLEN ~ N * t0 t1 epoch model dtype dim emb [modalities]
+
+Each batch is one EVALSHA of `WRITE_ONCE`: an entry is added only if its window key (run, epoch, t0) is
+not in the stream's index (`bindstream:embidx:{device}:{modality}`, the newest `dedup_window` keys). So
+a batch sent again after a refused or lost reply, or by a restarted publisher, adds no second entry.
 
 `fused` is the paper's embedding arithmetic: the sum of the unit-norm vision, audio, depth and thermal
 embeddings of one window (they share its bounds), renormalised. IMU windows (5 s) have other bounds and
@@ -13,8 +17,9 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import redis
@@ -23,16 +28,51 @@ from .records import FUSED, Embedding
 from .stage import StageMetrics
 
 KEY_PREFIX = "bindstream:emb"
+INDEX_PREFIX = "bindstream:embidx"
 FUSED_MODALITIES = ("vision", "audio", "depth", "thermal")
+
+# KEYS: per entry its stream and the stream's index. ARGV: maxlen, index size, index ttl (ms), then per
+# entry: its window key, the number of field/value items, the items. Replies per entry: 1 added, 0 already
+# there, -1 the stream key holds another type. Any other error is returned at once: an OOM refusal comes
+# at the first write, so nothing was added; after other errors the batch is sent again and what was
+# added is skipped.
+WRITE_ONCE = """
+local maxlen, keep, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local replies, a = {}, 4
+for i = 1, #KEYS, 2 do
+  local window, n = ARGV[a], tonumber(ARGV[a + 1])
+  local reply = 0
+  if not redis.call('ZSCORE', KEYS[i + 1], window) then
+    local id = redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, a + 2, a + 1 + n))
+    if type(id) == 'table' and id.err then
+      if string.sub(id.err, 1, 9) ~= 'WRONGTYPE' then return id end
+      reply = -1
+    else
+      redis.call('ZADD', KEYS[i + 1], tonumber(string.match(id, '^%d+')), window)
+      redis.call('ZREMRANGEBYRANK', KEYS[i + 1], 0, -keep - 1)
+      redis.call('PEXPIRE', KEYS[i + 1], ttl)
+      reply = 1
+    end
+  end
+  replies[#replies + 1] = reply
+  a = a + 2 + n
+end
+return replies
+"""
+ADDED, WRONG_TYPE = 1, -1
 
 
 def stream_key(device: str, modality: str) -> str:
     return f"{KEY_PREFIX}:{device}:{modality}"
 
 
+def index_key(device: str, modality: str) -> str:
+    return f"{INDEX_PREFIX}:{device}:{modality}"
+
+
 def encode_fields(e: Embedding, modalities: tuple[str, ...] = ()) -> dict:
     fields = {
-        "t0": e.t0, "t1": e.t1, "model": e.model, "dtype": "float32", "dim": e.emb.shape[0],
+        "t0": e.t0, "t1": e.t1, "epoch": e.epoch, "model": e.model, "dtype": "float32", "dim": e.emb.shape[0],
         "emb": np.ascontiguousarray(e.emb, dtype="<f4").tobytes(),
     }
     if modalities:
@@ -40,25 +80,54 @@ def encode_fields(e: Embedding, modalities: tuple[str, ...] = ()) -> dict:
     return fields
 
 
+def unit_rows(rows: np.ndarray, low: float, high: float) -> tuple[np.ndarray, list[str | None]]:
+    """`rows` (N, D) scaled to unit L2 norm (float32), and per row None, or why it must not be published:
+    `non_finite` (a NaN or Inf) or `bad_norm` (its norm lies outside [low, high], zero included)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    finite = np.isfinite(rows).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], rows, 0.0), axis=1)
+    ok = finite & (norms >= low) & (norms <= high)
+    unit = (rows / np.where(ok, norms, 1.0)[:, None]).astype(np.float32)
+    return unit, [None if good else "bad_norm" if fin else "non_finite" for good, fin in zip(ok, finite)]
+
+
+# The least privilege the publisher needs (SECURITY.md): streams, and the write-once script with the
+# sorted-set index it keeps per stream. Scripts run with the caller's ACL, so they grant nothing more.
+PUBLISHER_ACL = ("resetkeys", "~bindstream:*", "resetchannels", "-@all", "+@stream", "+@connection", "+evalsha",
+                 "+script|load", "+zscore", "+zadd", "+zremrangebyrank", "+pexpire")
+
+
 @dataclass(frozen=True)
 class PublisherSettings:
     redis_url: str
     maxlen: int = 100_000  # per stream, approximate (MAXLEN ~)
     queue_capacity: int = 4096  # embeddings waiting for Redis; when full the oldest is dropped
-    max_batch: int = 256  # embeddings per Redis pipeline round trip
+    max_batch: int = 256  # embeddings per Redis round trip (one EVALSHA)
     fused_wait_s: float = 5.0
+    fused_min_norm: float = 1e-4  # a fused sum shorter than this (members cancel out) has no direction: dropped
     retry_max_s: float = 2.0  # backoff cap while Redis is unreachable
-    drain_timeout_s: float = 30.0  # at shutdown, give up on an unreachable Redis after this long
-    dedup_keys: int = 200_000  # recent (device, modality, t0) kept to drop re-sent windows' duplicates
+    redis_timeout_s: float = 10.0  # a Redis call that takes longer fails (and is retried): no hang on a stuck server
+    drain_timeout_s: float = 30.0  # `drain()` without a timeout: then what is left is dropped, counted
+    dedup_keys: int = 200_000  # recent (device, modality, epoch, t0) kept to drop re-sent windows' duplicates
+    dedup_window: int = 256  # window keys kept per stream in Redis to refuse a second entry; >= max_batch
+    dedup_ttl_s: float = 3600.0  # a stream's index expires after this long without writes
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])  # keeps apart runs that repeat (epoch, t0)
+
+    def __post_init__(self):
+        if self.dedup_window < self.max_batch:  # a batch retried after a partial write must all be indexed
+            raise ValueError(f"dedup_window ({self.dedup_window}) must be at least max_batch ({self.max_batch})")
 
 
 class FusedWindows:
     """Collects the fused modalities' embeddings per window and says when a window is ready. Each window
-    is fused once: a member arriving after its window was fused is left out (counted by the caller)."""
+    is fused once: a member arriving after its window was fused is left out (counted by the caller). A
+    sum shorter than `min_norm` or not finite is not published: counted per device in `metrics`."""
 
-    def __init__(self, wait_s: float, remember: int):
+    def __init__(self, wait_s: float, remember: int, min_norm: float, metrics: StageMetrics):
         self.wait_s = wait_s
         self.remember = remember
+        self.min_norm = min_norm
+        self.metrics = metrics
         self.pending: dict[tuple, dict[str, Embedding]] = {}  # (device, epoch, t0, t1) -> members so far
         self.first_seen: dict[tuple, float] = {}
         self.latest_t0: dict[tuple, int] = {}  # (device, epoch, modality) -> newest t0 seen
@@ -84,38 +153,43 @@ class FusedWindows:
             device, epoch, t0, _ = key
             settled = all(m in parts or self.latest_t0.get((device, epoch, m), -1) > t0 for m in FUSED_MODALITIES)
             if flush or settled or now - self.first_seen[key] >= self.wait_s:
-                out.append(self._fuse(parts))
+                out += self._fuse(parts)
                 del self.pending[key], self.first_seen[key]
                 self.fused[key] = None
                 if len(self.fused) > self.remember:
                     self.fused.popitem(last=False)
         return out
 
-    @staticmethod
-    def _fuse(parts: dict[str, Embedding]) -> Embedding:
+    def _fuse(self, parts: dict[str, Embedding]) -> list[Embedding]:
         members = [parts[m] for m in FUSED_MODALITIES if m in parts]
-        total = np.sum([e.emb for e in members], axis=0)
         first = members[0]
-        return Embedding(
-            first.device, FUSED, first.t0, first.t1, (total / np.linalg.norm(total)).astype(np.float32), first.model,
+        (unit,), (bad,) = unit_rows(np.sum([e.emb for e in members], axis=0)[None], self.min_norm, np.inf)
+        if bad:
+            self.metrics.count(f"rejected_{bad}", first.device)
+            return []
+        return [Embedding(
+            first.device, FUSED, first.t0, first.t1, unit, first.model,
             max(e.arrived_ns for e in members), max(e.embedded_ns for e in members),
             members=tuple(e.modality for e in members), epoch=first.epoch,
-        )
+        )]
 
 
 class Publisher:
-    """Takes Embeddings (`push`), writes them to Redis on a worker thread, in pipelined batches."""
+    """Takes Embeddings (`push`), writes them to Redis on a worker thread, in batches of one round trip."""
 
     def __init__(self, settings: PublisherSettings):
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
+                                          socket_connect_timeout=settings.redis_timeout_s)
+        self.write_once = self.redis.register_script(WRITE_ONCE)
         self.queue: deque = deque()
         self.cond = threading.Condition()
-        self.fused = FusedWindows(settings.fused_wait_s, remember=settings.dedup_keys)
-        self.seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()  # bounded by settings.dedup_keys
         self.metrics = StageMetrics("publish")
+        self.fused = FusedWindows(settings.fused_wait_s, settings.dedup_keys, settings.fused_min_norm, self.metrics)
+        self.seen: OrderedDict[tuple, None] = OrderedDict()  # bounded by settings.dedup_keys
         self._stop = threading.Event()
-        self._stop_at = 0.0
+        self._deadline = float("inf")  # monotonic time at which a drain gives up
+        self._closed = False  # the worker has ended: later embeddings are dropped
         self.last_error = ""
         self._worker = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._worker.start()
@@ -124,14 +198,17 @@ class Publisher:
         """Queue embeddings for Redis; a window already published (re-sent after a failure) is dropped."""
         with self.cond:
             for e in embeddings:
+                if self._closed:
+                    self.metrics.count("dropped_drain_timeout", e.device)
+                    continue
                 if e.key in self.seen:
-                    self.metrics.count("duplicate", e.modality)
+                    self.metrics.count("duplicate", e.device)
                     continue
                 self.seen[e.key] = None
                 if len(self.seen) > self.settings.dedup_keys:
                     self.seen.popitem(last=False)
                 if len(self.queue) >= self.settings.queue_capacity:
-                    self.metrics.count("dropped_queue_full", self.queue.popleft().modality)
+                    self.metrics.count("dropped_queue_full", self.queue.popleft().device)
                 self.queue.append(e)
             self.cond.notify()
             depth = len(self.queue)
@@ -139,7 +216,7 @@ class Publisher:
         return depth
 
     def _run(self) -> None:
-        backoff, pending = 0.0, []
+        backoff, pending, failing = 0.0, [], False
         while True:
             with self.cond:
                 if not self.queue and not pending and not self._stop.is_set():
@@ -151,43 +228,60 @@ class Publisher:
                 if not self.fused.add(e):
                     self.metrics.count("fused_late", e.modality)
             pending += batch + self.fused.ready(flush=stopping and queue_empty)
+            if stopping and time.monotonic() >= self._deadline:
+                return self._close(pending, "redis_down" if failing else "drain_timeout")
             try:
                 self._write(pending)
-                pending, backoff = [], 0.0
+                pending, backoff, failing = [], 0.0, False
             except redis.RedisError as err:
                 self.metrics.count("redis_error")
                 self.last_error = str(err)
-                if stopping and time.monotonic() - self._stop_at > self.settings.drain_timeout_s:
-                    with self.cond:
-                        pending += list(self.queue)
-                        self.queue.clear()
-                    pending += self.fused.ready(flush=True)
-                    self.metrics.count("dropped_redis_down", n=len(pending))
-                    return
+                failing = True
                 backoff = min(max(2 * backoff, 0.05), self.settings.retry_max_s)
                 time.sleep(backoff)
                 continue
             if stopping and queue_empty:
-                return
+                return self._close([], "drain_timeout")  # what was pushed since came too late
+
+    def _close(self, pending: list[Embedding], reason: str) -> None:
+        """End the worker: drop, counted per device as `dropped_{reason}`, what was not written; later
+        embeddings are dropped as `dropped_drain_timeout`."""
+        with self.cond:
+            pending += list(self.queue)
+            self.queue.clear()
+            self._closed = True
+        for e in pending + self.fused.ready(flush=True):
+            self.metrics.count(f"dropped_{reason}", e.device)
 
     def _write(self, embeddings: list[Embedding]) -> None:
+        """One EVALSHA of WRITE_ONCE for the batch (raises redis.RedisError: nothing, or part, was added).
+        `out` counts what is in Redis now, each window once."""
         if not embeddings:
             return
         start = time.perf_counter()
-        pipe = self.redis.pipeline(transaction=False)
+        s = self.settings
+        keys, args = [], [s.maxlen, s.dedup_window, int(s.dedup_ttl_s * 1000)]
         for e in embeddings:
             fields = encode_fields(e, e.members)
-            pipe.xadd(stream_key(e.device, e.modality), fields, maxlen=self.settings.maxlen, approximate=True)
-        pipe.execute()
+            keys += [stream_key(e.device, e.modality), index_key(e.device, e.modality)]
+            args += [f"{s.run_id}:{e.epoch}:{e.t0}", 2 * len(fields), *(x for item in fields.items() for x in item)]
+        replies = self.write_once(keys=keys, args=args)
         self.metrics.busy(time.perf_counter() - start)
         done = time.time_ns()
-        for e in embeddings:
+        for e, reply in zip(embeddings, replies):
+            if reply == WRONG_TYPE:
+                self.metrics.count("dropped_wrong_type", e.device)
+                continue
+            if reply != ADDED:  # added before: by a try whose reply was lost, or before this actor restarted
+                self.metrics.count("already_in_redis", e.device)
             self.metrics.count("out", e.modality)
             self.metrics.latency((done - e.arrived_ns) / 1e9)
 
-    def drain(self) -> dict:
-        """Write everything queued and every pending fused window, then stop."""
-        self._stop_at = time.monotonic()
+    def drain(self, timeout_s: float | None = None) -> dict:
+        """Write everything queued and every pending fused window, then stop. What is not written within
+        `timeout_s` (default `drain_timeout_s`) is dropped, counted per device: `dropped_redis_down` if
+        Redis was failing, else `dropped_drain_timeout`."""
+        self._deadline = time.monotonic() + (self.settings.drain_timeout_s if timeout_s is None else timeout_s)
         self._stop.set()
         with self.cond:
             self.cond.notify()

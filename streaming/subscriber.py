@@ -26,6 +26,7 @@ class EmbeddingRecord:
     model: str
     emb: np.ndarray  # (dim,) float32, unit norm
     modalities: tuple[str, ...] = ()  # fused records: the modalities summed
+    epoch: int = 0  # the device's session (entries written before the field existed: 0)
 
 
 def parse_key(key: str) -> tuple[str, str]:
@@ -53,6 +54,7 @@ def decode_record(stream: str, entry_id: str, fields: dict) -> EmbeddingRecord:
             t0=int(f["t0"]), t1=int(f["t1"]), model=text(f["model"]),
             emb=np.frombuffer(f["emb"], dtype="<f4").astype(np.float32),
             modalities=tuple(text(f["modalities"]).split(",")) if "modalities" in f else (),
+            epoch=int(f.get("epoch", 0)),
         )
     except (KeyError, ValueError, TypeError) as err:
         if isinstance(err, BadRecord):

@@ -3,54 +3,23 @@
 import threading
 import time
 
-import msgpack
 import pytest
 import ray
-import redis
-import zmq
 
-from sensors.protocol import decode
 from sensors.publisher import DevicePublisher
 from sensors.simulator import SimulatedWearable
 from streaming.pipeline import Pipeline, PipelineConfig
 from streaming.redis_server import RedisServer, free_port
-from streaming.subscriber import read_all
-from streaming.windowing import SECOND, Windower
+from streaming.windowing import SECOND
 
+from .attacks import START_NS, expected_windows, published_keys, send_paced
 from .conftest import wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
-START_NS = 1_000 * SECOND
-
-
-def expected_windows(messages) -> set[tuple[str, int]]:
-    windower = Windower()
-    keys = set()
-    for header, payload in messages:
-        keys |= {(w.modality, w.t0) for w in windower.add(decode([msgpack.packb(header), payload]))}
-    return keys
-
-
-def send_paced(endpoint: str, messages, speed: float) -> None:
-    """Send with blocking PUSH at `speed` x device time."""
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.connect(endpoint)
-    began, t_first = time.monotonic(), messages[0][0]["t_ns"]
-    for header, payload in messages:
-        delay = (header["t_ns"] - t_first) / 1e9 / speed - (time.monotonic() - began)
-        if delay > 0:
-            time.sleep(delay)
-        push.send_multipart([msgpack.packb(header), payload])
-    push.close(linger=-1)
-
 
 def ingested(pipeline) -> int:
     return sum(n for a in pipeline.stats()["window"] for k, n in a["counts"].items() if k.startswith("in:"))
-
-
-def published_keys(url: str, device: str) -> list[tuple[str, int]]:
-    return [(r.modality, r.t0) for r in read_all(redis.Redis.from_url(url), device) if r.modality != "fused"]
 
 
 def test_killed_embedder_restarts_and_every_window_arrives_exactly_once(ray_local, redis_server):

@@ -21,6 +21,7 @@ import zmq
 import streaming.redis_server
 from sensors.protocol import DEFAULT_ENDPOINT, Rejected, decode, encode_header
 from sensors.publisher import DevicePublisher
+from streaming.publisher import PUBLISHER_ACL
 from streaming.security import (BAD_HANDSHAKE, NO_KEY, UNKNOWN_KEY, CurveSettings, RedisAccessError, check_redis,
                                 generate_keys, peer_user_id, redact_url, secure_server)
 
@@ -303,9 +304,12 @@ def acl_redis():
     """redis-server with a password on the default user and a least-privilege ACL user for the publisher."""
     with streaming.redis_server.RedisServer(password="admin-pw") as server:
         admin = redis.Redis.from_url(server.url)
-        admin.execute_command("ACL", "SETUSER", "bindstream", "on", ">ingest pw/1", "resetkeys", "~bindstream:*",
-                              "resetchannels", "-@all", "+@stream", "+@connection")
+        admin.execute_command("ACL", "SETUSER", "bindstream", "on", ">ingest pw/1", *PUBLISHER_ACL)
         yield server
+
+
+def test_security_md_shows_the_publishers_acl():
+    assert f"ACL SETUSER bindstream on >PASSWORD {' '.join(PUBLISHER_ACL)}" in (REPO / "SECURITY.md").read_text()
 
 
 def test_publisher_writes_with_acl_user(ray_local, acl_redis):
