@@ -135,6 +135,7 @@ FLAG_HELP = {
     "drain_timeout_s": "Longest drain at exit; what is left then is dropped, counted (dropped_drain_timeout).",
     "drain_report_s": "After --drain-timeout-s, how long stages may take to stop and report.",
     "stream_maxlen": "Entries kept per Redis stream (XADD MAXLEN ~).",
+    "stream_retention_s": "A stream with no new entry this long expires (0: never): idle devices' keys go.",
     "fused_wait_s": "Longest a window waits for its modalities before it is fused.",
     "torch_threads": "torch threads per embedder.",
     "embedder_gpus": "GPUs per embedder (default: 1 when the cluster has GPUs).",

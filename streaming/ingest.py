@@ -170,7 +170,8 @@ class Ingest:
                 self.downstream.push(messages, arrived_ns, key=messages[0].device)
             except ray.exceptions.RayError:  # a windowing actor gone for good: count, keep receiving
                 log.exception("passing %d messages to a windowing actor failed", len(messages))
-                self.metrics.count("dropped_window_stage_error", n=len(messages))
+                for msg in messages:
+                    self.metrics.count("dropped_window_stage_error", msg.device)
         self.metrics.busy(time.perf_counter() - start)
 
     def stop(self) -> dict:

@@ -66,6 +66,7 @@ class PipelineConfig:
     drain_timeout_s: float = 30.0  # the whole drain at exit; then what is left is dropped (dropped_drain_timeout)
     drain_report_s: float = 10.0  # past drain_timeout_s, wait this long for stages to stop (a batch in flight)
     stream_maxlen: int = 100_000
+    stream_retention_s: float = 30 * 86_400  # a device's stream expires after this long without entries (0: never)
     fused_wait_s: float = 5.0
     torch_threads: int | None = None
     # placement: custom Ray resources each actor asks for (e.g. {"ingest": 0.01} on nodes whose ports
@@ -143,7 +144,8 @@ class Pipeline:
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and config.device in (None, "cuda") else 0
         publisher = ray.remote(Publisher).options(num_cpus=0, max_task_retries=-1, **RESTART).remote(
-            PublisherSettings(redis_url, maxlen=config.stream_maxlen, queue_capacity=config.publish_queue,
+            PublisherSettings(redis_url, maxlen=config.stream_maxlen, retention_s=config.stream_retention_s,
+                              queue_capacity=config.publish_queue,
                               fused_wait_s=config.fused_wait_s)
         )
         embedder_settings = EmbedderSettings(

@@ -31,14 +31,14 @@ KEY_PREFIX = "bindstream:emb"
 INDEX_PREFIX = "bindstream:embidx"
 FUSED_MODALITIES = ("vision", "audio", "depth", "thermal")
 
-# KEYS: per entry its stream and the stream's index. ARGV: maxlen, index size, index ttl (ms), then per
-# entry: its window key, the number of field/value items, the items. Replies per entry: 1 added, 0 already
+# KEYS: per entry its stream and the stream's index. ARGV: maxlen, index size, index ttl (ms), stream ttl
+# (ms, 0: none), then per entry: its window key, the number of field/value items, the items. Replies per entry: 1 added, 0 already
 # there, -1 the stream key holds another type. Any other error is returned at once: an OOM refusal comes
 # at the first write, so nothing was added; after other errors the batch is sent again and what was
 # added is skipped.
 WRITE_ONCE = """
-local maxlen, keep, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local replies, a = {}, 4
+local maxlen, keep, ttl, retention = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local replies, a = {}, 5
 for i = 1, #KEYS, 2 do
   local window, n = ARGV[a], tonumber(ARGV[a + 1])
   local reply = 0
@@ -51,6 +51,7 @@ for i = 1, #KEYS, 2 do
       redis.call('ZADD', KEYS[i + 1], tonumber(string.match(id, '^%d+')), window)
       redis.call('ZREMRANGEBYRANK', KEYS[i + 1], 0, -keep - 1)
       redis.call('PEXPIRE', KEYS[i + 1], ttl)
+      if retention > 0 then redis.call('PEXPIRE', KEYS[i], retention) end
       reply = 1
     end
   end
@@ -101,6 +102,7 @@ PUBLISHER_ACL = ("resetkeys", "~bindstream:*", "resetchannels", "-@all", "+@stre
 class PublisherSettings:
     redis_url: str
     maxlen: int = 100_000  # per stream, approximate (MAXLEN ~)
+    retention_s: float = 30 * 86_400  # a stream with no new entry this long expires (0: never), so idle devices go
     queue_capacity: int = 4096  # embeddings waiting for Redis; when full the oldest is dropped
     max_batch: int = 256  # embeddings per Redis round trip (one EVALSHA)
     fused_wait_s: float = 5.0
@@ -260,7 +262,7 @@ class Publisher:
             return
         start = time.perf_counter()
         s = self.settings
-        keys, args = [], [s.maxlen, s.dedup_window, int(s.dedup_ttl_s * 1000)]
+        keys, args = [], [s.maxlen, s.dedup_window, int(s.dedup_ttl_s * 1000), int(s.retention_s * 1000)]
         for e in embeddings:
             fields = encode_fields(e, e.members)
             keys += [stream_key(e.device, e.modality), index_key(e.device, e.modality)]

@@ -30,9 +30,10 @@ samples (`frame_is_sampled`); the others travel as timestamps, which the checks 
 - audio: the window's samples, resampled to 16 kHz, 128-bin log-mel, 1 x 128 x 204.
 - imu: the window's rows resampled to 2000 steps, 6 x 2000.
 
-Preprocessing is where a device's data costs CPU, so it is metered per device: each device may spend
-`device_cpu_share` seconds of CPU per second (bursts up to `device_cpu_burst_s`); beyond, its windows are
-dropped uncut (`throttled`) until its allowance has refilled. An error while cutting a window loses
+A device's messages and windows are metered: each device may spend `device_cpu_share` seconds of this
+stage's CPU per second (bursts up to `device_cpu_burst_s`); beyond, its messages and windows are dropped
+unprocessed (`throttled`) until its allowance has refilled, so neither costly data nor a flood of messages
+from one device can starve the others. An error while cutting a window loses
 that window only (`bad_data`, or `preprocess_error` for anything unexpected), never the stream or
 another device's data. A camera frame that two windows sample is decoded once.
 """
@@ -168,8 +169,14 @@ class Windower:
         return drops
 
     def add(self, msg: SensorMessage, arrived_ns: int | None = None) -> list[Window]:
-        """Take one message; return the windows it completes."""
-        arrived_ns = arrived_ns or time.time_ns()
+        """Take one message; return the windows it completes. What it cost is charged to its device."""
+        started = time.thread_time()
+        try:
+            return self._take(msg, arrived_ns or time.time_ns())
+        finally:
+            self.cpu.charge(msg.device, time.thread_time() - started)
+
+    def _take(self, msg: SensorMessage, arrived_ns: int) -> list[Window]:
         key = (msg.device, msg.sensor)
         stream = self._stream_for(key)
         held, stream.held = stream.held, None
@@ -187,6 +194,9 @@ class Windower:
 
     def _add(self, stream: SensorStream, msg: SensorMessage, arrived_ns: int) -> list[Window]:
         if not self._in_order(stream, msg):
+            return []
+        if self.cpu.left(msg.device) <= 0:  # over its share: dropped (the windows it was in count as gaps)
+            self.drops[msg.device, "throttled"] += 1
             return []
         start, end = msg.t_ns, msg.end_ns()
         hole = stream.end_ns is not None and self._has_hole(stream, msg)
@@ -282,9 +292,7 @@ class Windower:
             t0, t1 = stream.next_t0, stream.next_t0 + spec.length_ns
             data, reason = None, "throttled"
             if self.cpu.left(device) > 0:
-                started = time.thread_time()
                 data, reason = self._window_data_or_reason(stream, device, t0, t1)
-                self.cpu.charge(device, time.thread_time() - started)
             if data is None:
                 self.drops[device, reason] += 1
             else:

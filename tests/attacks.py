@@ -246,6 +246,7 @@ def connection_flood(endpoint: str, victim: str, silent: int = 200, raw: int = 1
     `partial` peers that send the first `partial_mb` MB of an 8 MB frame and stall; all held `hold_s`."""
     host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
     ctx = zmq.Context()
+    ctx.max_sockets = silent + 16
     peers = [ctx.socket(zmq.PUSH) for _ in range(silent)]
     for peer in peers:
         peer.connect(endpoint)

@@ -191,7 +191,7 @@ def test_non_finite_encoder_output_is_dropped_and_counted_under_the_device(tiny_
 
 def test_queue_full_drops_are_counted_under_the_device_that_lost_the_window(tiny_embedder):
     """A flood from one device pushes a quiet device's queued window out: the quiet device's counter shows it."""
-    embedder = tiny_embedder(max_batch=1, queue_capacity=2, throttle_ms=500)
+    embedder = tiny_embedder(max_batch=1, queue_capacity=2, throttle_ms=2000)  # the first stays in the encoder
     noise = np.zeros(IMU_SHAPE)
     calls = [threading.Thread(target=embedder.push, args=([imu_window("flood", 0, noise)],))]
     calls[0].start()

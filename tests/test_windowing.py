@@ -233,3 +233,13 @@ def test_a_device_over_its_cpu_allowance_is_throttled_not_the_others():
     assert w.drops["heavy", "throttled"] >= 2
     assert [x.t0 for x in cut if x.device == DEVICE] == [START + k * SECOND for k in range(4)]
     assert not any(reason == "throttled" for device, reason in w.drops if device == DEVICE)
+
+
+def test_a_flood_of_messages_from_one_device_is_throttled_not_the_others():
+    w = Windower(WindowingConfig(device_cpu_share=0.01, device_cpu_burst_s=0.2))
+    row = np.zeros((1, 6), np.float32).tobytes()
+    flood = [decode([encode_header("flood", "imu", k, START + k * SECOND // 4000, rate=4000), row])
+             for k in range(60_000)]  # 15 s of 1-row chunks, as fast as they come: ~0.5 s of CPU
+    cut = feed(w, mic_stream(5)) + feed(w, flood)
+    assert w.drops["flood", "throttled"] > 20_000
+    assert [x.t0 for x in cut if x.device == DEVICE] == [START + k * SECOND for k in range(4)]
