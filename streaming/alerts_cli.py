@@ -40,9 +40,14 @@ console = Console()
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 EMBED_BATCH = 8  # clips per encoder call in `alert tune`
 MIN_CLIPS_PER_CLASS = 2  # `alert tune` needs a positive and a negative in each split
+MAX_HOLDOUT = 0.9  # `alert tune` keeps at least a tenth of each folder to fit on
 MAX_TOP = 10_000
 REFRESH_S = 0.5  # live tables
 WATCH_BLOCK_MS = 500
+
+# `alert add` option of each Decision field, named in the one-line error when Decision refuses a value
+DECISION_OPTIONS = {"threshold": "--threshold", "k": "--k", "n": "--n", "cooldown_s": "--cooldown",
+                    "hysteresis": "--hysteresis"}
 
 REDIS_OPTION = click.option("--redis", "redis_url", default=DEFAULT_REDIS, show_default=True, help="Redis URL.")
 
@@ -85,8 +90,9 @@ def until_stopped(seconds: float | None) -> threading.Event:
 
 
 def count_event(stats: dict, event: str) -> int:
-    """A StageMetrics snapshot's count of `event`, over all labels."""
-    return sum(n for key, n in stats["counts"].items() if key.split(":", 1)[0] == event)
+    """A StageMetrics snapshot's count of `event` (or, ending in `_`, of every event it begins), over all labels."""
+    return sum(n for key, n in stats["counts"].items()
+               if (name := key.split(":", 1)[0]) == event or (event.endswith("_") and name.startswith(event)))
 
 
 def clock_time(entry_id: str) -> str:
@@ -133,7 +139,7 @@ def alert_add(text, modality, device, threshold, k, n, cooldown, hysteresis, exa
     try:
         decision = Decision(threshold, k, n, cooldown, hysteresis)
     except QueryError as err:
-        raise click.UsageError(str(err)) from err
+        raise click.BadParameter(str(err), param_hint=DECISION_OPTIONS.get(err.param)) from err
     name = model_name(model, checkpoint)
     client = connect(redis_url)
     encoder = None
@@ -151,7 +157,10 @@ def alert_add(text, modality, device, threshold, k, n, cooldown, hysteresis, exa
             emb, source = ensemble(encoder, [text], modality)[0], "text"
     if load_background(client, name, modality) is None:
         ensure_background(client, encoder or load_encoder(name, checkpoint), modality)
-    q = save_query(client, Query(text, modality, emb, name, device=device, decision=decision, source=source))
+    try:
+        q = save_query(client, Query(text, modality, emb, name, device=device, decision=decision, source=source))
+    except QueryError as err:
+        raise click.UsageError(str(err)) from err
     console.print(f"added query [bold]{q.id}[/]: {text!r} on {modality} of {device} ({name}, {source}), "
                   f"threshold {decision.threshold}, {decision.k} of {decision.n}, cooldown {decision.cooldown_s} s, "
                   f"hysteresis {decision.hysteresis}")
@@ -254,7 +263,7 @@ def _split(n: int, holdout: float, rng: np.random.Generator) -> tuple[np.ndarray
               help="Folder of clips where the query should fire.")
 @click.option("--negative", type=click.Path(exists=True, file_okay=False), required=True,
               help="Folder of clips where it should not.")
-@click.option("--holdout", type=click.FloatRange(0.0, 0.9), default=0.3, show_default=True,
+@click.option("--holdout", type=click.FloatRange(0.0, MAX_HOLDOUT), default=0.3, show_default=True,
               help="Share of each folder kept out of the fit to report precision and recall on.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Of the train / held-out split.")
 @click.option("--dry-run", is_flag=True, help="Report only; keep the stored threshold.")
@@ -263,6 +272,8 @@ def _split(n: int, holdout: float, rng: np.random.Generator) -> tuple[np.ndarray
 def alert_tune(query, positive, negative, holdout, seed, dry_run, redis_url, checkpoint):
     """Fit QUERY's threshold (its id, or its text when one query has it) on labelled clips (best F1 on the
     training split) and report precision and recall on the held-out clips."""
+    if not 0.0 <= holdout <= MAX_HOLDOUT:  # click's FloatRange lets NaN through
+        raise click.BadParameter(f"{holdout} is not in the range 0<=x<={MAX_HOLDOUT}", param_hint="--holdout")
     client = connect(redis_url)
     try:
         q = load_query(client, query)
@@ -321,13 +332,13 @@ def alert_tune(query, positive, negative, holdout, seed, dry_run, redis_url, che
 def matcher_table(stats: list[dict], title: str = "bindstream matchers") -> Table:
     """One row per matcher: streams, queries, entries in, scored, alerts, skipped, alert latency."""
     table = Table(title=title)
-    for column in ("matcher", "streams", "queries", "in", "scored", "alerts", "duplicates", "corrupt",
+    for column in ("matcher", "streams", "queries", "in", "scored", "alerts", "duplicates", "rejected",
                    "p50 ms", "p99 ms"):
         table.add_column(column, justify="left" if column == "matcher" else "right")
 
     for i, s in enumerate(stats):
         table.add_row(str(i), str(s["streams"]), str(s["queries"]), *(str(count_event(s, e)) for e in (
-            "in", "scored", "alert", "duplicate_alert", "corrupt")),
+            "in", "scored", "alert", "duplicate_alert", "rejected_")),
             f"{s['latency_p50_ms']:.0f}" if "latency_p50_ms" in s else "-",
             f"{s['latency_p99_ms']:.0f}" if "latency_p99_ms" in s else "-")
     return table
@@ -712,7 +723,8 @@ def bench_alerts(queries, rate, seconds, dim, devices, events_per_s, score_rows,
         table.add_row("alert latency p50, XADD embedding -> XADD alert (ms)", f"{np.percentile(latency, 50):.1f}", "")
         table.add_row("alert latency p99 (ms)", f"{np.percentile(latency, 99):.1f}",
                       f"<= {TARGET_P99_MS:.0f} at 1,000/s")
-    table.add_row("corrupt / duplicate alerts", f"{count_event(stats, 'corrupt')} / {count_event(stats, 'duplicate_alert')}",
+    table.add_row("rejected entries / duplicate alerts",
+                  f"{count_event(stats, 'rejected_')} / {count_event(stats, 'duplicate_alert')}",
                   "0 / 0")
     if cost:
         per_million = {k: v * 1e6 / search_records for k, v in cost.items()}

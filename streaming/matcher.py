@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields, replace
 from fnmatch import fnmatchcase
 
@@ -19,12 +19,14 @@ import numpy as np
 import ray
 import redis
 
-from sensors.protocol import NS_PER_S
+from sensors.protocol import INT64_MAX, NS_PER_S
 
-from .queries import QUERY_CHANNEL, QUERY_VERSION, Background, Query, load_background, load_queries
+from .queries import (MAX_SMOOTHING_N, QUERY_CHANNEL, QUERY_MODALITIES, QUERY_VERSION, Background, Query,
+                      read_backgrounds, read_queries)
 from .records import text
 from .stage import StageMetrics
-from .subscriber import BadRecord, EmbeddingRecord, decode_record, parse_key, stream_keys
+from .publisher import stream_key
+from .subscriber import BadRecord, EmbeddingRecord, decode_record, parse_key
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,6 @@ STATE_PREFIX = "bindstream:alertstate"
 DEDUP_PREFIX = "bindstream:alerted"
 DEFAULT_GROUP = "bindstream-matchers"
 DEFAULT_CONSUMER = "matcher"
-NEVER_NS = -(1 << 62)  # "no alert yet": any device time is more than a cooldown after it
 LAST_ID_FIELD = "last_id"  # in a stream's state hash; every other field is a query id
 ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 UNIT_TOLERANCE = 0.01  # |norm - 1| of a stored embedding (bf16 encoders normalise to ~0.4 %)
@@ -65,7 +66,19 @@ def is_unit(v: np.ndarray) -> bool:
     return np.isfinite(norm) and abs(norm - 1) <= UNIT_TOLERANCE
 
 
+def entry_problem(r: EmbeddingRecord) -> str | None:
+    """Why a decoded record cannot be scored, or None: `bad_time` unless 0 <= t0 <= t1 <= 2^63 - 1 (the
+    protocol's t_ns range, in which device-time arithmetic is exact in int64), `not_unit` unless its
+    embedding is a finite unit vector."""
+    if not 0 <= r.t0 <= r.t1 <= INT64_MAX:
+        return "bad_time"
+    if not is_unit(r.emb):
+        return "not_unit"
+    return None
+
+
 def id_tuple(entry_id: str) -> tuple[int, int]:
+    """A stream id as (ms, seq); ValueError unless it is one."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
@@ -93,11 +106,27 @@ class MatcherSettings:
     dedup_ttl_s: int = 7 * 86400  # life of a bindstream:alerted:* key
     alerts_maxlen: int = 100_000  # approximate (MAXLEN ~)
     retry_max_s: float = 2.0  # backoff cap while Redis fails
+    state_ttl_s: int = 86_400  # a bindstream:alertstate:* hash expires this long after its stream's last commit
+    idle_s: float = 60.0  # a stream without a new entry this long is no longer polled (discovery resumes it)
+    max_streams: int = 10_000  # streams polled at once; more with unread entries are refused (counted) meanwhile
+    max_idle: int = 100_000  # idle streams whose read position is kept (others are looked up at every discovery)
+    scan_count: int = 1_000  # SCAN COUNT of discovery: keys Redis looks at per round trip
+    sweep_chunk: int = 1_000  # streams looked at per round trip when discovery checks for unread entries
+    max_logged: int = 1_000  # (reason, device or query) pairs warned about in the log; later ones are only counted
     autostart: bool = False  # start the run loop's thread in the constructor (actors: also after a restart)
 
     def __post_init__(self):
         if not 0 <= self.shard < self.shards:
             raise ValueError(f"shard {self.shard} must lie in [0, shards={self.shards})")
+        try:
+            id_tuple(self.start_id)  # discovery compares stream ids with it
+        except ValueError as err:
+            raise ValueError(f"start_id {self.start_id!r} must be a stream id: 0 or ms-seq") from err
+        for name in ("read_count", "state_ttl_s", "max_streams", "max_idle", "scan_count", "sweep_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.idle_s > 0:
+            raise ValueError(f"idle_s must be > 0, got {self.idle_s}")
 
 
 @dataclass
@@ -132,19 +161,24 @@ class Alert:
 @dataclass(frozen=True)
 class QueryState:
     """What the decision remembers per (stream, query): the last n windows' above-threshold bits, whether
-    it is armed, and the device time of its last alert."""
+    it is armed, and the device time of its last alert (None: no alert yet)."""
 
     hist: int = 0
     armed: bool = True
-    last_alert_ns: int = NEVER_NS
+    last_alert_ns: int | None = None
 
     def encode(self) -> str:
-        return f"{self.hist}:{int(self.armed)}:{self.last_alert_ns}"
+        return f"{self.hist}:{int(self.armed)}:{-1 if self.last_alert_ns is None else self.last_alert_ns}"
 
     @classmethod
     def decode(cls, text: str) -> "QueryState":
+        """What `encode` wrote (a negative last alert, as older versions also wrote, is none); ValueError
+        for anything else."""
         hist, armed, last_alert = text.split(":")
-        return cls(int(hist), armed == "1", int(last_alert))
+        hist, last_alert = int(hist), int(last_alert)
+        if not 0 <= hist < 1 << MAX_SMOOTHING_N or armed not in ("0", "1") or last_alert > INT64_MAX:
+            raise ValueError(f"not a query state: {text!r}")
+        return cls(hist, armed == "1", last_alert if last_alert >= 0 else None)
 
 
 INITIAL_STATE = QueryState()
@@ -160,10 +194,19 @@ class StreamState:
     queries: dict[str, QueryState] = field(default_factory=dict)
 
     @classmethod
-    def decode(cls, raw: dict) -> "StreamState":
-        f = {text(k): text(v) for k, v in raw.items()}
-        last_id = f.pop(LAST_ID_FIELD, "0-0")
-        return cls(last_id, {qid: QueryState.decode(v) for qid, v in f.items()})
+    def decode(cls, raw: dict) -> tuple["StreamState", list]:
+        """(the state, the raw names of the fields that do not parse: left out, their queries start afresh)."""
+        state, unreadable = cls(), []
+        for name, value in raw.items():
+            try:
+                if text(name) == LAST_ID_FIELD:
+                    id_tuple(text(value))
+                    state.last_id = text(value)
+                else:
+                    state.queries[text(name)] = QueryState.decode(text(value))
+            except ValueError:
+                unreadable.append(name)
+        return state, unreadable
 
 
 class ModalityIndex:
@@ -205,6 +248,9 @@ class ModalityIndex:
                 [i for i, q in enumerate(self.queries) if fnmatchcase(device, q.device)], dtype=np.intp)
         return self._columns[device]
 
+    def forget(self, device: str) -> None:
+        self._columns.pop(device, None)
+
 
 def build_indexes(queries: list[Query], backgrounds: dict[tuple[str, str], Background | None],
                   metrics: StageMetrics | None = None) -> dict[tuple[str, str], ModalityIndex]:
@@ -236,11 +282,16 @@ class Matcher:
         self.pubsub.subscribe(QUERY_CHANNEL)
         self.emit = self.client.register_script(EMIT_ALERT)
         self.metrics = StageMetrics("match")
-        self.keys: list[str] = []
-        self.seen_keys: set[str] = set()
+        # polled stream key -> (monotonic time of its last entry or of its join, last id delivered to the group)
+        self.active: dict[str, tuple[float, str]] = {}
+        self.idle: dict[str, str] = {}  # stream key no longer polled -> last id delivered to the group
         self.pending = True  # first drain this consumer's delivered-but-unacknowledged entries
+        self.first_discovery = True  # the first discovery polls every stream, later ones those with news
         self.indexes: dict[tuple[str, str], ModalityIndex] = {}
-        self.states: dict[str, StreamState] = {}  # stream key -> state
+        self.query_ids: set[str] = set()  # of the queries in `indexes`
+        self.rejected: dict[tuple[str, str], str] = {}  # (event, query id or model/modality) -> why, at last reload
+        self.states: dict[str, StreamState] = {}  # polled stream key -> state
+        self.warned: set[tuple[str, str]] = set()
         self.version: bytes | None = None
         self.next_reload = self.next_discover = 0.0
         self.last_error = ""
@@ -249,21 +300,42 @@ class Matcher:
         if settings.autostart:
             self.start()
 
+    def _warn_once(self, event: str, label: str, detail: str) -> None:
+        """Log the first `event` of each label (up to `max_logged` pairs); later ones are only counted."""
+        if (event, label) not in self.warned and len(self.warned) < self.settings.max_logged:
+            self.warned.add((event, label))
+            log.warning("%s (%s): %s; further ones are only counted", event, label, detail)
+
     # ----- queries and streams -----
 
     def reload(self) -> None:
-        """Rebuild the score matrices from the queries and backgrounds in Redis."""
-        self.version = self.client.get(QUERY_VERSION)
-        queries = load_queries(self.client)
-        keys = {(q.model, q.modality) for q in queries}
-        self.indexes = build_indexes(queries, {k: load_background(self.client, *k) for k in keys}, self.metrics)
-        active = {q.id for index in self.indexes.values() for q in index.queries}
+        """Rebuild the score matrices from the queries and backgrounds in Redis. One that does not load is
+        left out, counted (`rejected_query` per query id, `rejected_background` per model/modality) and
+        logged once while it stays in Redis; every other query keeps working."""
+        version = self.client.get(QUERY_VERSION)
+        queries, bad = read_queries(self.client)
+        backgrounds, bad_backgrounds = read_backgrounds(self.client, {(q.model, q.modality) for q in queries})
+        rejected = {("rejected_query", query_id): why for query_id, why in bad.items()}
+        rejected |= {("rejected_background", f"{model}/{modality}"): why
+                     for (model, modality), why in bad_backgrounds.items()}
+        for (event, label), why in rejected.items():
+            if (event, label) not in self.rejected:
+                self.metrics.count(event, label)
+                log.warning("%s (%s): %s", event, label, why)
+        self.rejected = rejected
+        self.indexes = build_indexes(queries, backgrounds, self.metrics)
+        self.query_ids = {q.id for index in self.indexes.values() for q in index.queries}
+        self.version = version
         for stream, state in self.states.items():
-            gone = [qid for qid in state.queries if qid not in active]
-            for qid in gone:
-                del state.queries[qid]
-            if gone:
-                self.client.hdel(state_key(self.settings.group, stream), *gone)
+            self._drop_fields(stream, state)
+
+    def _drop_fields(self, stream: str, state: StreamState, unreadable: list = ()) -> None:
+        """Forget the states of queries no longer active and HDEL them, with the `unreadable` fields."""
+        gone = [query_id for query_id in state.queries if query_id not in self.query_ids]
+        for query_id in gone:
+            del state.queries[query_id]
+        if gone or unreadable:
+            self.client.hdel(state_key(self.settings.group, stream), *gone, *unreadable)
 
     def _maybe_reload(self) -> None:
         notified = False
@@ -275,29 +347,117 @@ class Matcher:
             if notified or self.version is None or self.client.get(QUERY_VERSION) != self.version:
                 self.reload()
 
-    def discover(self) -> None:
-        """Join the consumer group on this shard's streams not yet known (new devices)."""
+    def _in_shard(self, key: str) -> bool:
+        """Whether this matcher reads `key`: the stream of a device matching `devices` (the device as parsed
+        from the key: the SCAN pattern for device `a` also returns a device `a:x`'s streams) and of a query
+        modality, in this shard."""
         s = self.settings
-        for key in stream_keys(self.client, s.devices):
-            if key in self.seen_keys:
+        try:
+            device, modality = parse_key(key)
+        except BadRecord:
+            return False
+        return (modality in QUERY_MODALITIES and fnmatchcase(device, s.devices)
+                and zlib.crc32(key.encode()) % s.shards == s.shard)
+
+    def discover(self) -> None:
+        """Stop polling the streams without a new entry for `idle_s` (once nothing is pending), then poll
+        this shard's streams: all of them at the first discovery after a start, later those with entries
+        the group has not read (new devices, idle streams that woke up). At most `max_streams` are polled;
+        a stream beyond that is refused (`refused_stream_cap` per device, at each discovery that finds it
+        with unread entries) and read once there is room."""
+        s = self.settings
+        now = time.monotonic()
+        if not self.pending:  # pending entries are re-read from the polled streams only
+            for key in [k for k, (seen, _) in self.active.items() if now - seen > s.idle_s]:
+                self._let_go(key)
+        keys = [k for k in self._scan() if k not in self.active and self._in_shard(k)]
+        self.idle = {k: self.idle[k] for k in keys if k in self.idle}  # deleted streams are forgotten
+        known = list(self.idle)
+        unknown = [k for k in keys if k not in self.idle]
+        looked = []  # (key, whether the group exists on it, whether it has unread entries, last delivered id)
+        for i in range(0, len(known), s.sweep_chunk):
+            after = {k: self.idle[k] for k in known[i : i + s.sweep_chunk]}
+            found = self._unread(after)
+            looked += [(k, True, k in found, position) for k, position in after.items()]
+        for i in range(0, len(unknown), s.sweep_chunk):
+            looked += self._look(unknown[i : i + s.sweep_chunk])
+        for key, joined, unread, position in looked:
+            if (unread or self.first_discovery) and len(self.active) < s.max_streams:
+                if not joined:
+                    try:
+                        self.client.xgroup_create(key, s.group, id=s.start_id)
+                    except redis.ResponseError as err:
+                        if "BUSYGROUP" not in str(err):
+                            raise
+                self.idle.pop(key, None)
+                self.active[key] = (now, position)
                 continue
-            self.seen_keys.add(key)
+            if unread:
+                device = parse_key(key)[0]
+                self.metrics.count("refused_stream_cap", device)
+                self._warn_once("refused_stream_cap", "", f"{key} and maybe others: {s.max_streams} streams polled")
+            if joined:
+                self._remember_idle(key, position)
+        self.first_discovery = False
+
+    def _scan(self) -> list[str]:
+        """The stream keys of the devices matching `devices` (a SCAN, `scan_count` keys a round trip); a
+        key that is not UTF-8 is no embedding stream."""
+        s = self.settings
+        out = []
+        for key in self.client.scan_iter(match=stream_key(s.devices, "*"), count=s.scan_count, _type="stream"):
             try:
-                parse_key(key)
-            except BadRecord:
+                out.append(key.decode())
+            except UnicodeDecodeError:
                 continue
-            if zlib.crc32(key.encode()) % s.shards != s.shard:
-                continue
-            try:
-                self.client.xgroup_create(key, s.group, id=s.start_id)
-            except redis.ResponseError as err:
-                if "BUSYGROUP" not in str(err):
-                    raise
-            self.keys.append(key)
+        return out
+
+    def _unread(self, after: dict[str, str]) -> set[str]:
+        """The keys of `after` (key -> stream id) with an entry after that id: one XREAD, replies only for those."""
+        return {text(key) for key, _ in self.client.xread(after, count=1) or []} if after else set()
+
+    def _look(self, keys: list[str]) -> list[tuple[str, bool, bool, str]]:
+        """(key, whether the group exists on it, whether it has unread entries, the group's last delivered
+        id) for each of the `keys` that is still a stream. Unread: after the last delivered entry (after
+        `start_id` where there is no group yet), or, while this consumer may have pending entries, pending
+        in the group. Two round trips, whatever the number of keys."""
+        s = self.settings
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.xinfo_groups(key)
+        joined, pending = set(), set()
+        after: dict[str, str] = {}
+        for key, groups in zip(keys, pipe.execute(raise_on_error=False)):
+            if isinstance(groups, Exception):
+                continue  # deleted, or no longer a stream, since the SCAN
+            ours = next((g for g in groups if text(g["name"]) == s.group), None)
+            after[key] = text(ours["last-delivered-id"]) if ours is not None else s.start_id
+            if ours is not None:
+                joined.add(key)
+                if self.pending and ours["pending"]:
+                    pending.add(key)
+        found = self._unread({k: v for k, v in after.items() if k not in pending}) | pending
+        return [(k, k in joined, k in found, position) for k, position in after.items()]
+
+    def _remember_idle(self, key: str, position: str) -> None:
+        """Keep an unpolled stream's last delivered id (at most `max_idle` of them; the others are looked up
+        again at each discovery)."""
+        if key in self.idle or len(self.idle) < self.settings.max_idle:
+            self.idle[key] = position
+
+    def _let_go(self, key: str) -> None:
+        """Stop polling an idle stream and drop what is kept of it in memory but its position (its state
+        hash stays in Redis until it expires); discovery polls it again once it has a new entry."""
+        self._remember_idle(key, self.active.pop(key)[1])
+        self.states.pop(key, None)
+        device, modality = parse_key(key)
+        for (_, index_modality), index in self.indexes.items():
+            if index_modality == modality:
+                index.forget(device)
 
     def forget_streams(self) -> None:
         """After a stream or its group vanished: find the streams again, and re-read pending entries."""
-        self.keys, self.seen_keys, self.pending = [], set(), True
+        self.active, self.idle, self.states, self.pending, self.first_discovery = {}, {}, {}, True, True
         self.next_discover = 0.0
 
     # ----- one cycle -----
@@ -310,7 +470,7 @@ class Matcher:
         if now >= self.next_discover:
             self.next_discover = now + self.settings.discover_s
             self.discover()
-        if not self.keys:
+        if not self.active:
             time.sleep(self.settings.block_ms / 1000)
             return 0
         entries = self._read()
@@ -331,63 +491,105 @@ class Matcher:
 
     def _xreadgroup(self, marker: str, block_ms: int | None) -> list[tuple[str, str, dict | None]]:
         s = self.settings
-        reply = self.client.xreadgroup(s.group, s.consumer, {k: marker for k in self.keys}, count=s.read_count,
+        reply = self.client.xreadgroup(s.group, s.consumer, {k: marker for k in self.active}, count=s.read_count,
                                        block=block_ms)
         return [(text(key), text(entry_id), f) for key, items in reply or [] for entry_id, f in items]
 
     def _process(self, entries: list[tuple[str, str, dict | None]]) -> None:
+        """Score and decide one batch and commit it. An entry that cannot be used is acknowledged and
+        counted (`rejected_{reason}` per device) without touching the others; a failure while deciding one
+        stream's entries drops those entries only (`rejected_error`). Counts are applied once the batch
+        is committed, so a batch read again after a failed commit is counted once."""
+        tally: Counter = Counter()  # (event, label) -> n
         acks: dict[str, list[str]] = defaultdict(list)
         groups: dict[tuple[str, str], list[EmbeddingRecord]] = defaultdict(list)
+        now = time.monotonic()
         for key, entry_id, f in entries:
             acks[key].append(entry_id)
-            if id_tuple(entry_id) <= id_tuple(self._stream_state(key).last_id):
-                self.metrics.count("replayed", parse_key(key)[1])  # applied before: a redelivery
-                continue
-            if not f:  # trimmed (MAXLEN) while pending: only its id is left
-                self.metrics.count("trimmed")
-                continue
-            try:
-                r = decode_record(key, entry_id, f)
-                if not is_unit(r.emb):
-                    raise BadRecord(f"{key} {entry_id}: not a finite unit vector")
-            except BadRecord as err:
-                self.metrics.count("corrupt", parse_key(key)[1])
-                log.warning("skipping a corrupt embedding: %s", err)
-                continue
-            self.metrics.count("in", r.modality)
-            groups[r.model, r.modality].append(r)
+            r = self._record(key, entry_id, f, tally)
+            if r is not None:
+                tally["in", r.modality] += 1
+                groups[r.model, r.modality].append(r)
         alerts: list[Alert] = []
         changed: dict[str, dict[str, QueryState]] = defaultdict(dict)
         for (model, modality), records in groups.items():
             index = self.indexes.get((model, modality))
             if index is None:
-                self.metrics.count("no_query", modality, n=len(records))
+                tally["no_query", modality] += len(records)
                 continue
-            fit = [r for r in records if r.emb.shape[0] == index.dim]
-            self.metrics.count("wrong_dim", modality, n=len(records) - len(fit))
+            fit = []
+            for r in records:
+                if r.emb.shape[0] == index.dim:
+                    fit.append(r)
+                else:
+                    tally["rejected_wrong_dim", r.device] += 1
+                    self._warn_once("rejected_wrong_dim", r.device, f"{r.stream} {r.id}: dim {r.emb.shape[0]}, "
+                                    f"the {model} queries have {index.dim}")
             if not fit:
                 continue
             scores = index.shares(np.stack([r.emb for r in fit]))
-            self.metrics.count("scored", modality, n=len(fit))
+            tally["scored", modality] += len(fit)
             rows: dict[str, list[int]] = defaultdict(list)
             for i, r in enumerate(fit):
                 rows[r.stream].append(i)
             for stream, idx in rows.items():
-                new_alerts, new_states = self._decide(index, [fit[i] for i in idx], scores[idx])
+                try:  # the stream states were loaded by _record: no Redis call here
+                    new_alerts, new_states = self._decide(index, [fit[i] for i in idx], scores[idx])
+                except Exception as err:
+                    device = fit[idx[0]].device
+                    tally["rejected_error", device] += len(idx)
+                    self._warn_once("rejected_error", device, f"deciding {stream}: {err!r}")
+                    continue
                 alerts += new_alerts
                 changed[stream].update(new_states)
         last_ids = {key: max(ids, key=id_tuple) for key, ids in acks.items()}
+        self.active.update((key, (now, last_id)) for key, last_id in last_ids.items())
         self._commit(alerts, changed, last_ids, acks)
+        for (event, label), n in tally.items():
+            self.metrics.count(event, label, n)
+
+    def _record(self, key: str, entry_id: str, f: dict | None, tally: Counter) -> EmbeddingRecord | None:
+        """The entry as a record to score, or None (counted in `tally`): applied before (`replayed`, per
+        modality), trimmed while pending (`trimmed`), or unusable, per device (`rejected_malformed`: it does
+        not decode; `rejected_bad_time`, `rejected_not_unit`: see entry_problem; `rejected_error`: anything
+        else)."""
+        device, modality = parse_key(key)
+        if id_tuple(entry_id) <= id_tuple(self._stream_state(key).last_id):
+            tally["replayed", modality] += 1  # applied before: a redelivery
+            return None
+        if not f:  # trimmed (MAXLEN) while pending: only its id is left
+            tally["trimmed", ""] += 1
+            return None
+        try:
+            r = decode_record(key, entry_id, f)
+            reason, detail = entry_problem(r), f"{key} {entry_id}: t0 {r.t0} t1 {r.t1}"
+        except Exception as err:
+            r, reason, detail = None, "malformed" if isinstance(err, BadRecord) else "error", str(err)
+        if reason is None:
+            return r
+        tally[f"rejected_{reason}", device] += 1
+        self._warn_once(f"rejected_{reason}", device, detail)
+        return None
 
     def _stream_state(self, stream: str) -> StreamState:
+        """A polled stream's state, read from Redis on first use: fields that do not parse are deleted and
+        counted (`rejected_state` per device), and so are (uncounted) those of queries no longer active."""
         if stream not in self.states:
-            self.states[stream] = StreamState.decode(self.client.hgetall(state_key(self.settings.group, stream)))
+            state, unreadable = StreamState.decode(self.client.hgetall(state_key(self.settings.group, stream)))
+            if unreadable:
+                device = parse_key(stream)[0]
+                self.metrics.count("rejected_state", device)
+                self._warn_once("rejected_state", device, f"{stream}: unreadable state fields {unreadable}")
+            self._drop_fields(stream, state, unreadable)
+            self.states[stream] = state
         return self.states[stream]
 
     def _decide(self, index: ModalityIndex, records: list[EmbeddingRecord],
                 scores: np.ndarray) -> tuple[list[Alert], dict[str, QueryState]]:
         """Run one stream's new records (in stream order) through the decision of every query watching its
-        device; returns the alerts and the states that changed."""
+        device; returns the alerts and the states that changed. Device times are exact int64: t0 and the
+        last alert's t0 lie in [0, 2^63 - 1], so their difference does too. A window earlier than the last
+        alert (the device clock restarted) is not held back by the cooldown."""
         device = records[0].device
         cols = index.columns(device)
         if not len(cols):
@@ -395,10 +597,12 @@ class Matcher:
         known = self._stream_state(records[0].stream).queries
         queries = [index.queries[c] for c in cols]
         before = [known.get(q.id, INITIAL_STATE) for q in queries]
-        hist0 = np.fromiter((s.hist for s in before), dtype=np.uint64, count=len(before))
-        armed0 = np.fromiter((s.armed for s in before), dtype=bool, count=len(before))
-        last0 = np.fromiter((s.last_alert_ns for s in before), dtype=np.int64, count=len(before))
-        hist, armed, last_alert = hist0, armed0, last0
+        m = len(before)
+        hist0 = np.fromiter((s.hist for s in before), dtype=np.uint64, count=m)
+        armed0 = np.fromiter((s.armed for s in before), dtype=bool, count=m)
+        alerted0 = np.fromiter((s.last_alert_ns is not None for s in before), dtype=bool, count=m)
+        last0 = np.fromiter((s.last_alert_ns or 0 for s in before), dtype=np.int64, count=m)
+        hist, armed, alerted, last_alert = hist0, armed0, alerted0, last0
         threshold, rearm_below, k = index.threshold[cols], index.rearm_below[cols], index.k[cols]
         nmask, cooldown = index.nmask[cols], index.cooldown_ns[cols]
         scores = scores[:, cols]
@@ -406,24 +610,30 @@ class Matcher:
         for r, score in zip(records, scores):
             above = score >= threshold
             hist = ((hist << np.uint64(1)) | above.astype(np.uint64)) & nmask
-            fire = armed & above & (np.bitwise_count(hist) >= k) & (r.t0 - last_alert >= cooldown)
+            since = r.t0 - last_alert
+            cooling = alerted & (since >= 0) & (since < cooldown)
+            fire = armed & above & (np.bitwise_count(hist) >= k) & ~cooling
             armed = (armed & ~fire) | (score < rearm_below)
+            alerted = alerted | fire
             last_alert = np.where(fire, r.t0, last_alert)
             for j in np.flatnonzero(fire):
                 q = queries[j]
                 alerts.append(Alert(device, q.id, q.text, q.modality, float(score[j]), float(threshold[j]),
                                     r.t0, r.t1, r.stream, r.id, r.model, time.time_ns()))
-        changed = np.flatnonzero((hist != hist0) | (armed != armed0) | (last_alert != last0))
-        return alerts, {queries[j].id: QueryState(int(hist[j]), bool(armed[j]), int(last_alert[j])) for j in changed}
+        changed = np.flatnonzero((hist != hist0) | (armed != armed0) | (alerted != alerted0) | (last_alert != last0))
+        return alerts, {queries[j].id: QueryState(int(hist[j]), bool(armed[j]), int(last_alert[j]) if alerted[j]
+                                                  else None) for j in changed}
 
     def _commit(self, alerts: list[Alert], changed: dict[str, dict[str, QueryState]], last_ids: dict[str, str],
                 acks: dict[str, list[str]]) -> None:
-        """Decision state, alerts and acknowledgements in one MULTI/EXEC: all of a batch's effects or none."""
+        """Decision state (its hash's TTL renewed), alerts and acknowledgements in one MULTI/EXEC: all of a
+        batch's effects or none."""
         s = self.settings
         pipe = self.client.pipeline(transaction=True)
         for stream, last_id in last_ids.items():
             states = {qid: st.encode() for qid, st in changed.get(stream, {}).items()}
             pipe.hset(state_key(s.group, stream), mapping={LAST_ID_FIELD: last_id, **states})
+            pipe.expire(state_key(s.group, stream), s.state_ttl_s)
         for a in alerts:
             args = [s.dedup_ttl_s, s.alerts_maxlen, ALERTS_CHANNEL]
             for name, value in a.fields().items():
@@ -437,7 +647,7 @@ class Matcher:
             state.last_id = last_id
             state.queries.update(changed.get(stream, {}))
         done_ms = time.time_ns() / 1e6
-        for a, result in zip(alerts, results[len(last_ids) :]):
+        for a, result in zip(alerts, results[2 * len(last_ids) :]):
             if result is None:
                 self.metrics.count("duplicate_alert", a.modality)
                 continue
@@ -476,7 +686,7 @@ class Matcher:
         return self.stats()
 
     def stats(self) -> dict:
-        return self.metrics.snapshot(streams=len(self.keys), queries=sum(i.m for i in self.indexes.values()),
+        return self.metrics.snapshot(streams=len(self.active), queries=sum(i.m for i in self.indexes.values()),
                                      pending=self.pending, last_error=self.last_error)
 
 

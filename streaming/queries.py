@@ -16,9 +16,11 @@ templates, so whatever a template adds to every prompt is shared by query and ba
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import numpy as np
 import redis
@@ -79,10 +81,16 @@ LOGIT_SCALE = 100.0  # softmax temperature of the share: CLIP's / ImageBind's le
 MAX_LOGIT_SCALE = 300.0  # keeps exp() of any score difference inside float64
 EXCLUDE_COS = 0.9  # a background prompt this close to a query (a near synonym) does not compete with it
 MAX_SMOOTHING_N = 64  # the last n windows are kept as the bits of one uint64
+MAX_COOLDOWN_S = 86_400.0  # one day of device time: a longer cooldown is a typo (or an attack), not a setting
 
 
 class QueryError(ValueError):
-    """A query or background that cannot be stored or used as given."""
+    """A query or background that cannot be stored or used as given; `param` names the setting at fault
+    (a Decision field), when one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -98,15 +106,26 @@ class Decision:
     hysteresis: float = 0.2
 
     def __post_init__(self):
+        """The one place where decision settings are checked (alert add / tune, and every query loaded from
+        Redis): numbers of the right kind, finite, in range; NaN fails every range test."""
+        for name, kind in (("threshold", Real), ("k", Integral), ("n", Integral), ("cooldown_s", Real),
+                           ("hysteresis", Real)):
+            value = getattr(self, name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise QueryError(f"{name} must be {'an integer' if kind is Integral else 'a number'}, got {value!r}",
+                                 name)
         if not 0.0 < self.threshold < 1.0:
-            raise QueryError(f"threshold {self.threshold} must lie strictly between 0 and 1 (a softmax share)")
+            raise QueryError(f"threshold {self.threshold} must lie strictly between 0 and 1 (a softmax share)",
+                             "threshold")
         if not 1 <= self.k <= self.n <= MAX_SMOOTHING_N:
-            raise QueryError(f"smoothing needs 1 <= k <= n <= {MAX_SMOOTHING_N}; got k={self.k} n={self.n}")
-        if self.cooldown_s < 0:
-            raise QueryError(f"cooldown_s {self.cooldown_s} must be >= 0")
+            raise QueryError(f"smoothing needs 1 <= k <= n <= {MAX_SMOOTHING_N}; got k={self.k} n={self.n}",
+                             "k" if self.k > self.n or self.k < 1 else "n")
+        if not 0.0 <= self.cooldown_s <= MAX_COOLDOWN_S:
+            raise QueryError(f"cooldown_s {self.cooldown_s} must lie in [0, {MAX_COOLDOWN_S:g}] seconds",
+                             "cooldown_s")
         if not 0.0 <= self.hysteresis < self.threshold:
             raise QueryError(f"hysteresis {self.hysteresis} must lie in [0, threshold={self.threshold}) "
-                             f"(the score re-arms below threshold - hysteresis)")
+                             f"(the score re-arms below threshold - hysteresis)", "hysteresis")
 
 
 @dataclass
@@ -126,6 +145,10 @@ class Query:
             raise QueryError("the query text is empty")
         if self.modality not in QUERY_MODALITIES:
             raise QueryError(f"unknown modality {self.modality!r}; choose one of {QUERY_MODALITIES}")
+        if not self.model or not self.device:
+            raise QueryError(f"query {self.text!r}: the model and the device (id or glob) must not be empty")
+        if not math.isfinite(self.created):
+            raise QueryError(f"query {self.text!r}: created {self.created} is not a time")
         self.emb = unit(self.emb, f"query {self.text!r}")
 
 
@@ -146,6 +169,8 @@ class Background:
                              f"{len(self.emb)} vectors")
         if not 0.0 < self.logit_scale <= MAX_LOGIT_SCALE:
             raise QueryError(f"logit_scale {self.logit_scale} must lie in (0, {MAX_LOGIT_SCALE}]")
+        if not -1.0 <= self.exclude_cos <= 1.0:
+            raise QueryError(f"exclude_cos {self.exclude_cos} must be a cosine, in [-1, 1]")
         self.emb = np.stack([unit(v, f"background {p!r}") for v, p in zip(self.emb, self.prompts)])
 
 
@@ -189,10 +214,16 @@ def check_modality(encoder, modality: str) -> None:
 # ----- Redis -----------------------------------------------------------------------------------------
 
 
-def _vector(raw: bytes, dim: int, what: str) -> np.ndarray:
-    if len(raw) % (4 * dim):
-        raise QueryError(f"{what}: {len(raw)} bytes of emb is no whole number of {dim}-d float32 vectors")
-    return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(-1, dim)
+# What a stored query or background hash that does not parse raises (a missing field, text where a number
+# belongs, dim 0, bytes that are not UTF-8); each is reported as QueryError for that record only.
+PARSE_ERRORS = (KeyError, ValueError, TypeError, IndexError, ArithmeticError)
+
+
+def _vectors(raw: bytes, dim: int, count: int, what: str) -> np.ndarray:
+    """(count, dim) float32 from `count * dim` little-endian floats; QueryError for any other size."""
+    if dim < 1 or len(raw) != 4 * dim * count:
+        raise QueryError(f"{what}: {len(raw)} bytes of emb are not {count} vector(s) of dim {dim}")
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(count, dim)
 
 
 def notify(client: redis.Redis, event: str, query_id: str) -> None:
@@ -214,6 +245,7 @@ def save_query(client: redis.Redis, q: Query, event: str = "add") -> Query:
 
 
 def load_query(client: redis.Redis, query_id: str) -> Query:
+    """The stored query, checked as `alert add` checks it; QueryError if it is missing or malformed."""
     f = {text(k): v for k, v in client.hgetall(query_key(query_id)).items()}
     if not f:
         raise QueryError(f"no query {query_id!r}")
@@ -221,21 +253,26 @@ def load_query(client: redis.Redis, query_id: str) -> Query:
         decision = Decision(float(f["threshold"]), int(f["k"]), int(f["n"]), float(f["cooldown_s"]),
                             float(f["hysteresis"]))
         return Query(text=text(f["text"]), modality=text(f["modality"]), model=text(f["model"]),
-                     emb=_vector(f["emb"], int(f["dim"]), query_id)[0], device=text(f["device"]),
+                     emb=_vectors(f["emb"], int(f["dim"]), 1, query_id)[0], device=text(f["device"]),
                      decision=decision, source=text(f["source"]), id=query_id, created=float(f["created"]))
-    except (KeyError, ValueError, IndexError) as err:
+    except PARSE_ERRORS as err:
         raise QueryError(f"query {query_id!r} is malformed: {err}") from err
+
+
+def read_queries(client: redis.Redis) -> tuple[list[Query], dict[str, str]]:
+    """(every active query that loads, oldest first; {id: why} of those that do not)."""
+    good, bad = [], {}
+    for query_id in map(text, client.smembers(QUERY_SET)):
+        try:
+            good.append(load_query(client, query_id))
+        except QueryError as err:
+            bad[query_id] = str(err)
+    return sorted(good, key=lambda q: q.created), bad
 
 
 def load_queries(client: redis.Redis) -> list[Query]:
     """Every active query, oldest first; malformed ones are left out."""
-    out = []
-    for query_id in client.smembers(QUERY_SET):
-        try:
-            out.append(load_query(client, text(query_id)))
-        except QueryError:
-            continue
-    return sorted(out, key=lambda q: q.created)
+    return read_queries(client)[0]
 
 
 def delete_query(client: redis.Redis, query_id: str) -> None:
@@ -270,11 +307,25 @@ def load_background(client: redis.Redis, model: str, modality: str) -> Backgroun
     if not f:
         return None
     try:
-        return Background(model, modality, tuple(text(f["prompts"]).split("\n")),
-                          _vector(f["emb"], int(f["dim"]), background_key(model, modality)),
+        prompts = tuple(text(f["prompts"]).split("\n"))
+        return Background(model, modality, prompts,
+                          _vectors(f["emb"], int(f["dim"]), len(prompts), background_key(model, modality)),
                           float(f["logit_scale"]), float(f["exclude_cos"]))
-    except (KeyError, ValueError) as err:
+    except PARSE_ERRORS as err:
         raise QueryError(f"{background_key(model, modality)} is malformed: {err}") from err
+
+
+def read_backgrounds(client: redis.Redis, keys) -> tuple[dict[tuple[str, str], Background | None],
+                                                         dict[tuple[str, str], str]]:
+    """(the background of each (model, modality) of `keys`, None where none loads; {key: why} of the
+    malformed ones)."""
+    found, bad = {}, {}
+    for model, modality in keys:
+        try:
+            found[model, modality] = load_background(client, model, modality)
+        except QueryError as err:
+            found[model, modality], bad[model, modality] = None, str(err)
+    return found, bad
 
 
 def ensure_background(client: redis.Redis, encoder, modality: str) -> Background:

@@ -18,9 +18,9 @@ import redis
 
 from sensors.protocol import NS_PER_S
 
-from .matcher import ALERTS_STREAM, Alert, ModalityIndex, build_indexes, is_unit
+from .matcher import ALERTS_STREAM, Alert, ModalityIndex, build_indexes, entry_problem
 from .publisher import stream_key
-from .queries import Query, QueryError, load_background, load_queries
+from .queries import Query, QueryError, load_background, load_queries, read_backgrounds
 from .subscriber import BadRecord, EmbeddingRecord, decode_record, stream_keys
 
 XRANGE_CHUNK = 10_000  # entries per XRANGE call (bounds the memory of one read)
@@ -50,7 +50,8 @@ def since_id(client: redis.Redis, since_ms: int | None) -> str:
 def read_chunks(client: redis.Redis, key: str, start: str = "-",
                 chunk: int = XRANGE_CHUNK) -> Iterator[tuple[list[EmbeddingRecord], int]]:
     """(records, malformed entries skipped) per XRANGE chunk of one stream, from `start` on; a record
-    that is not a finite unit vector counts as malformed."""
+    the matcher would not score (entry_problem: times out of range, not a finite unit vector) counts as
+    malformed."""
     while True:
         entries = client.xrange(key, min=start, count=chunk)
         if not entries:
@@ -62,7 +63,7 @@ def read_chunks(client: redis.Redis, key: str, start: str = "-",
             except BadRecord:
                 bad += 1
                 continue
-            if is_unit(r.emb):
+            if entry_problem(r) is None:
                 records.append(r)
             else:
                 bad += 1
@@ -124,8 +125,7 @@ def timeline(client: redis.Redis, device: str, since_ms: int | None = None,
              chunk: int = XRANGE_CHUNK) -> list[Series]:
     """Every query watching `device`, scored over the device's stored windows of its modality."""
     queries = [q for q in load_queries(client) if fnmatchcase(device, q.device)]
-    keys = {(q.model, q.modality) for q in queries}
-    indexes = build_indexes(queries, {k: load_background(client, *k) for k in keys})
+    indexes = build_indexes(queries, read_backgrounds(client, {(q.model, q.modality) for q in queries})[0])
     start = since_id(client, since_ms)
     alerts = [a for a in (Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM, min=start))
               if a.device == device]

@@ -13,7 +13,7 @@ from ray.util import metrics
 
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 LATENCY_WINDOW = 4096  # recent latencies kept for p50/p99 in `snapshot`
-MAX_LABELS = 1000  # distinct labels (devices, modalities) per stage; later ones are counted as "other"
+MAX_LABELS = 1000  # distinct labels (devices, modalities) per event of a stage; later ones count as "other"
 
 
 class StageMetrics:
@@ -25,7 +25,7 @@ class StageMetrics:
         self.counts: Counter = Counter()
         self.latencies: deque = deque(maxlen=LATENCY_WINDOW)
         self.busy_s = 0.0
-        self.labels: set[str] = set()
+        self.labels: dict[str, set[str]] = {}  # event -> its labels: a flood of one event's ids spares the others
         self._lock = threading.Lock()
         self._events = metrics.Counter(
             "bindstream_events_total", "Pipeline events per stage (in, out, drops by reason).",
@@ -43,10 +43,11 @@ class StageMetrics:
         if n <= 0:
             return
         with self._lock:
-            if label not in self.labels:
-                if len(self.labels) >= MAX_LABELS:
+            labels = self.labels.setdefault(event, set())
+            if label not in labels:
+                if len(labels) >= MAX_LABELS:
                     label = "other"  # a flood of device ids must not grow memory or metric series
-                self.labels.add(label)
+                labels.add(label)
             self.counts[event, label] += n
         self._events.inc(n, tags={"stage": self.stage, "event": event, "label": label})
 

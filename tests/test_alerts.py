@@ -177,7 +177,8 @@ def test_corrupt_records_are_counted_and_skipped(server, client):
     (good_id,) = write(client, "dev", [MATCH])
     m = matcher(server)
     drain(m)
-    assert counts(m, "corrupt") == 5
+    assert counts(m, "rejected_malformed") == 3 and counts(m, "rejected_not_unit") == 2
+    assert m.stats()["counts"]["rejected_malformed:dev"] == 3
     assert [a.source_id for a in alerts(client)] == [good_id]
     assert client.xpending(key, m.settings.group)["pending"] == 0
 
