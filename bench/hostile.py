@@ -31,8 +31,8 @@ ATTACKS = {
     "imu": ("IMU rows of +-3e38", attacks.huge_imu),
     "forged": ("seq 2^63-1 and clock +2^62 in the victim's name", attacks.forged_seq_and_clock),
     "ids": ("20,000 new device ids, one message each", functools.partial(attacks.device_id_flood, ids=20_000)),
-    "connections": ("2,000 silent ZeroMQ peers, 500 raw TCP, 20 x 30 MB partial frames, held 40 s",
-                    functools.partial(attacks.connection_flood, silent=2000, raw=500, partial=20, partial_mb=30,
+    "connections": ("2,000 silent ZeroMQ peers, 500 raw TCP, 20 x 14 MB partial frames, held 40 s",
+                    functools.partial(attacks.connection_flood, silent=2000, raw=500, partial=20, partial_mb=14,
                                       hold_s=40)),
 }
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="the legitimate device's stream, s (default 8)")
     args = parser.parse_args(argv)
     raise_file_limit(10_000)  # the connection flood's own sockets
-    console = Console()
+    console = Console(width=180)
     table = Table(title="Hostile neighbours (default bounds; memory: peak private MB over the level before)")
     for column in ("attack", "legit windows kept", "ingest", "window", "embed", "publish", "counted as"):
         table.add_column(column, justify="left" if column in ("attack", "counted as") else "right")

@@ -39,6 +39,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
 POLL_MS = 100
+EVENTS_PER_TICK = 1000
 SWEEP_S = 1.0  # how often idle connections are looked for
 FD_RESERVE = 64  # descriptors kept for everything else the process opens (Ray, Redis, files)
 
@@ -52,8 +53,9 @@ class ConnectionLimits:
     evict_idle_s: float = 1.0  # at the cap, a connection silent this long makes room for a new one
     handshake_timeout_s: float = 10.0  # a ZMTP (and CurveZMQ) handshake must finish within this
     heartbeat_s: float = 5.0  # ZMTP heartbeat interval; a peer silent for 3 of them is dropped by libzmq
-    max_devices: int = 2000  # device ids an ingest serves at once; a new one beyond is refused (counted)
+    max_devices: int = 2000  # device ids an ingest serves at once (its per-device state)
     device_idle_s: float = 300.0  # a device silent this long gives up its place
+    device_evict_idle_s: float = 5.0  # at the cap, one silent this long makes room for a new one, else refused
 
 
 class EventListener(Protocol):
@@ -69,6 +71,35 @@ def _malloc_trim() -> Callable[[], None]:
     except (OSError, AttributeError):
         return lambda: None
     return lambda: trim(0)
+
+
+def read_monitor(monitor: zmq.Socket, handle: Callable[[dict], None], tick: Callable[[], None]) -> None:
+    """Read a socket monitor until its socket closes (libzmq then sends MONITOR_STOPPED): `handle` each
+    event, then `tick` once the pending events are handled (a closed descriptor may have been reused) or
+    EVENTS_PER_TICK were, at least every POLL_MS. libzmq writes monitor events with a blocking send from its I/O thread, so a
+    monitor nobody reads stalls every socket of the context: nothing but the socket's end stops this."""
+    try:
+        while True:
+            try:
+                wait = POLL_MS
+                for _ in range(EVENTS_PER_TICK):  # then tick, also while events keep coming
+                    if not monitor.poll(wait):
+                        break
+                    wait = 0
+                    event = parse_monitor_message(monitor.recv_multipart())
+                    if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                        return
+                    handle(event)
+                tick()
+            except zmq.ZMQError:
+                raise
+            except Exception:  # keep reading whatever happens: see the docstring
+                log.exception("socket monitor event not handled")
+    except zmq.ZMQError as err:
+        if err.errno != zmq.ETERM:
+            log.exception("socket monitor stopped")
+    finally:
+        monitor.close(linger=0)
 
 
 def raise_file_limit(wanted: int) -> int:
@@ -105,9 +136,9 @@ class ConnectionGuard:
         self.last_message: dict[int, float] = {}  # descriptor -> time of its last complete message
         self._freed = False  # connections closed since the last sweep
         self._trim = _malloc_trim()
-        monitor = socket.get_monitor_socket(zmq.EVENT_ALL)
-        self._thread = threading.Thread(target=self._watch, args=(monitor,), name="ingest-connections",
-                                        daemon=True)
+        self._next_sweep = time.monotonic() + SWEEP_S
+        self._thread = threading.Thread(target=read_monitor, name="ingest-connections", daemon=True,
+                                        args=(socket.get_monitor_socket(zmq.EVENT_ALL), self._handle, self._tick))
         self._thread.start()
 
     def seen(self, frame: zmq.Frame) -> None:
@@ -120,35 +151,14 @@ class ConnectionGuard:
     def stats(self) -> dict:
         return {"connections": len(self.opened)}
 
-    def _watch(self, monitor: zmq.Socket) -> None:
-        """Reads events until the socket closes (libzmq then sends MONITOR_STOPPED): a monitor nobody reads
-        would stall the socket's I/O thread, so nothing here may end the loop early."""
-        next_sweep = time.monotonic() + SWEEP_S
-        try:
-            while True:
-                try:
-                    if monitor.poll(POLL_MS) and self._handle(monitor) == zmq.EVENT_MONITOR_STOPPED:
-                        return
-                    if time.monotonic() >= next_sweep:
-                        while monitor.poll(0):  # the latest state first: a closed descriptor may be reused
-                            if self._handle(monitor) == zmq.EVENT_MONITOR_STOPPED:
-                                return
-                        self._close_idle(time.monotonic())
-                        next_sweep = time.monotonic() + SWEEP_S
-                    for listener in self.listeners:
-                        listener.tick()
-                except zmq.ZMQError:
-                    raise
-                except Exception:  # keep reading whatever happens: see the docstring
-                    log.exception("ingest connection event not handled")
-        except zmq.ZMQError as err:
-            if err.errno != zmq.ETERM:
-                log.exception("ingest connection monitor stopped")
-        finally:
-            monitor.close(linger=0)
+    def _tick(self) -> None:
+        if time.monotonic() >= self._next_sweep:
+            self._close_idle(time.monotonic())
+            self._next_sweep = time.monotonic() + SWEEP_S
+        for listener in self.listeners:
+            listener.tick()
 
-    def _handle(self, monitor: zmq.Socket) -> int:
-        event = parse_monitor_message(monitor.recv_multipart())
+    def _handle(self, event: dict) -> None:
         kind, fd = event["event"], event["value"]
         if kind == zmq.EVENT_ACCEPTED:
             if len(self.opened) < self.max_connections or self._evict_one():
@@ -163,7 +173,6 @@ class ConnectionGuard:
             self._freed = True
         for listener in self.listeners:
             listener.on_monitor_event(event)
-        return kind
 
     def _silent_since(self, fd: int) -> float:
         return max(self.opened[fd], self.last_message.get(fd, 0.0))

@@ -2,8 +2,11 @@
 images stay encoded) and routes it by device to the windowing actor that owns that device's windows.
 
 Bounds: connections (number, idle time: streaming/connections.py), and devices: at most `max_devices`
-device ids at once; one silent for `device_idle_s` gives up its place, and a new one beyond the cap is
-refused (`rejected_device_cap`), so a flood of ids cannot grow ingest's per-device state.
+device ids at once; one silent for `device_idle_s` gives up its place; at the cap, a new id takes the
+place of the one silent longest if that one has been silent `device_evict_idle_s` (it loses nothing: it is
+admitted again when it returns), else it is refused (`rejected_device_cap`). So a flood of ids cannot
+grow ingest's per-device state, devices that send keep their places, and a flood that stopped cannot
+lock newcomers out.
 
 Frames that no window samples (most of a 30 fps stream: a window takes 2 camera frames, 1 depth frame)
 are forwarded without their pixels, as timestamps; see streaming/windowing.py."""
@@ -133,20 +136,26 @@ class Ingest:
         self.metrics.busy(time.perf_counter() - start)
 
     def _admit(self, device: str) -> bool:
-        """Whether `device` may send now: it is active, or there is room (after letting idle ones go)."""
+        """Whether `device` may send now: it is known, or there is room (see the module docstring)."""
         now = time.monotonic()
         if device in self.devices:
             self.devices.move_to_end(device)
         else:
-            idle_s = self.settings.connections.device_idle_s
-            while self.devices and now - next(iter(self.devices.values())) > idle_s:
-                gone, _ = self.devices.popitem(last=False)
-                for sensor in FRAME_SENSORS:
-                    self.last_frame_t.pop((gone, sensor), None)
-            if len(self.devices) >= self.settings.connections.max_devices:
-                return False
+            limits = self.settings.connections
+            while self.devices and now - next(iter(self.devices.values())) > limits.device_idle_s:
+                self._forget_oldest()
+            if len(self.devices) >= limits.max_devices:
+                if now - next(iter(self.devices.values())) < limits.device_evict_idle_s:
+                    return False
+                self._forget_oldest()
+                self.metrics.count("evicted_idle_device")
         self.devices[device] = now
         return True
+
+    def _forget_oldest(self) -> None:
+        gone, _ = self.devices.popitem(last=False)
+        for sensor in FRAME_SENSORS:
+            self.last_frame_t.pop((gone, sensor), None)
 
     def _thin(self, msg, modality: str) -> None:
         """Drop the pixels of a frame no window samples. A frame whose time does not follow the last one

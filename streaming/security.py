@@ -42,7 +42,8 @@ from urllib.parse import urlsplit, urlunsplit
 import zmq
 import zmq.auth
 from zmq.utils import z85
-from zmq.utils.monitor import parse_monitor_message
+
+from .connections import read_monitor
 
 log = logging.getLogger(__name__)
 
@@ -216,31 +217,6 @@ class CurveAuth:
             self._next_reload = time.monotonic() + self.settings.reload_every_s
             self._maybe_reload()
 
-    def _watch(self, monitor: zmq.Socket) -> None:
-        """Monitor thread (when `secure_server` reads the monitor itself): see `on_monitor_event`, `tick`.
-
-        It reads until the server socket is closed (libzmq then sends MONITOR_STOPPED), even after `stop()`:
-        libzmq writes monitor events with a blocking send from its I/O thread, so a monitor nobody reads, or
-        one whose reader went away, stalls every socket of the context."""
-        try:
-            while True:
-                try:
-                    if monitor.poll(POLL_MS):
-                        event = parse_monitor_message(monitor.recv_multipart())
-                        if event["event"] == zmq.EVENT_MONITOR_STOPPED:
-                            return  # the server socket was closed
-                        self.on_monitor_event(event)
-                    self.tick()
-                except zmq.ZMQError:
-                    raise
-                except Exception:  # keep reading whatever happens: see the docstring
-                    log.exception("CURVE monitor event not handled")
-        except zmq.ZMQError as err:
-            if err.errno != zmq.ETERM:
-                log.exception("CURVE monitor stopped")
-        finally:
-            monitor.close(linger=0)
-
     def stats(self) -> dict:
         with self._lock:
             return {"allowed_keys": len(self._allowed), "refused": dict(self.refused),
@@ -386,8 +362,8 @@ def secure_server(socket: zmq.Socket, settings: CurveSettings, on_refused: Calla
     auth._socket = socket
     if monitor:
         events = socket.get_monitor_socket(_MONITORED | zmq.EVENT_MONITOR_STOPPED)
-        auth._monitor = threading.Thread(target=auth._watch, args=(events,), name="bindstream-curve-monitor",
-                                         daemon=True)
+        auth._monitor = threading.Thread(target=read_monitor, args=(events, auth.on_monitor_event, auth.tick),
+                                         name="bindstream-curve-monitor", daemon=True)
         auth._monitor.start()
     return auth
 

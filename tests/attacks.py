@@ -126,9 +126,9 @@ class Outcome:
     counted: Counter  # "stage: event" -> n, counted under an attacker's id (or the victim's, for forgeries)
 
 
-def counted_under(stats: dict[str, list[dict]], prefix: str) -> Counter:
-    """Drops, refusals and closures counted under labels starting with `prefix`, under "other" (where a stage
-    counts labels beyond its cap of distinct ones), and unlabelled ones of ingest (connections)."""
+def counted_under(stats: dict[str, list[dict]], prefix: tuple[str, ...]) -> Counter:
+    """Drops, refusals and closures counted under labels starting with one of `prefix`, under "other" (where
+    a stage counts labels beyond its cap of distinct ones), and unlabelled ones of ingest (connections)."""
     out: Counter = Counter()
     for stage, actors in stats.items():
         for actor in actors:
@@ -147,7 +147,7 @@ def beside_legit(pipeline, redis_url: str, name: str, attack, seconds: float = 6
     victim = f"legit-{name}"
     messages = list(SimulatedWearable(victim, seed=seed, start_ns=START_NS).messages(seconds))
     expected = expected_windows(messages)
-    before = Counter(counted_under(pipeline.stats(), ATTACKER)) + counted_under(pipeline.stats(), victim)
+    before = counted_under(pipeline.stats(), (ATTACKER, victim))
     watch = MemoryWatch(actor_pids(pipeline))
     sender = threading.Thread(target=send_paced, args=(endpoint, messages, 1.0))
     sender.start()
@@ -157,7 +157,7 @@ def beside_legit(pipeline, redis_url: str, name: str, attack, seconds: float = 6
     while time.monotonic() < deadline and not expected <= set(published_keys(redis_url, victim)):
         time.sleep(0.2)
     stats = pipeline.stats()
-    counted = counted_under(stats, ATTACKER) + counted_under(stats, victim)
+    counted = counted_under(stats, (ATTACKER, victim))
     counted.subtract(before)
     return Outcome(name, len(expected), len(expected - set(published_keys(redis_url, victim))), watch.growth(),
                    +counted)
@@ -226,10 +226,10 @@ def forged_seq_and_clock(endpoint: str, victim: str) -> None:
                          for f in forged])
 
 
-def device_id_flood(endpoint: str, victim: str, ids: int = 2000) -> None:
-    """One small IMU message from each of `ids` new device ids."""
+def device_id_flood(endpoint: str, victim: str, ids: int = 2000, name: str = f"{ATTACKER}-id") -> None:
+    """One small IMU message from each of `ids` new device ids (`name` and a number)."""
     row = np.zeros((1, 6), np.float32).tobytes()
-    _send_all(endpoint, [(dict(device=f"{ATTACKER}-id{k}", sensor="imu", seq=0, t_ns=START_NS, rate=800), row)
+    _send_all(endpoint, [(dict(device=f"{name}{k}", sensor="imu", seq=0, t_ns=START_NS, rate=800), row)
                          for k in range(ids)])
 
 
@@ -243,7 +243,7 @@ def _zmtp_push_greeting() -> bytes:
 def connection_flood(endpoint: str, victim: str, silent: int = 200, raw: int = 100, partial: int = 10,
                      partial_mb: int = 4, hold_s: float = 5.0) -> None:
     """`silent` ZeroMQ peers that connect and never send, `raw` TCP connections that never greet, and
-    `partial` peers that send the first `partial_mb` MB of an 8 MB frame and stall; all held `hold_s`."""
+    `partial` peers that send `partial_mb` MB of a frame 1 MB longer and stall; all held `hold_s`."""
     host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
     ctx = zmq.Context()
     ctx.max_sockets = silent + 16
@@ -256,7 +256,7 @@ def connection_flood(endpoint: str, victim: str, silent: int = 200, raw: int = 1
     chunk = bytes(partial_mb * MB)
     for _ in range(partial):
         conn = socket.create_connection((host, int(port)))
-        conn.sendall(_zmtp_push_greeting() + b"\x03" + (8 * MB).to_bytes(8, "big"))
+        conn.sendall(_zmtp_push_greeting() + b"\x03" + ((partial_mb + 1) * MB).to_bytes(8, "big"))
         try:
             conn.settimeout(2)
             conn.sendall(chunk)

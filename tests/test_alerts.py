@@ -66,12 +66,17 @@ def server():
         yield s
 
 
-@pytest.fixture
-def client(server):
-    c = redis.Redis.from_url(server.url)
+def client_with_background(url: str) -> redis.Redis:
+    """A client of the server at `url`, which gets the audio background prompts the tests' queries use."""
+    c = redis.Redis.from_url(url)
     save_background(c, Background(MODEL, "audio", tuple(f"b{i}" for i in BACKGROUND),
                                   np.stack([basis(i) for i in BACKGROUND])))
     return c
+
+
+@pytest.fixture
+def client(server):
+    return client_with_background(server.url)
 
 
 def add_query(client, decision=Decision(), device="*", text="a dog barking", vector=MATCH) -> Query:

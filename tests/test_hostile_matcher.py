@@ -17,13 +17,12 @@ from sensors.protocol import INT64_MAX
 from streaming.alerts_cli import alert
 from streaming.matcher import Matcher, MatcherSettings, QueryState, state_key
 from streaming.publisher import encode_fields, stream_key
-from streaming.queries import (QUERY_SET, Background, Decision, Query, background_key, notify, query_key,
-                               save_background, save_query)
+from streaming.queries import QUERY_SET, Decision, Query, background_key, notify, query_key, save_query
 from streaming.records import Embedding
 from streaming.search import timeline
 
 from .conftest import wait_for
-from .test_alerts import (BACKGROUND, MATCH, MODEL, QUIET, SECOND, WAIT_S, WINDOW_S, add_query, alerts, basis,
+from .test_alerts import (MATCH, MODEL, QUIET, SECOND, WAIT_S, WINDOW_S, add_query, alerts, client_with_background,
                           counts, write)
 
 ONE_SHOT = Decision(k=1, n=1, cooldown_s=0)  # every re-armed matching window fires
@@ -38,10 +37,9 @@ def server(redis_server):
 
 @pytest.fixture
 def client(server):
-    c = redis.Redis.from_url(server.url)
-    save_background(c, Background(MODEL, "audio", tuple(f"b{i}" for i in BACKGROUND),
-                                  np.stack([basis(i) for i in BACKGROUND])))
-    return c
+    return client_with_background(server.url)
+
+
 
 
 def matcher(server, **overrides) -> Matcher:
