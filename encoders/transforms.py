@@ -195,21 +195,27 @@ def resampler_taps(rate: int, target: int) -> int:
 def nominal_rate(rate: int, target: int) -> int:
     """The rate a stream is resampled as: its own, unless its kernel would exceed MAX_RESAMPLER_TAPS; then
     the nearest multiple of RATE_GRID_HZ (a pitch and time error of at most 0.6 % at 8 kHz, 23 ppm at
-    44.1 kHz), whose kernel to 16 kHz is at most 331k taps. So the cost of any accepted rate is bounded."""
+    44.1 kHz), whose kernel to 16 kHz has at most 331k taps. So no accepted rate costs more than 2^19 taps
+    (measured worst: 26 ms for a 2 s window of 8 channels)."""
     if resampler_taps(rate, target) <= MAX_RESAMPLER_TAPS:
         return rate
     return max(RATE_GRID_HZ, round(rate / RATE_GRID_HZ) * RATE_GRID_HZ)
 
 
-@functools.lru_cache(maxsize=32)
 def get_resampler(rate: int, target: int = AUDIO_RATE) -> torchaudio.transforms.Resample:
-    """One torchaudio resampler per (nominal rate, target), built once and reused (at most 32 x 2 MiB).
+    """The resampler of `rate`'s nominal rate to `target`: one per pair, built once and reused (at most 32,
+    of at most 2 MiB each: rates with the same nominal rate share one).
 
     Default settings (Hann-windowed sinc, 6 zero crossings, rolloff 0.99); the kernel is computed in
     float32 as `torchaudio.functional.resample` does for float32 input (the reference's call), which
     the transform's default float64-then-cast kernel misses by ~1e-6 (up to ~4e-3 in the log-mel).
     """
-    return torchaudio.transforms.Resample(nominal_rate(rate, target), target, lowpass_filter_width=RESAMPLER_WIDTH,
+    return _resampler(nominal_rate(rate, target), target)
+
+
+@functools.lru_cache(maxsize=32)
+def _resampler(rate: int, target: int) -> torchaudio.transforms.Resample:
+    return torchaudio.transforms.Resample(rate, target, lowpass_filter_width=RESAMPLER_WIDTH,
                                           rolloff=RESAMPLER_ROLLOFF, dtype=torch.float32)
 
 

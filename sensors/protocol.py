@@ -14,7 +14,7 @@ import cv2
 import msgpack
 import numpy as np
 
-from .images import encoded_image_size, jpeg_scan_count, png_decoded_bytes
+from .images import encoded_image_size, jpeg_scan_count, png_decoded_bytes, png_inflates_within_size
 
 VERSION = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -322,6 +322,8 @@ def decode_image(msg: SensorMessage) -> np.ndarray:
         raise ValueError(f"decode_image needs a camera message, got {msg.sensor!r}")
     if msg.encoding == "raw":
         return msg.payload
+    if msg.encoding == "png" and not png_inflates_within_size(msg.payload):  # too costly to check at ingest
+        raise Rejected(TOO_COSTLY, f"png payload of {msg.device} seq {msg.seq} holds more data than its size")
     # the pixels as stored: the declared shape is the stored one, whatever EXIF orientation says
     bgr = cv2.imdecode(msg.payload, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:

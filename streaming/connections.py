@@ -9,15 +9,18 @@ the descriptor it came from (`seen`). With these it:
   longest, if that one delivered nothing for `evict_idle_s` (`evicted_idle`), else it is closed at once
   (`refused_connection_cap`); so devices that send keep their connections, and idle ones cannot lock
   newcomers out;
-- closes a connection that delivered no complete message for `idle_timeout_s` (`closed_idle`): a silent
-  peer, or one stuck inside a large message, whose buffer is then freed;
+- closes a connection that delivered no valid message for `idle_timeout_s` (`closed_idle`): a silent
+  peer, one stuck inside a large message (whose buffer is then freed), or one sending only garbage;
 and sets libzmq's handshake timeout and heartbeats, which close peers that never finish the handshake or
 no longer answer. So the memory of partial messages is at most max_connections x MAXMSGSIZE, and no
 longer than idle_timeout_s.
 
-A device loses nothing when its idle connection is closed: its PUSH socket reconnects by itself and keeps
-unsent messages across the reconnect. Closing is `shutdown()` on a duplicate of the descriptor, so that
-libzmq sees the peer go and closes its own end (the descriptor stays libzmq's to close).
+Silence is judged only while the receiving thread keeps up (`drained` recently): when it falls behind,
+messages wait in libzmq's queues and their senders would look silent. A device loses nothing when its
+idle connection is closed: its PUSH socket reconnects by itself and keeps unsent messages across the
+reconnect. Closing is `shutdown()` on a duplicate of the descriptor, so that libzmq sees the peer go and
+closes its own end (the descriptor stays libzmq's to close), and only if the descriptor still has the
+peer address it had when accepted (a descriptor number is reused once closed).
 
 A socket has one monitor: other readers of its events (the CurveZMQ accounting) are passed as listeners.
 """
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 POLL_MS = 100
 EVENTS_PER_TICK = 1000
 SWEEP_S = 1.0  # how often idle connections are looked for
+KEEPING_UP_S = 1.0  # the receiving thread found the socket empty this recently: silence means silence
 FD_RESERVE = 64  # descriptors kept for everything else the process opens (Ray, Redis, files)
 
 
@@ -132,8 +136,9 @@ class ConnectionGuard:
         socket.setsockopt(zmq.HANDSHAKE_IVL, int(limits.handshake_timeout_s * 1000))
         socket.setsockopt(zmq.HEARTBEAT_IVL, int(limits.heartbeat_s * 1000))
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * limits.heartbeat_s * 1000))
-        self.opened: dict[int, float] = {}  # descriptor -> time accepted (monitor thread only)
-        self.last_message: dict[int, float] = {}  # descriptor -> time of its last complete message
+        self.opened: dict[int, tuple[float, object]] = {}  # descriptor -> (time accepted, peer address)
+        self.last_message: dict[int, float] = {}  # descriptor -> time of its last valid message
+        self.last_drained = time.monotonic()  # when the receiving thread last found nothing waiting
         self._freed = False  # connections closed since the last sweep
         self._trim = _malloc_trim()
         self._next_sweep = time.monotonic() + SWEEP_S
@@ -142,11 +147,18 @@ class ConnectionGuard:
         self._thread.start()
 
     def seen(self, frame: zmq.Frame) -> None:
-        """A complete message arrived on `frame`'s connection (called by the receiving thread)."""
+        """A valid message arrived on `frame`'s connection (called by the receiving thread)."""
         try:
             self.last_message[frame.get(zmq.SRCFD)] = time.monotonic()
         except zmq.ZMQError:
             pass
+
+    def drained(self) -> None:
+        """The receiving thread found nothing waiting: it keeps up (called by it)."""
+        self.last_drained = time.monotonic()
+
+    def _keeping_up(self) -> bool:
+        return time.monotonic() - self.last_drained < KEEPING_UP_S
 
     def stats(self) -> dict:
         return {"connections": len(self.opened)}
@@ -161,11 +173,12 @@ class ConnectionGuard:
     def _handle(self, event: dict) -> None:
         kind, fd = event["event"], event["value"]
         if kind == zmq.EVENT_ACCEPTED:
+            peer = _peer(fd)
             if len(self.opened) < self.max_connections or self._evict_one():
-                self.opened[fd] = time.monotonic()
+                self.opened[fd] = (time.monotonic(), peer)
                 self.last_message.pop(fd, None)
             else:
-                self._close(fd)
+                _close(fd, peer)
                 self.count("refused_connection_cap")
         elif kind == zmq.EVENT_DISCONNECTED:
             self.opened.pop(fd, None)
@@ -175,32 +188,43 @@ class ConnectionGuard:
             listener.on_monitor_event(event)
 
     def _silent_since(self, fd: int) -> float:
-        return max(self.opened[fd], self.last_message.get(fd, 0.0))
+        return max(self.opened[fd][0], self.last_message.get(fd, 0.0))
 
     def _evict_one(self) -> bool:
         """Close the connection silent longest, if it has been silent `evict_idle_s`; whether one was."""
         fd = min(self.opened, key=self._silent_since)
-        if time.monotonic() - self._silent_since(fd) < self.limits.evict_idle_s:
+        if not self._keeping_up() or time.monotonic() - self._silent_since(fd) < self.limits.evict_idle_s:
             return False
-        self._close(fd)
-        del self.opened[fd]
+        _close(fd, self.opened.pop(fd)[1])
         self.count("evicted_idle")
         return True
 
     def _close_idle(self, now: float) -> None:
+        if not self._keeping_up():
+            return
         idle = [fd for fd in self.opened if now - self._silent_since(fd) > self.limits.idle_timeout_s]
         for fd in idle:
-            self._close(fd)
-            del self.opened[fd]
+            _close(fd, self.opened.pop(fd)[1])
             self.count("closed_idle")
         if self._freed:
             self._trim()  # closed connections freed their buffers (and partial messages): return the memory
             self._freed = False
 
-    @staticmethod
-    def _close(fd: int) -> None:
-        try:
-            with pysocket.socket(fileno=os.dup(fd)) as peer:
-                peer.shutdown(pysocket.SHUT_RDWR)
-        except OSError:  # already gone
-            pass
+
+def _peer(fd: int) -> object:
+    """The remote address of the connection on descriptor `fd` (None if it is gone)."""
+    try:
+        with pysocket.socket(fileno=os.dup(fd)) as conn:
+            return conn.getpeername()
+    except OSError:
+        return None
+
+
+def _close(fd: int, peer: object) -> None:
+    """Shut the connection on `fd` down, if it is still the one from `peer`."""
+    try:
+        with pysocket.socket(fileno=os.dup(fd)) as conn:
+            if peer is not None and conn.getpeername() == peer:
+                conn.shutdown(pysocket.SHUT_RDWR)
+    except OSError:  # already gone
+        pass

@@ -99,9 +99,12 @@ class Ingest:
                     try:
                         frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
+                        self.connections.drained()
                         break
                     first_arrival = first_arrival or time.time_ns()
                     self._accept(frames, batches)
+            else:
+                self.connections.drained()
             if first_arrival and (time.time_ns() - first_arrival >= self.settings.batch_ms * 1e6
                                   or sum(map(len, batches.values())) >= self.settings.batch_max):
                 self._flush(batches, first_arrival)
@@ -111,7 +114,6 @@ class Ingest:
 
     def _accept(self, frames, batches: dict[str, list]) -> None:
         start = time.perf_counter()
-        self.connections.seen(frames[0])
         try:
             msg = decode(frames, self.settings.limits)
             if self.auth and peer_user_id(frames[0]) != msg.device:
@@ -127,6 +129,7 @@ class Ingest:
                 # str(err), not err: a logged exception would keep the received buffers alive
                 log.warning("rejected a message from %s: %s (further ones are only counted)", device, str(err))
             return
+        self.connections.seen(frames[0])
         self.bytes_in += msg.nbytes
         modality = SENSOR_MODALITY[msg.sensor]
         self.metrics.count("in", modality)

@@ -6,17 +6,20 @@ have identical bounds (which is what `fused` embeddings combine). A window is cu
 has data up to its end; the first window is the first grid point at or after the stream's first data.
 
 Per message, in order:
-- a jump: `seq` back at 0 after a higher one, or more than `seq_replay_window` below the last one
-  (`device_restart`); `seq` more than `max_seq_jump` ahead (`seq_jump`); time more than
-  `max_clock_jump_ns` away from the stream's, either way (`clock_jump`). The message is held until the
-  next one: if that one follows it (next `seq`, time within the jump bound), the device really jumped
-  and a new session starts with both messages, with the next `epoch` (which keeps its windows apart
-  from the old session's); if not, the held message was a lone outlier (spoofed or corrupt) and is
-  dropped. Either way the reason is counted once, and `seq_lost` never counts across a jump. So one
-  forged message costs a stream nothing, and a real restart loses no message.
-- `seq` not above the last one: duplicate or reordered, dropped (`seq_replay`); `seq` jumping ahead:
-  the missing messages are counted as `seq_lost` and the message is kept.
-- time going backwards (or a chunk overlapping the previous one): dropped (`clock_backwards`).
+- a message that does not continue its stream is held until the stream's next message. Why it does not:
+  `seq` back at 0 after a higher one, or more than `seq_replay_window` below the last one
+  (`device_restart`); `seq` more than `max_seq_jump` ahead (`seq_jump`), or more than `seq_confirm_gap`
+  ahead (`seq_skip`: confirmed, the stream goes on and counts the messages lost); time more than
+  `max_clock_jump_ns` away from the stream's, either way (`clock_jump`); `seq` not above the last one
+  (`seq_replay`: a duplicate, or a restart whose first message was lost); time going backwards, or a
+  chunk overlapping the previous one (`clock_backwards`). If the next message follows the held one (next
+  `seq`, at most a clock jump later), the device really started anew: a new session starts with both
+  messages, with the next `epoch` (which keeps its windows apart from the old session's). If not, the
+  held message was a lone outlier (a duplicate, or spoofed or corrupt) and is dropped. Either way the
+  reason is counted once, when the next message (or the drain) settles it, and `seq_lost` never counts
+  across a new session. So one bad message costs a stream nothing but itself, and a restart loses no
+  message. (What forged messages can still do without CurveZMQ: SECURITY.md.)
+- `seq` jumping ahead: the missing messages are counted as `seq_lost` and the message is kept.
 - a hole in the data (a chunk starting after the previous one ended, or frames further apart than
   `max_frame_gap_ns`), or a change of a chunk's rate, channels or dtype (`format_change`): every window
   that would contain it is dropped (`gap`).
@@ -50,12 +53,13 @@ import numpy as np
 import torch
 
 from encoders import transforms
-from sensors.protocol import NS_PER_S, Rejected, SensorMessage, decode_image
+from sensors.protocol import NS_PER_S, TOO_COSTLY, Rejected, SensorMessage, decode_image
 
 from .records import SENSOR_MODALITY, Window
 from .stage import Downstream, StageMetrics
 
 SECOND = NS_PER_S
+SEQ_SKIP = "seq_skip"  # a message far ahead in `seq` not (yet) confirmed by the next one
 log = logging.getLogger(__name__)
 FRAME_SENSORS = ("camera", "depth", "thermal")
 VISION_FRAMES = 2
@@ -79,9 +83,10 @@ class WindowingConfig:
     max_streams: int = 10_000  # (device, sensor) pairs one windower keeps; beyond, the least recent goes
     seq_replay_window: int = 1024  # a `seq` this far below the last one is a replay; further, a restart
     max_seq_jump: int = 1 << 20  # messages a device may lose (counted) before a jump means a new session
-    max_clock_jump_ns: int = 300 * SECOND  # a jump in time beyond this, either way, starts a new session
-    device_cpu_share: float = 0.25  # preprocessing CPU seconds per second one device may use
-    device_cpu_burst_s: float = 2.0  # ... and how much of it may be spent at once
+    seq_confirm_gap: int = 64  # a `seq` further ahead than this waits for the next message to confirm it
+    max_clock_jump_ns: int = 10 * SECOND  # a jump in time beyond this, either way, starts a new session
+    device_cpu_share: float = 0.25  # CPU seconds per second of this stage one device may use
+    device_cpu_burst_s: float = 0.5  # ... and how much of it at once (a legitimate window costs ~0.05 s)
 
     def spec(self, modality: str) -> WindowSpec:
         return self.imu if modality == "imu" else self.audio if modality == "audio" else self.vision
@@ -180,21 +185,31 @@ class Windower:
         key = (msg.device, msg.sensor)
         stream = self._stream_for(key)
         held, stream.held = stream.held, None
-        if held and self._follows(held[0], msg):  # two in a row: the device really jumped
-            self.drops[msg.device, held[1]] += 1  # the old session's incomplete windows are lost
-            stream = self._stream_for(key, new_session=True)
+        why = self._discontinuity(stream, msg)
+        if held and why and self._follows(held[0], msg):  # two in a row: the device really skipped or started anew
+            if held[1] != SEQ_SKIP:
+                self.drops[msg.device, held[1]] += 1  # the old session's incomplete windows are lost
+                stream = self._stream_for(key, new_session=True)
             return self._add(stream, held[0], arrived_ns) + self._add(stream, msg, arrived_ns)
-        if held:
-            self.drops[msg.device, held[1]] += 1  # a lone outlier, dropped
-        jump = self._jump(stream, msg)
-        if jump:
-            stream.held = (msg, jump)
+        if held:  # a lone outlier, dropped
+            self.drops[msg.device, held[1]] += 1
+            if stream.last_seq is not None and held[0].seq == stream.last_seq + 1 < msg.seq:
+                stream.last_seq = held[0].seq  # it was received (and dropped), not lost
+                why = self._discontinuity(stream, msg)
+        if why:
+            stream.held = (msg, why)
             return []
         return self._add(stream, msg, arrived_ns)
 
+    def settle_held(self) -> None:
+        """Count every held message as dropped (at the drain: no next message will settle them)."""
+        for (device, _), stream in self.streams.items():
+            if stream.held:
+                self.drops[device, stream.held[1]] += 1
+                stream.held = None
+
     def _add(self, stream: SensorStream, msg: SensorMessage, arrived_ns: int) -> list[Window]:
-        if not self._in_order(stream, msg):
-            return []
+        self._count_lost(stream, msg)
         if self.cpu.left(msg.device) <= 0:  # over its share: dropped (the windows it was in count as gaps)
             self.drops[msg.device, "throttled"] += 1
             return []
@@ -234,8 +249,8 @@ class Windower:
         """Whether `then` continues `first`: the next `seq`, at most a clock jump later."""
         return then.seq == first.seq + 1 and 0 <= then.t_ns - first.t_ns <= self.config.max_clock_jump_ns
 
-    def _jump(self, stream: SensorStream, msg: SensorMessage) -> str | None:
-        """Why `msg` cannot continue `stream`'s session, if it cannot (Python ints: no overflow)."""
+    def _discontinuity(self, stream: SensorStream, msg: SensorMessage) -> str | None:
+        """Why `msg` does not continue `stream`, if it does not (Python ints: no overflow)."""
         last, config = stream.last_seq, self.config
         if last is None:
             return None
@@ -243,27 +258,24 @@ class Windower:
             return "device_restart"
         if msg.seq - last > config.max_seq_jump:
             return "seq_jump"
+        if msg.seq - last > config.seq_confirm_gap:
+            return SEQ_SKIP
         if stream.end_ns is not None and abs(msg.t_ns - stream.end_ns) > config.max_clock_jump_ns:
             return "clock_jump"
-        return None
-
-    # ----- checks -----
-
-    def _in_order(self, stream: SensorStream, msg: SensorMessage) -> bool:
-        if stream.last_seq is not None:
-            if msg.seq <= stream.last_seq:
-                self.drops[msg.device, "seq_replay"] += 1
-                return False
-            if msg.seq > stream.last_seq + 1:
-                self.drops[msg.device, "seq_lost"] += msg.seq - stream.last_seq - 1
-        stream.last_seq = msg.seq
+        if msg.seq <= last:
+            return "seq_replay"
         if msg.sensor in FRAME_SENSORS:
             backwards = stream.last_t is not None and msg.t_ns <= stream.last_t
         else:
-            backwards = stream.end_ns is not None and msg.t_ns < stream.end_ns - self.config.clock_tolerance_ns
-        if backwards:
-            self.drops[msg.device, "clock_backwards"] += 1
-        return not backwards
+            backwards = stream.end_ns is not None and msg.t_ns < stream.end_ns - config.clock_tolerance_ns
+        return "clock_backwards" if backwards else None
+
+    # ----- checks -----
+
+    def _count_lost(self, stream: SensorStream, msg: SensorMessage) -> None:
+        if stream.last_seq is not None and msg.seq > stream.last_seq + 1:
+            self.drops[msg.device, "seq_lost"] += msg.seq - stream.last_seq - 1
+        stream.last_seq = msg.seq
 
     def _has_hole(self, stream: SensorStream, msg: SensorMessage) -> bool:
         """A hole in the data, or a change of sample format (rate, channels, dtype) that chunks must not mix."""
@@ -305,8 +317,8 @@ class Windower:
         """(window data, None), or (None, why not): one window's failure never reaches the stream."""
         try:
             data = self._window_data(stream, t0, t1)
-        except (Rejected, ValueError):  # e.g. a JPEG that does not decode: the window is lost, not the stream
-            return None, "bad_data"
+        except (Rejected, ValueError) as err:  # e.g. a JPEG that does not decode: the window is lost, not the stream
+            return None, TOO_COSTLY if getattr(err, "reason", None) == TOO_COSTLY else "bad_data"
         except Exception as err:  # e.g. an allocation refused: the window is lost, not the stage
             if (device, type(err).__name__) not in self.reported and len(self.reported) < REPORTED_MAX:
                 self.reported.add((device, type(err).__name__))
@@ -471,6 +483,9 @@ class WindowStage:
 
     def flush(self) -> dict:
         """Hand every window cut so far to the embedders and wait until they are published."""
+        self.windower.settle_held()
+        for (device, reason), n in self.windower.take_drops().items():
+            self.metrics.count(f"dropped_{reason}", device, n)
         with self._lock:
             while self.backlog:
                 self._push_next()

@@ -48,18 +48,29 @@ def scan_bomb_jpeg(side: int = 4096, scans: int = 30_000) -> bytes:
     return jpeg[:second_scan] + EMPTY_AC_SCAN * scans + EOI
 
 
+def padded_png(side: int = 64, pad_mb: int = 200) -> bytes:
+    """A valid side x side RGB PNG whose image data goes on with `pad_mb` MB of compressed zeros: libpng
+    inflates them all (~2 s per GB) although the image needs a few kB."""
+    row = b"\x00" + bytes(side * 3)
+    deflate = zlib.compressobj(9)
+    compressed = deflate.compress(row * side) + b"".join(deflate.compress(bytes(MB)) for _ in range(pad_mb))
+    return _png(struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0), compressed + deflate.flush())
+
+
+def _png(ihdr: bytes, idat: bytes) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
 def png_bomb(side: int = 4096, bit_depth: int = 16, colour_type: int = 6) -> bytes:
     """A PNG of zeros (RGBA, 16 bits by default): ~130 kB that inflate to side * side * 8 bytes."""
     samples = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
     row = b"\x00" + bytes(side * samples * bit_depth // 8)  # filter byte, then the row's samples
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", side, side, bit_depth, colour_type, 0, 0, 0)
-    idat = zlib.compressobj(9)
-    compressed = b"".join(idat.compress(row) for _ in range(side)) + idat.flush()
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", compressed) + chunk(b"IEND", b"")
+    deflate = zlib.compressobj(9)
+    compressed = b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush()
+    return _png(struct.pack(">IIBBBBB", side, side, bit_depth, colour_type, 0, 0, 0), compressed)
 
 
 # ----- a legitimate device beside an attack -----

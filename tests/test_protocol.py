@@ -13,7 +13,7 @@ from sensors import protocol as p
 from sensors import DevicePublisher, Limits, Rejected, decode, decode_image, encode_header
 from sensors.images import encode_jpeg
 
-from .attacks import png_bomb, progressive_jpeg, scan_bomb_jpeg
+from .attacks import padded_png, png_bomb, progressive_jpeg, scan_bomb_jpeg
 from .conftest import endpoint
 
 pytestmark = pytest.mark.timeout(60)
@@ -255,6 +255,15 @@ def test_costly_image_limits_let_ordinary_images_through():
     assert decode(frames(header(sensor="camera", rate=None, encoding="png"), rgb_png)).shape == (4096, 4096, 3)
     with pytest.raises(Rejected, match="scans"):
         decode(frames(header(sensor="camera", rate=None, encoding="jpeg"), progressive_jpeg(64)), Limits(max_jpeg_scans=4))
+
+
+def test_png_with_more_data_than_its_size_is_too_costly_to_decode():
+    msg = decode(frames(header(sensor="camera", rate=None, encoding="png"), padded_png(64, pad_mb=200)))
+    with pytest.raises(Rejected) as err:
+        decode_image(msg)  # libpng would inflate all 200 MB for a 64 x 64 image
+    assert err.value.reason == "too_costly"
+    ok, png = cv2.imencode(".png", RGB)
+    assert decode_image(decode(frames(header(sensor="camera", rate=None, encoding="png"), png.tobytes()))).shape == RGB.shape
 
 
 def test_limits_are_configurable():

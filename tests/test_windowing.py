@@ -75,11 +75,29 @@ def test_duplicates_reordering_and_clock_going_back_are_dropped_and_counted():
     assert w.drops[DEVICE, "seq_replay"] == 1
     late = mic(len(msgs), START)  # new seq, but its time lies in the past
     assert w.add(late) == []
-    assert w.drops[DEVICE, "clock_backwards"] == 1
-    # the stream goes on undisturbed
+    assert w.drops[DEVICE, "clock_backwards"] == 0  # held: the next message says what it was
+    # the stream goes on undisturbed (the late message was a lone outlier, now counted)
     more = [mic(k + 1, START + k * CHUNK_NS) for k in range(len(msgs), len(msgs) + 100)]  # 3 s .. 5 s
     assert [(x.t0 - START) // SECOND for x in feed(w, more)] == [2, 3]
-    assert w.drops[DEVICE, "gap"] == 0
+    assert w.drops[DEVICE, "clock_backwards"] == 1
+    assert w.drops[DEVICE, "gap"] == w.drops[DEVICE, "seq_lost"] == 0
+
+
+def test_a_message_held_at_the_end_is_counted_when_settled():
+    w = Windower()
+    feed(w, mic_stream(1) + [mic(3, START)])  # the last one is a replay of seq 3
+    assert w.drops[DEVICE, "seq_replay"] == 0
+    w.settle_held()
+    assert w.drops[DEVICE, "seq_replay"] == 1
+
+
+def test_a_restart_whose_first_message_was_lost_starts_a_new_session():
+    w = Windower()
+    feed(w, mic_stream(3))
+    rebooted = [mic(k, START + 10 * SECOND + k * CHUNK_NS) for k in range(1, 200)]  # seq 0 lost; clock went on
+    windows = feed(w, rebooted)
+    assert w.drops[DEVICE, "seq_replay"] == 1 and w.drops[DEVICE, "seq_lost"] == 0
+    assert [(x.epoch, (x.t0 - START) // SECOND) for x in windows] == [(1, 11), (1, 12)]
 
 
 def test_depth_window_takes_the_first_frame_at_its_middle():
@@ -191,6 +209,8 @@ def keys(windows):
     (dict(seq=2**63 - 1), "seq_jump"),
     (dict(t_ns=START + 2**62), "clock_jump"),
     (dict(seq=0), "device_restart"),
+    (dict(seq=1100), "seq_skip"),  # far ahead, within max_seq_jump
+    (dict(seq=99), "seq_replay"),
 ])
 def test_one_forged_message_costs_the_stream_nothing(forged, reason):
     clean = mic_stream(5)
@@ -198,8 +218,15 @@ def test_one_forged_message_costs_the_stream_nothing(forged, reason):
     spoof = dict(seq=100, t_ns=clean[100].t_ns) | forged
     attacked = clean[:100] + [mic(spoof["seq"], spoof["t_ns"], value=0.5)] + clean[100:]
     assert keys(feed(w, attacked)) == keys(feed(Windower(), clean))
-    assert w.drops[DEVICE, reason] == 1  # counted once, under the id it claimed
-    assert w.drops[DEVICE, "seq_lost"] == w.drops[DEVICE, "seq_replay"] == w.drops[DEVICE, "clock_backwards"] == 0
+    assert w.drops == {(DEVICE, reason): 1}  # counted once, under the id it claimed, and nothing else
+
+
+def test_a_real_loss_of_many_messages_is_counted_in_the_same_session():
+    w = Windower()
+    msgs = mic_stream(6)
+    windows = feed(w, msgs[:100] + msgs[200:])  # 2 s of chunks lost
+    assert w.drops[DEVICE, "seq_lost"] == 100 and w.drops[DEVICE, "seq_skip"] == 0
+    assert {x.epoch for x in windows} == {0}
 
 
 def test_a_real_clock_jump_starts_a_new_session_and_loses_no_message():
@@ -241,5 +268,5 @@ def test_a_flood_of_messages_from_one_device_is_throttled_not_the_others():
     flood = [decode([encode_header("flood", "imu", k, START + k * SECOND // 4000, rate=4000), row])
              for k in range(60_000)]  # 15 s of 1-row chunks, as fast as they come: ~0.5 s of CPU
     cut = feed(w, mic_stream(5)) + feed(w, flood)
-    assert w.drops["flood", "throttled"] > 20_000
+    assert w.drops["flood", "throttled"] > len(flood) // 10
     assert [x.t0 for x in cut if x.device == DEVICE] == [START + k * SECOND for k in range(4)]
