@@ -26,6 +26,8 @@ from tests import attacks  # noqa: E402
 ATTACKS = {
     "rates": ("mic at 44,101 / 191,999 / 8,001 / 96,001 Hz, 8 ch", functools.partial(attacks.odd_rate_audio, devices=4)),
     "bombs": ("20 JPEG scan bombs and PNG bombs, 4096 px", functools.partial(attacks.image_bombs, count=20)),
+    "padded": ("64 px PNGs padded with 8 MB of compressed zeros (17 s each to decode), 10 fps, 6 s",
+               functools.partial(attacks.padded_pngs, seconds=6, pad_mb=8000)),
     "costly": ("valid 4096 px progressive JPEGs, 30 fps at 5x, 20 s",
                functools.partial(attacks.costly_frames, seconds=20)),
     "imu": ("IMU rows of +-3e38", attacks.huge_imu),

