@@ -151,6 +151,21 @@ def counted_under(stats: dict[str, list[dict]], prefix: tuple[str, ...]) -> Coun
     return out
 
 
+def settled_stats(pipeline, quiet_s: float = 1.0, timeout_s: float = 60.0) -> dict:
+    """The pipeline's stats once no stage has counted anything for `quiet_s` (what was sent is settled)."""
+    def total(stats):
+        return sum(n for actors in stats.values() for a in actors for n in a["counts"].values())
+
+    stats, deadline = pipeline.stats(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        latest = pipeline.stats()
+        if total(latest) == total(stats):
+            return latest
+        stats = latest
+    return stats
+
+
 def beside_legit(pipeline, redis_url: str, name: str, attack, seconds: float = 6.0, seed: int = 0) -> Outcome:
     """Stream a simulated wearable at its real pace for `seconds` while `attack(endpoint, victim)` runs, wait
     for its windows to be published, and say what it lost, what the attack cost and how it was counted."""
@@ -167,7 +182,7 @@ def beside_legit(pipeline, redis_url: str, name: str, attack, seconds: float = 6
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not expected <= set(published_keys(redis_url, victim)):
         time.sleep(0.2)
-    stats = pipeline.stats()
+    stats = settled_stats(pipeline)
     counted = counted_under(stats, (ATTACKER, victim))
     counted.subtract(before)
     return Outcome(name, len(expected), len(expected - set(published_keys(redis_url, victim))), watch.growth(),
