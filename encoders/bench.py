@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,10 @@ def example_batch(cfg: ImageBindConfig, modality: str, batch: int, seed: int = 0
     return torch.randn((batch, *shape), generator=g)
 
 
+WARMUP_RUNS = 2  # untimed calls before each point is timed ...
+WARMUP_SHARE = 0.25  # ... and at least this share of its `min_seconds`
+
+
 @dataclass
 class BenchRow:
     modality: str
@@ -41,11 +46,16 @@ class BenchRow:
 
 
 def time_batch(encoder, modality: str, x: torch.Tensor, min_seconds: float, min_runs: int = 3) -> float:
-    """Seconds per call, the best of repeated runs after one warm-up."""
+    """Seconds per call, the best of repeated runs after a warm-up (WARMUP_RUNS calls, and WARMUP_SHARE of
+    `min_seconds`: kernels chosen, caches and clocks settled for this shape), so that no point pays for the
+    first call of its shape."""
     sync = torch.cuda.synchronize if encoder.device.type == "cuda" else (lambda: None)
     x = x.to(encoder.device)
-    encoder.embed(modality, x)
-    sync()
+    warm_until, runs = time.perf_counter() + WARMUP_SHARE * min_seconds, 0
+    while runs < WARMUP_RUNS or time.perf_counter() < warm_until:
+        encoder.embed(modality, x)
+        sync()
+        runs += 1
     best, spent, runs = float("inf"), 0.0, 0
     while runs < min_runs or spent < min_seconds:
         start = time.perf_counter()
@@ -64,19 +74,24 @@ def bench_encoders(
     modalities: tuple[str, ...] = MODALITIES,
     checkpoint: str | None = None,
     min_seconds: float = 1.0,
+    on_point: Callable[[int, str, str, int], None] = lambda done, modality, dtype, batch: None,
 ) -> list[BenchRow]:
-    """Time every (modality, batch, dtype). Without a checkpoint the model has seeded random weights:
-    speed does not depend on the values, so `imagebind_huge` can be timed without its download."""
+    """Time every (modality, batch, dtype); `on_point(points done, modality, dtype, batch)` is called before
+    each point. Without a checkpoint the model has seeded random weights: speed does not depend on the
+    values, so `imagebind_huge` can be timed without its download."""
     rows = []
     cfg = resolve_config(model)
     base = None if checkpoint else random_model(cfg)
-    for dtype in dtypes:
+    for i, dtype in enumerate(dtypes):
+        encoder = None  # the previous dtype's copy goes before the next is made
         if base is None:
             encoder = load(model, checkpoint=checkpoint, device=device, dtype=dtype)
-        else:
-            encoder = place(model, copy.deepcopy(base), device, dtype, random_weights=True)
+        else:  # the last dtype takes the random model itself
+            encoder = place(model, base if i == len(dtypes) - 1 else copy.deepcopy(base), device, dtype,
+                            random_weights=True)
         for modality in modalities:
             for batch in batches:
+                on_point(len(rows), modality, dtype, batch)
                 seconds = time_batch(encoder, modality, example_batch(cfg, modality, batch), min_seconds)
                 rows.append(BenchRow(modality, batch, dtype, batch / seconds, seconds))
     return rows

@@ -559,13 +559,18 @@ def load_file(path: str | Path, modality: str | None = None) -> tuple[str, torch
     ext = path.suffix.lower()
     modality = modality or EXTENSION_MODALITY.get(ext)
     if modality is None:
-        raise ValueError(f"cannot tell the modality of {path.name}; pass modality= (depth, thermal or imu for .npy)")
+        raise ValueError(f"cannot tell the modality of {path.name} from its extension: the known ones are "
+                         f"{', '.join(sorted(EXTENSION_MODALITY))}; give the modality (--modality on the command "
+                         f"line), as for .npy (depth, thermal or imu)")
     if modality == "vision" and ext in IMAGE_EXTENSIONS:
         return modality, image_tensor(load_image(path))
     if modality == "vision" and ext in VIDEO_EXTENSIONS:
         return modality, video_tensor(load_video(path))
     if modality == "audio" and ext in AUDIO_EXTENSIONS:
-        return modality, audio_tensor(*load_audio(path))
+        try:
+            return modality, audio_tensor(*load_audio(path))
+        except soundfile.LibsndfileError as err:
+            raise ValueError(f"not audio that libsndfile can decode ({err.error_string})") from err
     if modality == "imu" and ext in (".csv", ".npy"):
         return modality, imu_tensor(*(load_imu_csv(path) if ext == ".csv" else _load_npy_imu(path)))
     if modality in ("depth", "thermal") and ext in IMAGE_EXTENSIONS | {".npy"}:

@@ -96,13 +96,18 @@ def imu_csv_command(path: str, endpoint: str, device: str, sndhwm: int, chunk_ms
 
 @main.command("record")
 @click.argument("path", type=click.Path())
-@click.option("--bind", "bind", default="tcp://*:5555", show_default=True, help="Endpoint to bind a PULL socket on.")
-@click.option("--seconds", type=float, default=None)
-@click.option("--count", type=int, default=None)
+@click.option("--bind", "bind", default=DEFAULT_ENDPOINT, show_default=True,
+              help="Endpoint to bind a PULL socket on (this machine only; tcp://0.0.0.0:5555 for every interface).")
+@click.option("--seconds", type=float, default=None, help="Stop after this long (default: Ctrl-C or --count).")
+@click.option("--count", type=int, default=None, help="Stop after this many messages.")
 def record_command(path: str, bind: str, seconds: float | None, count: int | None) -> None:
     """Store every message that arrives (valid or not) in a session file."""
     socket = zmq.Context.instance().socket(zmq.PULL)
-    socket.bind(bind)
+    try:
+        socket.bind(bind)
+    except zmq.ZMQError as err:
+        socket.close()
+        raise click.ClickException(f"cannot bind {bind}: {err}") from None
     try:
         with Recorder(path) as recorder:
             click.echo(f"recorded {recorder.record(socket, seconds=seconds, count=count)} messages")

@@ -1,9 +1,10 @@
 """Command line for text-query alerts: the `alert` group (add, list, rm, tune) and the `match`, `watch`,
-`search`, `timeline` and `bench_alerts` commands, registered on `bindstream` by streaming/cli.py."""
+`search`, `timeline` and `bench alerts` commands, registered on `bindstream` by streaming/cli.py."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import threading
@@ -25,49 +26,52 @@ from rich.table import Table
 
 from .matcher import (ALERTS_STREAM, DEFAULT_GROUP, ONE_BLAS_THREAD, Alert, Matcher, MatcherSettings, ModalityIndex,
                       id_tuple, now_id, start_matchers, state_key)
+from .options import CHECKPOINT_OPTION, JSON_OPTION, MODEL_OPTION, REDIS_OPTION, table
 from .publisher import encode_fields, stream_key
 from .queries import (QUERY_MODALITIES, Background, Decision, Query, QueryError, background_key, check_modality,
-                      confusion, delete_query, ensemble, ensure_background, fit_threshold, load_background,
-                      load_queries, load_query, save_background, save_query, set_decision, unit)
-from .options import CHECKPOINT_OPTION, MODEL_OPTION
+                      confusion, delete_query, ensemble, ensure_background, find_query_id, fit_threshold,
+                      load_background, load_queries, load_query, save_background, save_query, set_decision, unit)
 from .records import Embedding
 from .search import parse_duration_ms, search, since_id, timeline, timeline_html, timeline_png
-from .security import redact_url
+from .security import RedisAccessError, check_redis, redact_url
 from .subscriber import decode_record, parse_key, stream_keys
 
 console = Console()
 
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 EMBED_BATCH = 8  # clips per encoder call in `alert tune`
 MIN_CLIPS_PER_CLASS = 2  # `alert tune` needs a positive and a negative in each split
 MAX_HOLDOUT = 0.9  # `alert tune` keeps at least a tenth of each folder to fit on
 MAX_TOP = 10_000
 REFRESH_S = 0.5  # live tables
+MAX_NAMED = 10  # devices named in an error message
 WATCH_BLOCK_MS = 500
 
 # `alert add` option of each Decision field, named in the one-line error when Decision refuses a value
 DECISION_OPTIONS = {"threshold": "--threshold", "k": "--k", "n": "--n", "cooldown_s": "--cooldown",
                     "hysteresis": "--hysteresis"}
 
-REDIS_OPTION = click.option("--redis", "redis_url", default=DEFAULT_REDIS, show_default=True, help="Redis URL.")
-
 
 def connect(url: str) -> redis.Redis:
-    client = redis.Redis.from_url(url)
+    """A client of the Redis at `url` once it answers; one line naming the cause (a URL it cannot use,
+    unreachable, refused credentials; never the password) when it does not."""
     try:
-        client.ping()
-    except redis.RedisError as err:
-        raise click.ClickException(f"cannot reach Redis at {redact_url(url)}: {err}") from err
-    return client
+        check_redis(url)
+        return redis.Redis.from_url(url)
+    except ValueError as err:  # the URL itself, which is not echoed: it may hold a password
+        raise click.ClickException(f"cannot use the Redis URL: {err} (write redis://[:PASSWORD@]HOST:PORT/DB)") \
+            from None
+    except (RedisAccessError, redis.RedisError) as err:
+        raise click.ClickException(str(err)) from None
 
 
-def load_encoder(model: str, checkpoint: str | None):
+def load_encoder(model: str, checkpoint: str | None, device: str | None = None, dtype: str | None = None):
+    """encoders.load, with one line for a missing checkpoint or an unusable device or dtype."""
     import encoders
 
     try:
-        return encoders.load(model, checkpoint=checkpoint)
-    except (FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from err
+        return encoders.load(model, checkpoint=checkpoint, device=device, dtype=dtype)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise click.ClickException(f"cannot load model {model}: {err}") from None
 
 
 def model_name(model: str | None, checkpoint: str | None) -> str:
@@ -196,31 +200,46 @@ def _embed_example(encoder, path: str, modality: str) -> np.ndarray:
 
 @alert.command("list")
 @REDIS_OPTION
-def alert_list(redis_url):
+@JSON_OPTION
+def alert_list(redis_url, as_json):
     """The active queries."""
-    table = Table(title="bindstream queries")
-    for column in ("id", "text", "modality", "device", "model", "source", "threshold", "k/n", "cooldown s",
-                   "hysteresis", "created"):
-        table.add_column(column)
-    for q in load_queries(connect(redis_url)):
+    queries = load_queries(connect(redis_url))
+    if as_json:
+        click.echo(json.dumps([{"id": q.id, "text": q.text, "modality": q.modality, "device": q.device,
+                                "model": q.model, "source": q.source, "threshold": q.decision.threshold,
+                                "k": q.decision.k, "n": q.decision.n, "cooldown_s": q.decision.cooldown_s,
+                                "hysteresis": q.decision.hysteresis, "created": q.created} for q in queries],
+                              indent=2))
+        return
+    out = table("bindstream queries", ("id", "text", "modality", "device", "model", "source", "threshold", "k/n",
+                                       "cooldown s", "hysteresis", "created"), whole=("id",))
+    for q in queries:
         d = q.decision
-        table.add_row(q.id, q.text, q.modality, q.device, q.model, q.source, f"{d.threshold:.4g}", f"{d.k}/{d.n}",
-                      f"{d.cooldown_s:g}", f"{d.hysteresis:g}",
-                      datetime.fromtimestamp(q.created).strftime("%Y-%m-%d %H:%M:%S"))
-    console.print(table)
+        out.add_row(q.id, q.text, q.modality, q.device, q.model, q.source, f"{d.threshold:.4g}", f"{d.k}/{d.n}",
+                    f"{d.cooldown_s:g}", f"{d.hysteresis:g}",
+                    datetime.fromtimestamp(q.created).strftime("%Y-%m-%d %H:%M:%S"))
+    console.print(out)
+
+
+def find_query(client: redis.Redis, ref: str) -> str:
+    """The id of the query that `ref` names (find_query_id), or one line saying why none."""
+    try:
+        return find_query_id(client, ref)
+    except QueryError as err:
+        raise click.ClickException(str(err)) from None
 
 
 @alert.command("rm")
-@click.argument("ids", nargs=-1, required=True)
+@click.argument("queries", nargs=-1, required=True)
 @REDIS_OPTION
-def alert_rm(ids, redis_url):
-    """Remove queries by id."""
+def alert_rm(queries, redis_url):
+    """Remove queries, each named by its id, the start of its id, or its text."""
     client = connect(redis_url)
-    for query_id in ids:
+    for query_id in dict.fromkeys([find_query(client, ref) for ref in queries]):  # all checked before any goes
         try:
             delete_query(client, query_id)
         except QueryError as err:
-            raise click.ClickException(str(err)) from err
+            raise click.ClickException(str(err)) from None
         console.print(f"removed query {query_id}")
 
 
@@ -270,19 +289,15 @@ def _split(n: int, holdout: float, rng: np.random.Generator) -> tuple[np.ndarray
 @REDIS_OPTION
 @CHECKPOINT_OPTION
 def alert_tune(query, positive, negative, holdout, seed, dry_run, redis_url, checkpoint):
-    """Fit QUERY's threshold (its id, or its text when one query has it) on labelled clips (best F1 on the
+    """Fit QUERY's threshold (its id, the start of its id, or its text) on labelled clips (best F1 on the
     training split) and report precision and recall on the held-out clips."""
     if not 0.0 <= holdout <= MAX_HOLDOUT:  # click's FloatRange lets NaN through
         raise click.BadParameter(f"{holdout} is not in the range 0<=x<={MAX_HOLDOUT}", param_hint="--holdout")
     client = connect(redis_url)
     try:
-        q = load_query(client, query)
+        q = load_query(client, find_query(client, query))
     except QueryError as err:
-        same_text = [x for x in load_queries(client) if x.text == query]
-        if len(same_text) != 1:
-            raise click.ClickException(f"{err}, and {len(same_text)} queries have that text: give an id "
-                                       f"(bindstream alert list)") from err
-        q = same_text[0]
+        raise click.ClickException(str(err)) from None
     if q.modality == "fused":
         raise click.ClickException("a fused query cannot be tuned from clips: no single clip makes a fused window")
     background = load_background(client, q.model, q.modality)
@@ -306,21 +321,21 @@ def alert_tune(query, positive, negative, holdout, seed, dry_run, redis_url, che
     held = np.concatenate([pos_held, len(pos) + neg_held])
     threshold = fit_threshold(scores[train], labels[train])
     old = q.decision.threshold
-    table = Table(title=f"tune {q.id}: {q.text!r} ({q.modality}, {q.model})")
-    for column in ("split", "threshold", "positives", "negatives", "precision", "recall", "F1"):
-        table.add_column(column, justify="left" if column == "split" else "right")
+    columns = ("split", "threshold", "positives", "negatives", "precision", "recall", "F1")
+    out = table(f"tune {q.id}: {q.text!r} ({q.modality}, {q.model})", columns, right=columns[1:])
     rows = [("train", train, threshold)]
     rows += [("held out", held, threshold), ("held out, old threshold", held, old)] if len(held) else []
     for split, idx, t in rows:
         c = confusion(scores[idx], labels[idx], t)
-        table.add_row(split, f"{t:.4g}", str(int(labels[idx].sum())), str(int((1 - labels[idx]).sum())),
-                      f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}")
-    console.print(table)
+        out.add_row(split, f"{t:.4g}", str(int(labels[idx].sum())), str(int((1 - labels[idx]).sum())),
+                    f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}")
+    console.print(out)
+    verb = "would set" if dry_run else "set"
     hysteresis = q.decision.hysteresis if q.decision.hysteresis < threshold else threshold / 2
     if hysteresis != q.decision.hysteresis:
-        console.print(f"hysteresis {q.decision.hysteresis} is not below the new threshold: set to {hysteresis:.4g}")
+        console.print(f"hysteresis {q.decision.hysteresis} is not below the new threshold: {verb} to {hysteresis:.4g}")
     if dry_run:
-        console.print(f"dry run: threshold stays {old}")
+        console.print(f"dry run: {verb} query {q.id}'s threshold {old} -> {threshold:.4g}; nothing stored")
         return
     set_decision(client, q.id, replace(q.decision, threshold=threshold, hysteresis=hysteresis))
     console.print(f"query {q.id}: threshold {old} -> {threshold:.4g}")
@@ -331,17 +346,14 @@ def alert_tune(query, positive, negative, holdout, seed, dry_run, redis_url, che
 
 def matcher_table(stats: list[dict], title: str = "bindstream matchers") -> Table:
     """One row per matcher: streams, queries, entries in, scored, alerts, skipped, alert latency."""
-    table = Table(title=title)
-    for column in ("matcher", "streams", "queries", "in", "scored", "alerts", "duplicates", "rejected",
-                   "p50 ms", "p99 ms"):
-        table.add_column(column, justify="left" if column == "matcher" else "right")
-
+    columns = ("matcher", "streams", "queries", "in", "scored", "alerts", "duplicates", "rejected", "p50 ms", "p99 ms")
+    out = table(title, columns, right=columns[1:])
     for i, s in enumerate(stats):
-        table.add_row(str(i), str(s["streams"]), str(s["queries"]), *(str(count_event(s, e)) for e in (
+        out.add_row(str(i), str(s["streams"]), str(s["queries"]), *(str(count_event(s, e)) for e in (
             "in", "scored", "alert", "duplicate_alert", "rejected_")),
             f"{s['latency_p50_ms']:.0f}" if "latency_p50_ms" in s else "-",
             f"{s['latency_p99_ms']:.0f}" if "latency_p99_ms" in s else "-")
-    return table
+    return out
 
 
 @click.command("match")
@@ -383,15 +395,13 @@ def match(redis_url, group, devices, matchers, from_start, in_process, seconds):
 
 
 def alerts_table(alerts, title: str = "bindstream alerts") -> Table:
-    table = Table(title=title)
-    for column in ("time", "device", "query", "modality", "score", "threshold", "window t0 s", "latency ms"):
-        table.add_column(column, justify="right" if column in ("score", "threshold", "window t0 s",
-                                                               "latency ms") else "left")
+    columns = ("time", "device", "query", "query id", "modality", "score", "threshold", "window t0 s", "latency ms")
+    out = table(title, columns, right=columns[5:], whole=("query id",))
     for a in alerts:
         latency = id_tuple(a.id)[0] - id_tuple(a.source_id)[0]
-        table.add_row(clock_time(a.id), a.device, f"{a.query_text} ({a.query})", a.modality, f"{a.score:.3f}",
-                      f"{a.threshold:.3g}", f"{a.t0 / 1e9:.1f}", str(latency))
-    return table
+        out.add_row(clock_time(a.id), a.device, a.query_text, a.query, a.modality, f"{a.score:.3f}",
+                    f"{a.threshold:.3g}", f"{a.t0 / 1e9:.1f}", str(latency))
+    return out
 
 
 @click.command("watch")
@@ -441,7 +451,8 @@ def watch(redis_url, device, since, rows, seconds):
 @REDIS_OPTION
 @MODEL_OPTION
 @CHECKPOINT_OPTION
-def search_command(text, modality, device, since, top, redis_url, model, checkpoint):
+@JSON_OPTION
+def search_command(text, modality, device, since, top, redis_url, model, checkpoint, as_json):
     """Rank stored windows by similarity to TEXT (brute force over the streams)."""
     if not text.strip():
         raise click.BadParameter("the search text is empty", param_hint="TEXT")
@@ -453,7 +464,10 @@ def search_command(text, modality, device, since, top, redis_url, model, checkpo
     present = {parse_key(k)[1] for k in stream_keys(client, device)} & set(QUERY_MODALITIES)
     modalities = sorted(present) if modality == "all" else [m for m in (modality,) if m in present]
     if not modalities:
-        console.print(f"no {'' if modality == 'all' else modality + ' '}embedding streams for device {device!r}")
+        click.echo(f"no {'' if modality == 'all' else modality + ' '}embedding streams for device {device!r}",
+                   err=as_json)
+        if as_json:
+            click.echo("[]")
         return
     encoder = load_encoder(model_name(model, checkpoint), checkpoint)
     vectors = {}
@@ -461,16 +475,23 @@ def search_command(text, modality, device, since, top, redis_url, model, checkpo
         ensure_background(client, encoder, m)
         vectors[m] = ensemble(encoder, [text], m)[0]
     hits, skipped = search(client, vectors, encoder.name, device, since_ms, top)
-    table = Table(title=f"search {text!r} ({encoder.name})")
-    for column in ("rank", "score", "cosine", "device", "modality", "t0 s", "t1 s", "stored", "stream id"):
-        table.add_column(column, justify="right" if column in ("rank", "score", "cosine", "t0 s", "t1 s") else "left")
+    note = f"{skipped} stored windows skipped (malformed, or embedded by another model)" if skipped else None
+    if as_json:
+        if note:
+            click.echo(note, err=True)
+        click.echo(json.dumps([{"rank": rank, "score": h.score, "cosine": h.cosine, "device": h.record.device,
+                                "modality": h.record.modality, "t0_ns": h.record.t0, "t1_ns": h.record.t1,
+                                "model": h.record.model, "stream": h.record.stream, "id": h.record.id}
+                               for rank, h in enumerate(hits, 1)], indent=2))
+        return
+    columns = ("rank", "score", "cosine", "device", "modality", "t0 s", "t1 s", "stored", "stream id")
+    out = table(f"search {text!r} ({encoder.name})", columns, right=columns[:3] + columns[5:7], whole=("stream id",))
     for rank, h in enumerate(hits, 1):
         r = h.record
-        table.add_row(str(rank), f"{h.score:.3f}", f"{h.cosine:.3f}", r.device, r.modality, f"{r.t0 / 1e9:.1f}",
-                      f"{r.t1 / 1e9:.1f}", clock_time(r.id), r.id)
-    if skipped:
-        table.caption = f"{skipped} stored windows skipped (malformed, or embedded by another model)"
-    console.print(table)
+        out.add_row(str(rank), f"{h.score:.3f}", f"{h.cosine:.3f}", r.device, r.modality, f"{r.t0 / 1e9:.1f}",
+                    f"{r.t1 / 1e9:.1f}", clock_time(r.id), r.id)
+    out.caption = note
+    console.print(out)
 
 
 @click.command("timeline")
@@ -490,9 +511,18 @@ def timeline_command(device, since, output, redis_url):
         since_ms = parse_duration_ms(since)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--since") from err
-    series = timeline(connect(redis_url), device, since_ms)
+    client = connect(redis_url)
+    if not stream_keys(client, device):
+        devices = sorted({parse_key(k)[0] for k in stream_keys(client)})
+        listed = ", ".join(devices[:MAX_NAMED]) + (" ..." if len(devices) > MAX_NAMED else "")
+        raise click.ClickException(f"no device {device!r} at {redact_url(redis_url)}: it has no embedding streams "
+                                   f"there ({'devices: ' + listed if devices else 'no device has'})")
+    series = timeline(client, device, since_ms)
     if not series:
         raise click.ClickException(f"no query watches device {device!r} (see `alert list`)")
+    if not any(len(s.scores) for s in series):
+        raise click.ClickException(f"device {device!r} has no window stored in the last {since} of a modality that a "
+                                   f"query watches; try a longer --since")
     if suffix == ".png":
         timeline_png(series, device, output)
     else:
@@ -501,7 +531,7 @@ def timeline_command(device, since, output, redis_url):
                   f"{sum(len(s.alerts) for s in series)} alerts")
 
 
-# ----- bench_alerts ------------------------------------------------------------------------------------
+# ----- bench alerts ------------------------------------------------------------------------------------
 
 BENCH_MODEL = "bench"
 BENCH_MODALITY = "audio"
@@ -680,7 +710,7 @@ def search_cost(client: redis.Redis, records: int, dim: int, seed: int) -> dict[
         client.delete(key)
 
 
-@click.command("bench_alerts")
+@click.command("alerts")
 @click.option("--queries", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--rate", type=click.FloatRange(min=1), default=1000.0, show_default=True, help="Embeddings/s written.")
 @click.option("--seconds", type=click.FloatRange(min=1), default=10.0, show_default=True)
@@ -692,13 +722,15 @@ def search_cost(client: redis.Redis, records: int, dim: int, seed: int) -> dict[
               help="Embeddings scored for the throughput figure.")
 @click.option("--search-records", type=click.IntRange(0), default=100_000, show_default=True,
               help="Stored windows for the search cost figure (0: skip).")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--redis", "redis_url", default=None, help="A scratch Redis; default: an embedded redis-server.")
 def bench_alerts(queries, rate, seconds, dim, devices, events_per_s, score_rows, search_records, seed, redis_url):
     """Matcher throughput and alert latency against a real redis-server (the matcher in a process of its
     own with one BLAS thread, this process writing the embeddings)."""
     from .redis_server import RedisServer
 
+    if redis_url:
+        connect(redis_url)  # a bad --redis fails at once, not after the scoring run
     read_count = MatcherSettings.read_count
     with one_thread_pool() as pool:
         score_per_s = pool.submit(scoring_rate, queries, dim, read_count, score_rows, seed).result()
@@ -712,24 +744,23 @@ def bench_alerts(queries, rate, seconds, dim, devices, events_per_s, score_rows,
         if server:
             server.stop()
     latency = np.array([id_tuple(a.id)[0] - id_tuple(a.source_id)[0] for a in alerts], dtype=float)
-    table = Table(title=f"bench_alerts: {queries} queries, {dim}-d, {written['sent']} embeddings at "
-                        f"{written['sent'] / written['seconds']:.0f}/s from {devices} devices")
-    for column in ("figure", "measured", "target"):
-        table.add_column(column, justify="left" if column == "figure" else "right")
-    table.add_row(f"embeddings scored/s, one core (matrix product + shares, batches of {read_count})",
-                  f"{score_per_s:,.0f}", f">= {TARGET_SCORE_RATE:,} (100 queries)")
-    table.add_row("events written / alerts", f"{written['events']} / {len(alerts)}", "equal")
+    out = table(f"bench alerts: {queries} queries, {dim}-d, {written['sent']} embeddings at "
+                f"{written['sent'] / written['seconds']:.0f}/s from {devices} devices",
+                ("figure", "measured", "target"), right=("measured", "target"))
+    out.add_row(f"embeddings scored/s, one core (matrix product + shares, batches of {read_count})",
+                f"{score_per_s:,.0f}", f">= {TARGET_SCORE_RATE:,} (100 queries)")
+    out.add_row("events written / alerts", f"{written['events']} / {len(alerts)}", "equal")
     if len(latency):
-        table.add_row("alert latency p50, XADD embedding -> XADD alert (ms)", f"{np.percentile(latency, 50):.1f}", "")
-        table.add_row("alert latency p99 (ms)", f"{np.percentile(latency, 99):.1f}",
-                      f"<= {TARGET_P99_MS:.0f} at 1,000/s")
-    table.add_row("rejected entries / duplicate alerts",
-                  f"{count_event(stats, 'rejected_')} / {count_event(stats, 'duplicate_alert')}",
-                  "0 / 0")
+        out.add_row("alert latency p50, XADD embedding -> XADD alert (ms)", f"{np.percentile(latency, 50):.1f}", "")
+        out.add_row("alert latency p99 (ms)", f"{np.percentile(latency, 99):.1f}",
+                    f"<= {TARGET_P99_MS:.0f} at 1,000/s")
+    out.add_row("rejected entries / duplicate alerts",
+                f"{count_event(stats, 'rejected_')} / {count_event(stats, 'duplicate_alert')}",
+                "0 / 0")
     if cost:
         per_million = {k: v * 1e6 / search_records for k, v in cost.items()}
-        table.add_row(f"search: XRANGE / decode / score of {search_records:,} windows (s)",
-                      " / ".join(f"{v:.2f}" for v in cost.values()), "")
-        table.add_row("search: per million windows, extrapolated (s)",
-                      f"{sum(per_million.values()):.1f} ({' / '.join(f'{v:.1f}' for v in per_million.values())})", "")
-    console.print(table)
+        out.add_row(f"search: XRANGE / decode / score of {search_records:,} windows (s)",
+                    " / ".join(f"{v:.2f}" for v in cost.values()), "")
+        out.add_row("search: per million windows, extrapolated (s)",
+                    f"{sum(per_million.values()):.1f} ({' / '.join(f'{v:.1f}' for v in per_million.values())})", "")
+    console.print(out)

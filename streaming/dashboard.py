@@ -1,27 +1,51 @@
-"""The live table of `bindstream run/demo`: per stage, items in and out, queue depth, latency, drops."""
+"""The tables of `bindstream run/demo`: per stage, items in and out, queue depth, latency, drops; per
+modality; and, in the summary, the devices whose data was dropped or rejected.
+
+A stage's `out` is the next one's `in`: ingest passes messages on to windowing, which cuts windows for the
+embedders, whose embeddings the publisher writes, together with the `fused` records it forms, which the
+matchers read; a matcher's out is its alerts. What a stage dropped or rejected is counted by reason.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 
+from rich.console import Group
 from rich.table import Table
 
 STAGE_ORDER = ("ingest", "window", "embed", "publish", "match")
+DEVICE_STAGES = ("ingest", "window", "embed", "publish")  # where drops and rejects are counted per device
+OUT_EVENT = {"match": "alert"}  # a stage whose output is not counted as `out`
+TOP_DEVICES = 10
 
 
 def _sum_counts(actors: list[dict], prefix: str) -> int:
     return sum(n for a in actors for k, n in a["counts"].items() if k == prefix or k.startswith(prefix + ":"))
 
 
+def _drops(stats: dict[str, list[dict]], stages=STAGE_ORDER):
+    """(stage, "dropped_x" or "rejected_x", label, n) for every drop or reject count."""
+    for stage in stages:
+        for actor in stats.get(stage, []):
+            for key, n in actor["counts"].items():
+                event, _, label = key.partition(":")
+                if event.startswith(("dropped_", "rejected_")):
+                    yield stage, event, label, n
+
+
 def drops_by_reason(stats: dict[str, list[dict]]) -> Counter:
     """Every dropped or rejected item, keyed by "stage: reason"."""
     out: Counter = Counter()
-    for stage, actors in stats.items():
-        for actor in actors:
-            for key, n in actor["counts"].items():
-                event = key.split(":", 1)[0]
-                if event.startswith(("dropped_", "rejected_")):
-                    out[f"{stage}: {event}"] += n
+    for stage, event, _, n in _drops(stats):
+        out[f"{stage}: {event}"] += n
+    return out
+
+
+def drops_by_device(stats: dict[str, list[dict]]) -> dict[str, Counter]:
+    """Per device, its dropped or rejected items keyed by "stage: reason"."""
+    out: dict[str, Counter] = {}
+    for stage, event, device, n in _drops(stats, DEVICE_STAGES):
+        out.setdefault(device or "unknown", Counter())[f"{stage}: {event}"] += n
     return out
 
 
@@ -35,8 +59,11 @@ def stats_table(stats: dict[str, list[dict]], title: str = "bindstream") -> Tabl
             continue
         p50 = max((a.get("latency_p50_ms", 0.0) for a in actors), default=0.0)
         p99 = max((a.get("latency_p99_ms", 0.0) for a in actors), default=0.0)
+        out = _sum_counts(actors, OUT_EVENT.get(stage, "out"))
+        fused = _sum_counts(actors, "out:fused") if stage == "publish" else 0
         table.add_row(
-            stage, str(len(actors)), str(_sum_counts(actors, "in")), str(_sum_counts(actors, "out")),
+            stage, str(len(actors)), str(_sum_counts(actors, "in")),
+            f"{out - fused} +{fused} fused" if fused else str(out),
             str(sum(a.get("queue", 0) for a in actors)),
             f"{p50:.0f}" if p50 else "-", f"{p99:.0f}" if p99 else "-",
         )
@@ -47,11 +74,36 @@ def stats_table(stats: dict[str, list[dict]], title: str = "bindstream") -> Tabl
 
 def per_modality_table(stats: dict[str, list[dict]]) -> Table:
     """Windows cut and embeddings published per modality."""
-    table = Table(title="per modality")
+    table = Table(title="per modality", caption="fused: summed by the publisher")
     for column in ("modality", "windows", "embedded", "published"):
         table.add_column(column, justify="left" if column == "modality" else "right")
     for modality in ("vision", "audio", "depth", "thermal", "imu", "fused"):
         row = [_sum_counts(stats.get(s, []), f"out:{modality}") for s in ("window", "embed", "publish")]
         if any(row):
-            table.add_row(modality, *map(str, row))
+            table.add_row(modality, *(["-", "-"] if modality == "fused" else map(str, row[:2])), str(row[2]))
     return table
+
+
+def per_device_table(stats: dict[str, list[dict]], top: int = TOP_DEVICES) -> Table | None:
+    """The `top` devices with the most items dropped or rejected, by reason, and the rest in one row;
+    None when nothing was."""
+    by_device = sorted(drops_by_device(stats).items(), key=lambda item: (-item[1].total(), item[0]))
+    if not by_device:
+        return None
+    table = Table(title="dropped or rejected, per device")
+    for column in ("device", "items", "by stage and reason"):
+        table.add_column(column, justify="right" if column == "items" else "left", overflow="fold")
+    for device, reasons in by_device[:top]:
+        table.add_row(device, str(reasons.total()), ", ".join(f"{k} {n}" for k, n in reasons.most_common()))
+    rest = by_device[top:]
+    if rest:
+        reasons = sum((r for _, r in rest), Counter())
+        table.add_row(f"{len(rest)} other devices", str(reasons.total()),
+                      ", ".join(f"{k} {n}" for k, n in reasons.most_common()))
+    return table
+
+
+def summary(stats: dict[str, list[dict]], title: str) -> Group:
+    """The final tables: per stage, per modality, and per device when anything was dropped or rejected."""
+    tables = [stats_table(stats, title), per_modality_table(stats), per_device_table(stats)]
+    return Group(*(t for t in tables if t is not None))

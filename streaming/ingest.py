@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,6 +184,9 @@ class Ingest:
                 log.exception("passing %d messages to a windowing actor failed", len(messages))
                 for msg in messages:
                     self.metrics.count("dropped_window_stage_error", msg.device)
+                continue
+            for modality, n in Counter(SENSOR_MODALITY[msg.sensor] for msg in messages).items():
+                self.metrics.count("out", modality, n)
         self.metrics.busy(time.perf_counter() - start)
 
     def stop(self) -> dict:

@@ -7,17 +7,23 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import itertools
 import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 import tomllib
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+import redis
+import zmq
 
 from encoders.weights import default_model_name
 from sensors.protocol import DEFAULT_ENDPOINT, Limits
@@ -27,16 +33,54 @@ from .embedder import Embedder, EmbedderSettings
 from .ingest import Ingest, IngestSettings
 from .matcher import MatcherSettings, start_matchers
 from .publisher import Publisher, PublisherSettings
-from .redis_server import RedisServer
-from .security import CurveSettings
-from .windowing import WindowingConfig, WindowSpec, WindowStage, WindowStageSettings
+from .redis_server import RedisPortInUse, RedisServer
+from .security import CurveSettings, RedisAccessError, check_redis, redact_url
+from .stage import NamedActor
+from .windowing import LIVE, REPLAY, WindowingConfig, WindowSpec, WindowStage, WindowStageSettings
 
 log = logging.getLogger(__name__)
 # Ingest, windowing and publisher actors run their calls one at a time (Ray's default), in the order they
 # were sent: a device's messages must reach its windows in order. Their worker threads do the slow work
 # beside. An embedder's push calls wait until their windows are published, so many run at once.
 EMBEDDER_CONCURRENCY = 64
+AUTH_HINT_LOGGER = "ray._private.authentication.authentication_token_setup"  # its WARNING says how to opt out
+MATCH_CATCH_UP_S = 5.0  # at the drain, longest wait for the matchers to read what was published
 RESTART = dict(max_restarts=-1)  # every stage comes back after a crash (Ray restarts the actor)
+
+
+# PipelineConfig's scalar fields, by the type they are annotated with: checked by `validate`, flags of the CLI
+SCALAR_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float, "str | None": str}
+TYPE_WORDS = {int: "an integer", float: "a number", str: "a string"}
+AT_LEAST_ONE = {"windowers", "embedders", "embedders_max", "max_batch", "embed_queue", "window_backlog",
+                "publish_queue", "stream_maxlen"}
+
+
+class ConfigError(ValueError):
+    """A pipeline configuration that cannot work: the message names the key and the problem."""
+
+
+class StartupError(RuntimeError):
+    """Why the pipeline cannot start, worded for the person who started it: the problem and the fix."""
+
+
+class StartupCancelled(Exception):
+    """The start was cancelled (the `cancel` event of `pipeline_session` was set, e.g. by Ctrl-C)."""
+
+
+def check_keys(cls, table, where: str) -> dict:
+    """`table`, once it is a dict whose keys are fields of the dataclass `cls`; else ConfigError naming the
+    unknown keys, and the known key each may have meant."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table, got {table!r}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in table if key not in known]
+    if unknown:
+        close = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
+        named = ", ".join(f"{key!r}" + (f" (did you mean {close[key][0]!r}?)" if close[key] else "") for key in unknown)
+        hint = "" if all(close.values()) else (f"; known: {', '.join(known)}" if where else
+                                              "; the keys are in deploy/bindstream.toml and `bindstream run --help`")
+        raise ConfigError(f"unknown pipeline config keys{' in ' + where if where else ''}: {named}{hint}")
+    return table
 
 
 @dataclass
@@ -46,6 +90,7 @@ class PipelineConfig:
 
     ingest: list[str] = field(default_factory=lambda: [DEFAULT_ENDPOINT])
     redis: str | None = None  # URL; None: an embedded redis-server for the run
+    redis_port: int | None = None  # of the embedded redis-server (None: a free port)
     model: str | None = None  # None: imagebind_huge when its checkpoint is on disk, else tiny
     checkpoint: str | None = None
     device: str | None = None
@@ -82,28 +127,55 @@ class PipelineConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "PipelineConfig":
-        data = tomllib.loads(Path(path).read_text())
-        return cls.from_dict(data)
+        """Read a TOML file; ConfigError (naming the file) for bad TOML, an unknown key or a bad value."""
+        try:
+            return cls.from_dict(tomllib.loads(Path(path).read_text()))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path} is not valid TOML: {err}") from err
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
 
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown pipeline config keys: {sorted(unknown)}")
         data = dict(data)
-        if "windowing" in data:
-            windowing = {k: WindowSpec(**v) if isinstance(v, dict) else v for k, v in data["windowing"].items()}
-            data["windowing"] = WindowingConfig(**windowing)
-        if "limits" in data:
-            data["limits"] = Limits(**data["limits"])
-        if "connections" in data:
-            data["connections"] = ConnectionLimits(**data["connections"])
-        if "curve" in data:
-            data["curve"] = CurveSettings(**data["curve"])
+        check_keys(cls, data, "")
         if isinstance(data.get("ingest"), str):
             data["ingest"] = [data["ingest"]]
-        return cls(**data)
+        if "windowing" in data:
+            check_keys(WindowingConfig, data["windowing"], "[windowing]")
+            data["windowing"] = WindowingConfig(**{
+                k: WindowSpec(**check_keys(WindowSpec, v, f"[windowing.{k}]")) if isinstance(v, dict) else v
+                for k, v in data["windowing"].items()})
+        for name, table in (("limits", Limits), ("connections", ConnectionLimits), ("curve", CurveSettings)):
+            if name in data:
+                data[name] = table(**check_keys(table, data[name], f"[{name}]"))
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """ConfigError naming the first key whose value has the wrong type or is out of range."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in SCALAR_TYPES and not (value is None and "None" in f.type):
+                wanted = SCALAR_TYPES[f.type]
+                if isinstance(value, bool) or not isinstance(value, (int, float) if wanted is float else wanted):
+                    raise ConfigError(f"{f.name} must be {TYPE_WORDS[wanted]}, got {value!r}")
+                if wanted is not str and value < (1 if f.name in AT_LEAST_ONE else 0):
+                    raise ConfigError(f"{f.name} must be at least {1 if f.name in AT_LEAST_ONE else 0}, got {value}")
+        if not (isinstance(self.ingest, list) and self.ingest and all(isinstance(e, str) for e in self.ingest)):
+            raise ConfigError(f"ingest must be a list of endpoints such as {DEFAULT_ENDPOINT!r}, got {self.ingest!r}")
+        for name in ("ingest_resources", "embedder_resources"):
+            resources = getattr(self, name)
+            if not isinstance(resources, dict) or not all(isinstance(v, (int, float)) for v in resources.values()):
+                raise ConfigError(f"{name} must be a table of resource = amount, got {resources!r}")
+        if self.overload not in (LIVE, REPLAY):
+            raise ConfigError(f"overload must be {LIVE!r} or {REPLAY!r}, got {self.overload!r}")
+        if self.redis_port is not None and not 0 < self.redis_port < 65536:
+            raise ConfigError(f"redis_port must be a TCP port (1-65535), got {self.redis_port}")
+        if self.redis and self.redis_port:
+            raise ConfigError("redis_port (--redis-port) is the embedded redis-server's; with redis (--redis) "
+                              "there is none")
 
 
 def running_cluster_address() -> str | None:
@@ -121,29 +193,84 @@ def running_cluster_address() -> str | None:
         return None
 
 
-def connect_ray() -> None:
-    """Join the running Ray cluster if there is one, else start a local Ray."""
+def connect_ray() -> bool:
+    """Join the running Ray cluster if there is one, else start a local Ray; returns whether it started one.
+    Quietly: without Ray's INFO lines, and without its hint on how to turn token authentication (on by
+    default, SECURITY.md) off. StartupError if Ray does not start."""
     if ray.is_initialized():
-        return
+        return False
     address = running_cluster_address()
+    logging.getLogger(AUTH_HINT_LOGGER).setLevel(logging.ERROR)
+    try:
+        ray.init(address=address, include_dashboard=None if address else False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    except Exception as err:  # Ray's many ways to fail: one line here, the traceback with --debug
+        raise StartupError(f"Ray did not start{' at ' + address if address else ''}: "
+                           f"{str(err).strip().splitlines()[0]}") from err
     if address:
-        ray.init(address=address, log_to_driver=False)
         log.info("joined the Ray cluster at %s", address)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
         log.info("started a local Ray instance")
+    return address is None
+
+
+def embedder_gpus(config: PipelineConfig) -> float:
+    """GPUs per embedder: `embedder_gpus`, else 1 when the cluster has GPUs and no other device is asked for."""
+    if config.embedder_gpus is not None:
+        return config.embedder_gpus
+    return 1 if ray.cluster_resources().get("GPU", 0) >= 1 and config.device in (None, "cuda") else 0
+
+
+def check_placement(config: PipelineConfig, have: dict[str, float], gpus: float, local: bool) -> None:
+    """Whether a Ray cluster with resources `have` can hold the actors (embedders with `gpus` each). If not:
+    StartupError for a local Ray; on a cluster, whose autoscaler may add the nodes, a warning that the
+    start waits for them."""
+    asks = [("ingest_resources", config.ingest_resources, len(config.ingest)),
+            ("embedder_resources", config.embedder_resources, config.embedders),
+            ("embedder_gpus", {"GPU": gpus}, config.embedders) if gpus else ("embedders", {"CPU": 1}, config.embedders)]
+    short = {key: [f"{name} {amount * count:g} (it has {have.get(name, 0):g})" for name, amount in resources.items()
+                   if amount * count > have.get(name, 0)] for key, resources, count in asks}
+    short = {key: phrases for key, phrases in short.items() if phrases}
+    if not short:
+        return
+    problem = "; ".join(f"{key} asks for {', '.join(phrases)}" for key, phrases in short.items())
+    if not local:
+        log.warning("waiting for the Ray cluster to provide what %s (Ctrl-C to stop)", problem)
+        return
+    leave = [key for key in short if key.endswith("_resources")]
+    fixes = ([f"leave {' and '.join(leave)} out of the config (they place actors on a cluster's nodes, "
+              "deploy/README.md)"] if leave else [])
+    fixes += ["pass --embedder-gpus 0"] if "embedder_gpus" in short else []
+    fixes += [f"pass --embedders {int(have.get('CPU', 0))}"] if "embedders" in short else []
+    raise StartupError(f"this machine's Ray cannot place the actors: {problem}\nfix: {'; '.join(fixes)}")
+
+
+def endpoint_in_use(endpoint: str) -> str:
+    return (f"ingest endpoint {endpoint} is in use (is `bindstream run` already running?): stop that, or pass "
+            "--ingest with another port")
+
+
+def actor_failure(stage: str, endpoint: str, err: Exception) -> str:
+    """One line on why a stage's actor did not start, with the fix where it is known."""
+    lines = [line for line in str(getattr(err, "error_msg", err)).splitlines() if line.strip()]
+    cause = lines[-1].strip() if lines else type(err).__name__
+    if "Address already in use" in cause:
+        return endpoint_in_use(endpoint)
+    return f"the {stage} actor failed to start: {cause}"
 
 
 class Pipeline:
     """Creates the actors; `start()` opens the ingest sockets, `drain()` stops them and flushes every
-    accepted window through to Redis, stage by stage."""
+    accepted window through to Redis, stage by stage. Stages find the next one by its actor's name."""
 
     def __init__(self, config: PipelineConfig, redis_url: str, model: str):
         self.config = config
-        gpus = config.embedder_gpus
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and config.device in (None, "cuda") else 0
-        publisher = ray.remote(Publisher).options(num_cpus=0, max_task_retries=-1, **RESTART).remote(
+        prefix = f"bindstream-{uuid.uuid4().hex[:12]}"
+        names = (f"{prefix}-{i}" for i in itertools.count())
+        gpus = embedder_gpus(config)
+        publisher_name = next(names)
+        publisher = ray.remote(Publisher).options(name=publisher_name, num_cpus=0, max_task_retries=-1,
+                                                  **RESTART).remote(
             PublisherSettings(redis_url, maxlen=config.stream_maxlen, retention_s=config.stream_retention_s,
                               queue_capacity=config.publish_queue,
                               fused_wait_s=config.fused_wait_s)
@@ -153,25 +280,27 @@ class Pipeline:
             max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, queue_capacity=config.embed_queue,
             torch_threads=config.torch_threads, throttle_ms=config.embedder_throttle_ms,
         )
-        self._new_embedder = lambda: ray.remote(Embedder).options(
-            num_cpus=0 if gpus else 1, num_gpus=gpus, resources=config.embedder_resources,
-            scheduling_strategy="SPREAD", max_concurrency=EMBEDDER_CONCURRENCY,
+        self._new_embedder = lambda name=None: ray.remote(Embedder).options(
+            name=name or next(names), num_cpus=0 if gpus else 1, num_gpus=gpus,
+            resources=config.embedder_resources, scheduling_strategy="SPREAD", max_concurrency=EMBEDDER_CONCURRENCY,
             max_task_retries=-1, **RESTART,  # calls open when it died are run again on the new one
-        ).remote(embedder_settings, [publisher])
-        embedders = [self._new_embedder() for _ in range(config.embedders)]
+        ).remote(embedder_settings, [NamedActor(publisher_name)])
+        embedder_names = [next(names) for _ in range(config.embedders)]
+        embedders = [self._new_embedder(name) for name in embedder_names]
         self._idle_since: float | None = None
+        window_names = [next(names) for _ in range(config.windowers)]
         windowers = [
-            ray.remote(WindowStage).options(num_cpus=0, max_task_retries=-1, **RESTART).remote(
+            ray.remote(WindowStage).options(name=name, num_cpus=0, max_task_retries=-1, **RESTART).remote(
                 WindowStageSettings(config.windowing, overload=config.overload, backlog=config.window_backlog,
                                     max_windows_per_call=config.max_batch),
-                embedders,
+                [NamedActor(n) for n in embedder_names],
             )
-            for _ in range(config.windowers)
+            for name in window_names
         ]
         ingests = [
             ray.remote(Ingest).options(num_cpus=0, resources=config.ingest_resources, **RESTART).remote(
                 IngestSettings(endpoint, config.limits, windowing=config.windowing, curve=config.curve,
-                               connections=config.connections), windowers
+                               connections=config.connections), [NamedActor(n) for n in window_names]
             )
             for endpoint in config.ingest
         ]
@@ -181,8 +310,24 @@ class Pipeline:
                                                   config.matchers)
         self.endpoints: list[str] = []
 
-    def start(self) -> list[str]:
-        """Wait until the ingest sockets are bound; returns their endpoints."""
+    def start(self, cancel: threading.Event | None = None) -> list[str]:
+        """Wait until every actor is up and the ingest sockets are bound; returns their endpoints. An actor
+        that fails to start raises StartupError with its error (an ingest endpoint in use, a checkpoint
+        that does not load); `cancel`, once set, StartupCancelled."""
+        calls = {actor.stats.options(max_task_retries=0).remote(): (stage, i)  # retried, its failure is printed
+                 for stage, actors in self.stages.items() for i, actor in enumerate(actors)}
+        waiting = list(calls)
+        while waiting:
+            if cancel is not None and cancel.is_set():
+                raise StartupCancelled()
+            ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0.2)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    stage, i = calls[ref]
+                    raise StartupError(actor_failure(stage, self.config.ingest[i] if stage == "ingest" else "",
+                                                     err)) from err
         self.endpoints = ray.get([a.bound_endpoint.remote() for a in self.stages["ingest"]])
         return self.endpoints
 
@@ -208,8 +353,21 @@ class Pipeline:
         final["embed"] = results("embed", [a.stats.remote() for a in self.stages["embed"]], report_by)
         final["publish"] = results("publish", [a.drain.remote(remaining(deadline)) for a in self.stages["publish"]],
                                    report_by)
+        self._matchers_catch_up(sum(n for a in final["publish"] for k, n in a["counts"].items()
+                                    if k.startswith("out:")), min(report_by, time.monotonic() + MATCH_CATCH_UP_S))
         final["match"] = results("match", [a.stop.remote() for a in self.stages.get("match", [])], report_by)
         return final
+
+    def _matchers_catch_up(self, published: int, deadline: float) -> None:
+        """Wait until the matchers have read `published` entries, or `deadline` (a stream that appeared last
+        is found at their next discovery)."""
+        matchers = self.stages.get("match", [])
+        while matchers and time.monotonic() < deadline:
+            read = sum(n for s in ray.get([m.stats.remote() for m in matchers]) for k, n in s["counts"].items()
+                       if k == "in" or k.startswith("in:"))
+            if read >= published:
+                return
+            time.sleep(0.1)
 
     def autoscale(self) -> int:
         """Between `embedders` and `embedders_max` replicas: add one while the windowing backlog is over
@@ -267,20 +425,77 @@ def results(stage: str, refs: list, deadline: float) -> list[dict]:
     return out
 
 
+def check_redis_url(url: str) -> None:
+    """StartupError unless Redis answers at `url`, naming the problem and the fix (never the password)."""
+    try:
+        check_redis(url)
+    except RedisAccessError as err:
+        text = str(err).rstrip(".")
+        if "refused access" in text or "refused the credentials" in text:
+            text += "; put the right password in the URL: redis://:PASSWORD@HOST:PORT/0"
+        elif text.startswith("cannot reach"):
+            text += "; start it, or leave out --redis (and $BINDSTREAM_REDIS_URL) for an embedded redis-server"
+        elif text.startswith("TLS"):
+            text += "; check the certificate options of the URL (SECURITY.md, section 3)"
+        raise StartupError(text) from err
+    except redis.RedisError as err:
+        raise StartupError(f"Redis at {redact_url(url)} answered with an error: {err}") from err
+
+
+def check_endpoint(endpoint: str) -> None:
+    """StartupError unless this machine can bind the ingest `endpoint` (it may be in use, or name no
+    interface here)."""
+    ctx = zmq.Context()
+    try:
+        ctx.socket(zmq.PULL).bind(endpoint)
+    except zmq.ZMQError as err:
+        if err.errno == zmq.EADDRINUSE:
+            raise StartupError(endpoint_in_use(endpoint)) from err
+        raise StartupError(f"cannot bind the ingest endpoint {endpoint}: {err}") from err
+    finally:
+        ctx.destroy(linger=0)
+
+
+def start_redis_server(port: int | None) -> RedisServer:
+    try:
+        return RedisServer(port).start()
+    except RedisPortInUse as err:
+        raise StartupError(f"port {port} is in use, so the embedded redis-server cannot have it: use the Redis "
+                           f"there with --redis redis://127.0.0.1:{port}/0, or pick another --redis-port") from err
+
+
 @contextmanager
-def pipeline_session(config: PipelineConfig):
-    """Connect Ray, start an embedded redis-server unless `config.redis` names one, create and start the
-    pipeline; yields (pipeline, redis_url, model). On exit the actors and the embedded server are stopped
-    (drain first to keep what was accepted). The server starts before Ray's threads: its preexec_fn is not
-    safe once other threads run."""
-    server = None if config.redis else RedisServer().start()
+def pipeline_session(config: PipelineConfig, cancel: threading.Event | None = None):
+    """Check Redis and the ingest endpoints, start an embedded redis-server unless `config.redis` names one,
+    connect Ray, check that the actors can be placed, create and start the pipeline; yields (pipeline,
+    redis_url, model). What cannot start raises StartupError; `cancel`, once set, StartupCancelled at the
+    next step (Ray is never interrupted while it starts: that leaves its agent processes behind). On exit
+    the actors and the embedded server are stopped (drain first to keep what was accepted). The server
+    starts before Ray's threads: its preexec_fn is not safe once other threads run."""
+
+    def step() -> None:
+        if cancel is not None and cancel.is_set():
+            raise StartupCancelled()
+
+    if config.redis:
+        check_redis_url(config.redis)
+    if not config.ingest_resources:  # the ingest actors run here
+        for endpoint in config.ingest:
+            check_endpoint(endpoint)
+    if not ray.is_initialized() and not running_cluster_address():  # a local Ray has no custom resources:
+        check_placement(config, {"CPU": config.embedders}, gpus=0, local=True)  # fail before starting it
+    step()
+    server = None if config.redis else start_redis_server(config.redis_port)
     pipeline = None
     try:
-        connect_ray()
+        step()
+        local = connect_ray()
+        step()
+        check_placement(config, ray.cluster_resources(), embedder_gpus(config), local)
         redis_url = config.redis or server.url
         model = default_model_name(config.model, config.checkpoint)
         pipeline = Pipeline(config, redis_url, model)
-        pipeline.start()
+        pipeline.start(cancel)
         yield pipeline, redis_url, model
     finally:
         if pipeline:

@@ -200,6 +200,7 @@ class Publisher:
         """Queue embeddings for Redis; a window already published (re-sent after a failure) is dropped."""
         with self.cond:
             for e in embeddings:
+                self.metrics.count("in", e.modality)
                 if self._closed:
                     self.metrics.count("dropped_drain_timeout", e.device)
                     continue

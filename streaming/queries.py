@@ -275,6 +275,23 @@ def load_queries(client: redis.Redis) -> list[Query]:
     return read_queries(client)[0]
 
 
+def find_query_id(client: redis.Redis, ref: str) -> str:
+    """The id of the active query `ref` names: its id, the start of exactly one id, or the text of exactly one
+    query; QueryError otherwise (an ambiguous `ref` lists its candidates)."""
+    ids = {text(i) for i in client.smembers(QUERY_SET)}
+    if ref in ids:
+        return ref
+    texts = {q.id: q.text for q in load_queries(client)}
+    found = sorted({i for i in ids if ref and i.startswith(ref)} | {i for i, t in texts.items() if t == ref})
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise QueryError(f"no query {ref!r}: neither an id, the start of one, nor a query's text "
+                         f"(see `bindstream alert list`)")
+    named = ", ".join(f"{i} ({texts[i]!r})" if i in texts else i for i in found)
+    raise QueryError(f"{ref!r} names {len(found)} queries: {named}; give more of the id")
+
+
 def delete_query(client: redis.Redis, query_id: str) -> None:
     if not client.srem(QUERY_SET, query_id):
         raise QueryError(f"no query {query_id!r}")

@@ -43,13 +43,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a listening socket holds `port` (a port in TIME_WAIT counts as free, as for redis-server)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def die_with_parent(parent_pid: int):
-    """A `preexec_fn` making the child get SIGKILL when the thread that forked it ends (Linux), or None."""
+    """A `preexec_fn` making the child get SIGKILL when the thread that forked it ends, and leave SIGINT (a
+    Ctrl-C in the terminal) to its owner, which may still need it (Linux), or None."""
     if _prctl is None:
         return None
     sigkill = int(signal.SIGKILL)
 
     def preexec() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C is the owner's to act on
         _prctl(PR_SET_PDEATHSIG, sigkill)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
@@ -80,6 +93,10 @@ def remove_orphaned_dirs(parent: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+class RedisPortInUse(RuntimeError):
+    """The port asked for is taken."""
+
+
 class RedisServer:
     """A redis-server process on 127.0.0.1 with its data in a temporary folder. Context manager.
     Start it from a thread that lives as long as the server should (e.g. the main thread): on Linux the
@@ -99,6 +116,10 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
+        """Start the server and wait until it answers; RedisPortInUse if its port is taken."""
+        if port_in_use(self.port):
+            self.stop()
+            raise RedisPortInUse(f"port {self.port} on 127.0.0.1 is in use")
         args = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
                 "--save", "", *(self.extra_args or ("--appendonly", "no"))]
         if self.password:

@@ -380,7 +380,10 @@ def peer_user_id(frame: zmq.Frame) -> str | None:
 # ---- Redis -------------------------------------------------------------------------------------------------
 
 def redact_url(url: str) -> str:
-    """`url` with its password replaced by *** (for logs and error messages)."""
+    """`url` with its password replaced by *** (for logs and error messages); without a scheme, everything
+    before an `@` is taken for credentials."""
+    if "://" not in url:
+        return f"***@{url.rsplit('@', 1)[1]}" if "@" in url else url
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -401,8 +404,12 @@ def check_redis(url: str, timeout_s: float = 5.0) -> None:
     password or user, TLS certificate, unreachable) and never the password."""
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     where = redact_url(url)
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    except ValueError as err:  # no scheme, a port that is no number
+        hint = f"it needs a scheme, e.g. redis://{where}{'' if '/' in where else '/0'}" if "://" not in url else err
+        raise RedisAccessError(f"{where!r} is not a Redis URL: {hint}") from None
     try:
         client.ping()
     except redis.AuthenticationError as err:

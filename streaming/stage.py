@@ -75,6 +75,26 @@ class StageMetrics:
         return out
 
 
+class NamedActor:
+    """The next stage's actor, passed to a stage's constructor by name. Ray counts actor handles in the
+    arguments of an actor that restarts as references it may lose, and logs an error about it at every
+    start (ray-project/ray#53727); a name is plain data. The handle is looked up on first use."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._handle = None
+
+    def __reduce__(self):
+        return NamedActor, (self.name,)
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        if self._handle is None:
+            self._handle = ray.get_actor(self.name)
+        return getattr(self._handle, attr)
+
+
 class Downstream:
     """Calls `push` on the next stage's actors with at most `max_inflight` calls not yet returned: a slow
     consumer makes this stage wait instead of piling calls up in Ray's queues. Calls go round robin,

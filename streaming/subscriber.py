@@ -1,8 +1,12 @@
-"""Reading the embedding streams: decoded records, plain reads and consumer groups."""
+"""Reading the embedding streams: decoded records, plain reads, following them, and consumer groups."""
 
 from __future__ import annotations
 
+import heapq
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import numpy as np
 import redis
@@ -63,8 +67,19 @@ def decode_record(stream: str, entry_id: str, fields: dict) -> EmbeddingRecord:
 
 
 def stream_keys(client: redis.Redis, device: str = "*", modality: str = "*") -> list[str]:
-    """Embedding stream keys matching a device and modality (glob patterns), sorted."""
-    return sorted(text(k) for k in client.scan_iter(match=stream_key(device, modality), _type="stream"))
+    """Embedding stream keys whose device and modality match the globs, sorted. As the matcher reads them:
+    device and modality are parsed from the key, so the SCAN pattern for device `a` does not bring in a
+    key of device `a:x`; keys that are not UTF-8 are no embedding streams."""
+    out = []
+    for raw in client.scan_iter(match=stream_key(device, modality), _type="stream"):
+        try:
+            key = text(raw)
+            found_device, found_modality = parse_key(key)
+        except (UnicodeDecodeError, BadRecord):
+            continue
+        if fnmatchcase(found_device, device) and fnmatchcase(found_modality, modality):
+            out.append(key)
+    return sorted(out)
 
 
 def read_all(client: redis.Redis, device: str = "*", modality: str = "*") -> list[EmbeddingRecord]:
@@ -73,6 +88,64 @@ def read_all(client: redis.Redis, device: str = "*", modality: str = "*") -> lis
     for key in stream_keys(client, device, modality):
         out += [decode_record(key, i, f) for i, f in client.xrange(key)]
     return out
+
+
+class Tail:
+    """Follows the streams of the devices and modalities matching two globs (stream_keys): `records()` yields
+    the entries stored after `start` (a stream id; '0' for all), oldest first across streams (XRANGE), then
+    each new entry as it is published (XREAD), and None whenever nothing is there to read right now. Streams
+    that appear meanwhile (new devices) are found every `discover_s` and read from `start` too, as the
+    matcher does, so their first window is not missed. Malformed entries are skipped and counted."""
+
+    def __init__(self, client: redis.Redis, device: str = "*", modality: str = "*", start: str = "0",
+                 block_ms: int = 1000, discover_s: float = 1.0, chunk: int = 100):
+        self.client, self.device, self.modality = client, device, modality
+        self.start, self.block_ms, self.discover_s, self.chunk = start, block_ms, discover_s, chunk
+        self.after: dict[str, str] = {}  # per stream followed, the id after which to read
+        self.skipped = 0
+
+    def records(self) -> Iterator[EmbeddingRecord | None]:
+        from .matcher import id_tuple  # the matcher reads the streams through this module
+
+        def entry_order(entry: tuple[str, bytes, dict]) -> tuple[int, int]:
+            return id_tuple(text(entry[1]))
+
+        keys = stream_keys(self.client, self.device, self.modality)
+        self.after = {key: self.start for key in keys}
+        for key, entry_id, fields in heapq.merge(*map(self._stored, keys), key=entry_order):
+            self.after[key] = text(entry_id)
+            yield from self._decoded(key, entry_id, fields)
+        next_discovery = 0.0
+        while True:
+            if time.monotonic() >= next_discovery:
+                next_discovery = time.monotonic() + self.discover_s
+                for key in stream_keys(self.client, self.device, self.modality):
+                    self.after.setdefault(key, self.start)
+            if not self.after:
+                yield None
+                time.sleep(self.discover_s)
+                continue
+            reply = self.client.xread(self.after, count=self.chunk, block=self.block_ms) or []
+            entries = sorted(((text(key), entry_id, fields) for key, batch in reply for entry_id, fields in batch),
+                             key=entry_order)
+            if not entries:
+                yield None
+            for key, entry_id, fields in entries:
+                self.after[key] = text(entry_id)
+                yield from self._decoded(key, entry_id, fields)
+
+    def _stored(self, key: str) -> Iterator[tuple[str, bytes, dict]]:
+        """(key, id, fields) of the entries of `key` after `start`, `chunk` a round trip."""
+        low = "(" + self.start
+        while entries := self.client.xrange(key, min=low, count=self.chunk):
+            yield from ((key, entry_id, fields) for entry_id, fields in entries)
+            low = "(" + text(entries[-1][0])
+
+    def _decoded(self, key: str, entry_id, fields: dict) -> Iterator[EmbeddingRecord]:
+        try:
+            yield decode_record(key, entry_id, fields)
+        except BadRecord:
+            self.skipped += 1
 
 
 class Subscriber:
