@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import click
 import zmq
 
@@ -22,6 +24,18 @@ def _report(publisher: DevicePublisher) -> None:
     click.echo(f"sent {dict(publisher.sent)} dropped {dict(publisher.dropped)} ({publisher.bytes_sent} bytes)")
 
 
+def _warn_if_nothing_listens(endpoint: str) -> None:
+    """One line on stderr when no ingest answers at a tcp `endpoint`: ZeroMQ would queue silently."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not endpoint.startswith("tcp://") or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]").replace("*", "127.0.0.1"), int(port)), timeout=1).close()
+    except OSError:
+        click.echo(f"warning: nothing listens at {endpoint} (is `bindstream run` running?); messages wait in each "
+                   "device's send queue and are dropped when it is full", err=True)
+
+
 @click.group()
 def main() -> None:
     """Publish wearable sensor streams to a bindstream ingest endpoint (wire protocol v1)."""
@@ -35,8 +49,10 @@ def main() -> None:
 @click.option("--realtime/--fast", default=True, show_default=True, help="Pace to the wall clock, or send as fast as possible without dropping.")
 def simulate_command(endpoint: str, devices: int, seconds: float, seed: int, realtime: bool) -> None:
     """Run simulated wearables sim-000, sim-001, ..."""
+    _warn_if_nothing_listens(endpoint)
     stats = simulate(endpoint, devices=devices, seconds=seconds, seed=seed, realtime=realtime)
-    click.echo(f"sent {stats.total_sent} messages in {stats.wall_s:.1f} s; dropped {stats.dropped}")
+    dropped = sum(n for sensors in stats.dropped.values() for n in sensors.values())
+    click.echo(f"sent {stats.total_sent} messages in {stats.wall_s:.1f} s; dropped {dropped} (device send queues full)")
 
 
 @main.command("camera")

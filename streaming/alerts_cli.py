@@ -20,13 +20,12 @@ from pathlib import Path
 import click
 import numpy as np
 import redis
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from .matcher import (ALERTS_STREAM, DEFAULT_GROUP, ONE_BLAS_THREAD, Alert, Matcher, MatcherSettings, ModalityIndex,
                       id_tuple, now_id, start_matchers, state_key)
-from .options import CHECKPOINT_OPTION, JSON_OPTION, MODEL_OPTION, REDIS_OPTION, table
+from .options import CHECKPOINT_OPTION, JSON_OPTION, MODEL_OPTION, REDIS_OPTION, table, wide_console
 from .publisher import encode_fields, stream_key
 from .queries import (QUERY_MODALITIES, Background, Decision, Query, QueryError, background_key, check_modality,
                       confusion, delete_query, ensemble, ensure_background, find_query_id, fit_threshold,
@@ -36,7 +35,7 @@ from .search import parse_duration_ms, search, since_id, timeline, timeline_html
 from .security import RedisAccessError, check_redis, redact_url
 from .subscriber import decode_record, parse_key, stream_keys
 
-console = Console()
+console = wide_console()
 
 EMBED_BATCH = 8  # clips per encoder call in `alert tune`
 MIN_CLIPS_PER_CLASS = 2  # `alert tune` needs a positive and a negative in each split
@@ -330,6 +329,9 @@ def alert_tune(query, positive, negative, holdout, seed, dry_run, redis_url, che
         out.add_row(split, f"{t:.4g}", str(int(labels[idx].sum())), str(int((1 - labels[idx]).sum())),
                     f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}")
     console.print(out)
+    if confusion(scores[train], labels[train], threshold).f1 == 0:
+        raise click.ClickException(f"no threshold separates these clips for query {q.id} (F1 0 on them): "
+                                   "threshold not changed; check the folders, or add clips")
     verb = "would set" if dry_run else "set"
     hysteresis = q.decision.hysteresis if q.decision.hysteresis < threshold else threshold / 2
     if hysteresis != q.decision.hysteresis:

@@ -9,6 +9,7 @@ signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # a Ctrl-C while the imp
 
 import dataclasses
 import logging
+import re
 import traceback
 from contextlib import contextmanager
 
@@ -20,11 +21,12 @@ from rich.table import Table
 from encoders.config import MODALITIES
 from sensors.cli import main as device_commands
 from streaming.alerts_cli import alert, bench_alerts, match, search_command, timeline_command, watch
-from streaming.options import CHECKPOINT_OPTION, DEVICE_OPTION, DTYPE_OPTION, DTYPES, MODEL_OPTION, REDIS_OPTION
+from streaming.options import (CHECKPOINT_OPTION, DEVICE_OPTION, DTYPE_OPTION, DTYPES, MODEL_OPTION, REDIS_OPTION,
+                               wide_console)
 from streaming.security import redact_url
 
 signal.signal(signal.SIGINT, signal.default_int_handler)
-console = Console()
+console = wide_console()
 
 
 
@@ -258,6 +260,15 @@ def say_model(model: str) -> None:
         console.print(f"model: {model}")
 
 
+def say_ingest(endpoints: list[str], config) -> None:
+    """Where devices connect; a warning when others than this machine may, without CurveZMQ keys."""
+    console.print(f"ingest: {', '.join(endpoints)}", soft_wrap=True)
+    exposed = [e for e in endpoints if not re.match(r"tcp://(127\.|localhost|\[::1\])", e)]
+    if exposed and config.curve is None:
+        console.print(f"[yellow]warning: {', '.join(exposed)} accepts devices without keys, and their ids are "
+                      "only claims: give devices CurveZMQ keys ([curve], SECURITY.md section 2)[/]", soft_wrap=True)
+
+
 def say_redis(redis_url: str, config) -> None:
     """Where the embeddings go; for the embedded server, that it ends with the command."""
     if config.redis:
@@ -287,7 +298,7 @@ def run(config_file, live, **flags):
     with user_errors(), pipeline_session(config, cancel=stop) as (pipeline, redis_url, model):
         stop_on_signals(stop)  # again: ray.init set a SIGTERM handler that ends the process undrained
         say_model(model)
-        console.print(f"ingest: {', '.join(pipeline.endpoints)}", soft_wrap=True)
+        say_ingest(pipeline.endpoints, config)
         say_redis(redis_url, config)
         if live:
             with Live(stats_table(pipeline.stats()), console=console, refresh_per_second=2) as view:
@@ -302,9 +313,9 @@ def run(config_file, live, **flags):
 
 
 @main.command()
-@click.option("--seconds", default=20.0, help="How long the simulated wearables stream.")
-@click.option("--devices", default=2, help="Simulated wearables.")
-@click.option("--seed", default=0)
+@click.option("--seconds", default=20.0, show_default=True, help="How long the simulated wearables stream.")
+@click.option("--devices", default=2, show_default=True, help="Simulated wearables.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the simulated scenes and sounds.")
 @pipeline_options
 def demo(seconds, devices, seed, config_file, **flags):
     """The whole pipeline on this machine with simulated wearables: a live table, then a summary."""

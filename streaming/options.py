@@ -1,12 +1,16 @@
 """Command-line options and table layout shared by the `bindstream` commands."""
 
+import sys
+
 import click
+from rich.console import Console
 from rich.table import Table
 
 from encoders.config import PRESETS
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DTYPES = ("float32", "bfloat16", "float16", "int8")
+PIPE_WIDTH = 200  # columns of output that goes to a pipe or file
 
 MODEL_OPTION = click.option(
     "--model", type=click.Choice(sorted(PRESETS)), default=None,
@@ -20,6 +24,12 @@ DTYPE_OPTION = click.option("--dtype", type=click.Choice(DTYPES), default=None,
 REDIS_OPTION = click.option("--redis", "redis_url", default=DEFAULT_REDIS, show_default=True,
                             envvar="BINDSTREAM_REDIS_URL", show_envvar=True, help="Redis URL.")
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def wide_console() -> Console:
+    """The console commands print to: the terminal's width, or, into a pipe or file, wide enough that
+    tables and lines are not folded at 80 columns."""
+    return Console(width=None if sys.stdout.isatty() else PIPE_WIDTH)
 
 
 def table(title: str, columns: tuple[str, ...], right: tuple[str, ...] = (), whole: tuple[str, ...] = ()) -> Table:
