@@ -561,7 +561,7 @@ def load_file(path: str | Path, modality: str | None = None) -> tuple[str, torch
     if modality is None:
         raise ValueError(f"cannot tell the modality of {path.name} from its extension: the known ones are "
                          f"{', '.join(sorted(EXTENSION_MODALITY))}; give the modality (--modality on the command "
-                         f"line), as for .npy (depth, thermal or imu)")
+                         f"line), as for .npy (depth, thermal or imu); text is given as text (--text)")
     if modality == "vision" and ext in IMAGE_EXTENSIONS:
         return modality, image_tensor(load_image(path))
     if modality == "vision" and ext in VIDEO_EXTENSIONS:
