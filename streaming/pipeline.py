@@ -194,11 +194,12 @@ def running_cluster_address() -> str | None:
 
 
 def connect_ray() -> bool:
-    """Join the running Ray cluster if there is one, else start a local Ray; returns whether it started one.
-    Quietly: without Ray's INFO lines, and without its hint on how to turn token authentication (on by
-    default, SECURITY.md) off. StartupError if Ray does not start."""
+    """Join the running Ray cluster if there is one, else start a local Ray; returns whether the Ray used is
+    local (started here, now or earlier in this process: no autoscaler will add nodes to it). Quietly:
+    without Ray's INFO lines, and without its hint on how to turn token authentication (on by default,
+    SECURITY.md) off. StartupError if Ray does not start."""
     if ray.is_initialized():
-        return False
+        return running_cluster_address() is None
     address = running_cluster_address()
     logging.getLogger(AUTH_HINT_LOGGER).setLevel(logging.ERROR)
     try:
