@@ -107,9 +107,8 @@ def ingest_throughput(frames: list[list[bytes]], repeats: int = 3) -> float:
     return nbytes / elapsed / 1e6
 
 
-def offline_throughput(frames: list[list[bytes]], model: str, max_batch: int) -> tuple[int, float, float]:
+def offline_throughput(frames: list[list[bytes]], encoder, max_batch: int) -> tuple[int, float, float]:
     """(windows, windows/s of windowing + encoding, windows/s of encoding alone) in this process."""
-    encoder = encoders.load(model)
     start = time.perf_counter()
     windower = Windower()
     windows = []
@@ -147,11 +146,12 @@ def bench_pipeline(devices: int, seconds: float, config: PipelineConfig, rounds:
     """Offline and pipeline runs alternate `rounds` times; each figure is the best of its runs, so that
     a noisy neighbour on a shared machine disturbs both sides alike."""
     frames = simulated_frames(devices, seconds)
+    encoder = encoders.load(config.model or "tiny")
     payload_mb = sum(len(m[1]) for m in frames) / 1e6
     ingest_mb_s = ingest_throughput(frames)
     offline, pipeline_runs = [], []
     for _ in range(rounds):
-        offline.append(offline_throughput(frames, config.model or "tiny", config.max_batch))
+        offline.append(offline_throughput(frames, encoder, config.max_batch))
         pipeline_runs.append(pipeline_throughput(frames, config))
     windows = offline[0][0]
     wps, final = max(pipeline_runs, key=lambda run: run[0])

@@ -419,7 +419,7 @@ def bench_pipeline_command(devices, seconds, config_file, **flags):
     config.model = config.model or "tiny"
     with user_errors():
         f = bench_pipeline(devices, seconds, config)
-    table = Table(title=f"pipeline, {devices} devices x {seconds:g} s, model {config.model}, CPU cores: "
+    table = Table(title=f"pipeline, {devices} device{'s' * (devices != 1)} x {seconds:g} s, model {config.model}, CPU cores: "
                         f"{__import__('os').cpu_count()}")
     table.add_column("figure")
     table.add_column("value", justify="right")
