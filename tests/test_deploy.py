@@ -344,20 +344,27 @@ class RayNodes:
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
-    def start(self, name: str, args: list[str]) -> Path:
-        log = self.root / f"{name}.log"
-        ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
-                 "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-                 "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port()}
-        cmd = [shutil.which("ray"), "start", "--block", "--disable-usage-stats", "--num-gpus=0",
-               "--object-store-memory=100000000", *args, *(f"{k}={v}" for k, v in ports.items())]
-        with open(log, "wb") as out:
-            self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
-        self.logs.append(log)
-        wait_for(lambda: "Ray runtime started" in tail(log, 100_000), START_TIMEOUT_S, f"ray node {name}",
-                 self.procs[-1], log)
-        return log
+    def start(self, name: str, args: list[str], attempts: int = 2) -> Path:
+        """Start a node; once more if Ray's own registration with the GCS timed out (seen on a loaded
+        2-core machine: `ray start` gives up after 30 s)."""
+        for attempt in range(1, attempts + 1):
+            log = self.root / f"{name}-{attempt}.log"
+            ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
+                     "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+                     "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port()}
+            cmd = [shutil.which("ray"), "start", "--block", "--disable-usage-stats", "--num-gpus=0",
+                   "--object-store-memory=100000000", *args, *(f"{k}={v}" for k, v in ports.items())]
+            with open(log, "wb") as out:
+                self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                                   start_new_session=True))
+            self.logs.append(log)
+            try:
+                wait_for(lambda: "Ray runtime started" in tail(log, 100_000), START_TIMEOUT_S, f"ray node {name}",
+                         self.procs[-1], log)
+                return log
+            except AssertionError:
+                if attempt == attempts or "timed out during startup" not in tail(log, 100_000):
+                    raise
 
     def stop(self) -> None:
         for proc in reversed(self.procs):  # workers first, the head last
