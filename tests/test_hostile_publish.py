@@ -159,7 +159,8 @@ def tiny_embedder(ray_local, redis_server):
     publisher = ray.remote(Publisher).remote(PublisherSettings(redis_server.url))
 
     def make(**settings) -> Embedder:
-        return Embedder(EmbedderSettings(model="tiny", device="cpu", max_wait_ms=1, **settings), [publisher])
+        return Embedder(EmbedderSettings(**{"model": "tiny", "device": "cpu", "max_wait_ms": 1, **settings}),
+                        [publisher])
 
     yield make
     ray.kill(publisher)
@@ -191,18 +192,19 @@ def test_non_finite_encoder_output_is_dropped_and_counted_under_the_device(tiny_
 
 def test_queue_full_drops_are_counted_under_the_device_that_lost_the_window(tiny_embedder):
     """A flood from one device pushes a quiet device's queued window out: the quiet device's counter shows it."""
-    embedder = tiny_embedder(max_batch=1, queue_capacity=2, throttle_ms=2000)  # the first stays in the encoder
+    # no batch is taken before drain (8 windows or 60 s), so the queue's contents are known exactly
+    embedder = tiny_embedder(max_batch=8, max_wait_ms=60_000, queue_capacity=2)
     noise = np.zeros(IMU_SHAPE)
-    calls = [threading.Thread(target=embedder.push, args=([imu_window("flood", 0, noise)],))]
+    calls = [threading.Thread(target=embedder.push, args=([imu_window("quiet", 0, noise)],))]
     calls[0].start()
-    wait_for(lambda: embedder.queue.size == 0, 10, "the embedder to take the first window")  # now in the encoder
-    calls.append(threading.Thread(target=embedder.push, args=([imu_window("quiet", 0, noise)],)))
-    calls[1].start()
     wait_for(lambda: embedder.queue.size == 1, 10, "the quiet device's window queued")
-    embedder.push([imu_window("flood", k, noise) for k in range(1, 4)])  # 3 more: room for 2
+    flood = [imu_window("flood", k, noise) for k in range(3)]  # 3 more: room for 1, so 2 go, oldest first
+    calls.append(threading.Thread(target=embedder.push, args=(flood,)))
+    calls[1].start()
+    wait_for(lambda: embedder.metrics.counts["dropped_queue_full", "flood"] > 0, 10, "the flood queued")
+    final = embedder.drain()
     for call in calls:
         call.join()
-    final = embedder.drain()
     assert final["counts"]["dropped_queue_full:quiet"] == 1
     assert final["counts"]["dropped_queue_full:flood"] == 1
 
