@@ -23,17 +23,17 @@ import redis
 from rich.live import Live
 from rich.table import Table
 
-from .matcher import (ALERTS_STREAM, DEFAULT_GROUP, ONE_BLAS_THREAD, Alert, Matcher, MatcherSettings, ModalityIndex,
-                      id_tuple, now_id, start_matchers, state_key)
+from .alerts.records import Background, Decision, Query, QueryError, unit
+from .matcher import DEFAULT_GROUP, ONE_BLAS_THREAD, Matcher, MatcherSettings, ModalityIndex, start_matchers
 from .options import CHECKPOINT_OPTION, JSON_OPTION, MODEL_OPTION, REDIS_OPTION, table, wide_console
-from .publisher import encode_fields, stream_key
-from .queries import (QUERY_MODALITIES, Background, Decision, Query, QueryError, background_key, check_modality,
-                      confusion, delete_query, ensemble, ensure_background, find_query_id, fit_threshold,
-                      load_background, load_queries, load_query, save_background, save_query, set_decision, unit)
-from .records import Embedding
+from .queries import (check_modality, confusion, delete_query, ensemble, ensure_background, find_query_id, fit_threshold,
+                      load_background, load_queries, load_query, save_background, save_query, set_decision)
+from .records import QUERY_MODALITIES, Embedding
+from .redis_layout import (ALERTS_STREAM, Alert, background_key, decode_embedding, encode_embedding, id_tuple, now_id,
+                           parse_key, state_key, stream_key)
 from .search import parse_duration_ms, search, since_id, timeline, timeline_html, timeline_png
 from .security import RedisAccessError, check_redis, redact_url
-from .subscriber import decode_record, parse_key, stream_keys
+from .subscriber import stream_keys
 
 console = wide_console()
 
@@ -629,7 +629,7 @@ def write_stream(client: redis.Redis, devices: list[str], query_vectors: np.ndar
             events += event_left[d] == EVENT_WINDOWS - BENCH_DECISION.k + 1
             event_left[d] = max(event_left[d] - 1, 0)
             e = Embedding(devices[d], BENCH_MODALITY, t_dev[d], t_dev[d] + WINDOW_NS, v, BENCH_MODEL, 0, 0)
-            pipe.xadd(stream_key(devices[d], BENCH_MODALITY), encode_fields(e))
+            pipe.xadd(stream_key(devices[d], BENCH_MODALITY), encode_embedding(e))
             t_dev[d] += WINDOW_NS
             sent += 1
         pipe.execute()
@@ -688,7 +688,7 @@ def search_cost(client: redis.Redis, records: int, dim: int, seed: int) -> dict[
     for i in range(0, records, WRITE_BATCH):
         pipe = client.pipeline(transaction=False)
         for v in random_units(rng, min(WRITE_BATCH, records - i), dim):
-            pipe.xadd(key, encode_fields(Embedding("bench-search", BENCH_MODALITY, 0, WINDOW_NS, v, BENCH_MODEL, 0, 0)))
+            pipe.xadd(key, encode_embedding(Embedding("bench-search", BENCH_MODALITY, 0, WINDOW_NS, v, BENCH_MODEL, 0, 0)))
         pipe.execute()
     index = ModalityIndex([Query("search", BENCH_MODALITY, random_units(rng, 1, dim)[0], BENCH_MODEL)],
                           bench_background(rng, dim))
@@ -702,7 +702,7 @@ def search_cost(client: redis.Redis, records: int, dim: int, seed: int) -> dict[
             if not entries:
                 return cost
             t = time.perf_counter()
-            x = np.stack([decode_record(key, i, f).emb for i, f in entries])
+            x = np.stack([decode_embedding(key, i, f).emb for i, f in entries])
             cost["decode"] += time.perf_counter() - t
             t = time.perf_counter()
             index.shares(x)

@@ -12,7 +12,7 @@ import threading
 import time
 import zlib
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 
 import numpy as np
@@ -21,22 +21,18 @@ import redis
 
 from sensors.protocol import INT64_MAX, NS_PER_S
 
-from .queries import (MAX_SMOOTHING_N, QUERY_CHANNEL, QUERY_MODALITIES, QUERY_VERSION, Background, Query,
-                      read_backgrounds, read_queries)
-from .records import text
+from .alerts.records import MAX_SMOOTHING_N, Background, Query
+from .queries import read_backgrounds, read_queries
+from .records import QUERY_MODALITIES, text
 from .stage import StageMetrics
-from .publisher import stream_key
-from .subscriber import BadRecord, EmbeddingRecord, decode_record, parse_key
+from .redis_layout import (ALERTS_CHANNEL, ALERTS_STREAM, LAST_ID_FIELD, QUERY_CHANNEL, QUERY_VERSION, Alert, BadRecord,
+                           EmbeddingRecord, decode_embedding, dedup_key, id_tuple, now_id, parse_key, state_key,
+                           stream_key)
 
 log = logging.getLogger(__name__)
 
-ALERTS_STREAM = "bindstream:alerts"
-ALERTS_CHANNEL = "bindstream:alerts"
-STATE_PREFIX = "bindstream:alertstate"
-DEDUP_PREFIX = "bindstream:alerted"
 DEFAULT_GROUP = "bindstream-matchers"
 DEFAULT_CONSUMER = "matcher"
-LAST_ID_FIELD = "last_id"  # in a stream's state hash; every other field is a query id
 ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 UNIT_TOLERANCE = 0.01  # |norm - 1| of a stored embedding (bf16 encoders normalise to ~0.4 %)
 
@@ -55,11 +51,6 @@ return id
 """
 
 
-def now_id() -> str:
-    """A stream id at the current time: a group created there skips everything older."""
-    return f"{time.time_ns() // 1_000_000}-0"
-
-
 def is_unit(v: np.ndarray) -> bool:
     """A finite unit-norm vector, as every stored embedding must be."""
     norm = float(np.linalg.norm(v))
@@ -75,20 +66,6 @@ def entry_problem(r: EmbeddingRecord) -> str | None:
     if not is_unit(r.emb):
         return "not_unit"
     return None
-
-
-def id_tuple(entry_id: str) -> tuple[int, int]:
-    """A stream id as (ms, seq); ValueError unless it is one."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def state_key(group: str, stream: str) -> str:
-    return f"{STATE_PREFIX}:{group}:{stream}"
-
-
-def dedup_key(query_id: str, stream: str, entry_id: str) -> str:
-    return f"{DEDUP_PREFIX}:{query_id}:{stream}:{entry_id}"
 
 
 @dataclass(frozen=True)
@@ -127,35 +104,6 @@ class MatcherSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.idle_s > 0:
             raise ValueError(f"idle_s must be > 0, got {self.idle_s}")
-
-
-@dataclass
-class Alert:
-    device: str
-    query: str  # query id
-    query_text: str
-    modality: str
-    score: float  # calibrated score (softmax share) of the window that fired
-    threshold: float
-    t0: int  # the window's bounds, device clock, ns
-    t1: int
-    source: str  # embedding stream key
-    source_id: str  # entry id in it
-    model: str
-    detected_ns: int  # wall clock when the matcher decided
-    id: str = ""  # entry id in the alerts stream, once read back
-
-    def fields(self) -> dict[str, str]:
-        return {k: str(v) for k, v in asdict(self).items() if k != "id"}
-
-    @classmethod
-    def from_entry(cls, entry_id, raw: dict) -> "Alert":
-        f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-             for k, v in raw.items()}
-        types = {x.name: x.type for x in fields(cls)}
-        values = {k: (float(v) if types[k] == "float" else int(v) if types[k] == "int" else v)
-                  for k, v in f.items() if k in types}
-        return cls(**values, id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
 
 
 @dataclass(frozen=True)
@@ -561,7 +509,7 @@ class Matcher:
             tally["trimmed", ""] += 1
             return None
         try:
-            r = decode_record(key, entry_id, f)
+            r = decode_embedding(key, entry_id, f)
             reason, detail = entry_problem(r), f"{key} {entry_id}: t0 {r.t0} t1 {r.t1}"
         except Exception as err:
             r, reason, detail = None, "malformed" if isinstance(err, BadRecord) else "error", str(err)

@@ -1,6 +1,6 @@
 """Publisher stage: writes embeddings to Redis Streams and forms the `fused` embedding of each moment.
 
-Layout (REDIS.md has the full description for consumers):
+Layout (`redis_layout.py`; REDIS.md has the full description for consumers):
     XADD bindstream:emb:{device}:{modality} MAXLEN ~ N * t0 t1 epoch model dtype dim emb [modalities]
 
 Each batch is one EVALSHA of `WRITE_ONCE`: an entry is added only if its window key (run, epoch, t0) is
@@ -24,12 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from .records import FUSED, Embedding
+from .records import FUSED, FUSED_MODALITIES, Embedding
+from .redis_layout import encode_embedding, index_key, stream_key
 from .stage import StageMetrics
 
-KEY_PREFIX = "bindstream:emb"
-INDEX_PREFIX = "bindstream:embidx"
-FUSED_MODALITIES = ("vision", "audio", "depth", "thermal")
 
 # KEYS: per entry its stream and the stream's index. ARGV: maxlen, index size, index ttl (ms), stream ttl
 # (ms, 0: none), then per entry: its window key, the number of field/value items, the items. Replies per entry: 1 added, 0 already
@@ -61,24 +59,6 @@ end
 return replies
 """
 ADDED, WRONG_TYPE = 1, -1
-
-
-def stream_key(device: str, modality: str) -> str:
-    return f"{KEY_PREFIX}:{device}:{modality}"
-
-
-def index_key(device: str, modality: str) -> str:
-    return f"{INDEX_PREFIX}:{device}:{modality}"
-
-
-def encode_fields(e: Embedding, modalities: tuple[str, ...] = ()) -> dict:
-    fields = {
-        "t0": e.t0, "t1": e.t1, "epoch": e.epoch, "model": e.model, "dtype": "float32", "dim": e.emb.shape[0],
-        "emb": np.ascontiguousarray(e.emb, dtype="<f4").tobytes(),
-    }
-    if modalities:
-        fields["modalities"] = ",".join(modalities)
-    return fields
 
 
 def unit_rows(rows: np.ndarray, low: float, high: float) -> tuple[np.ndarray, list[str | None]]:
@@ -265,7 +245,7 @@ class Publisher:
         s = self.settings
         keys, args = [], [s.maxlen, s.dedup_window, int(s.dedup_ttl_s * 1000), int(s.retention_s * 1000)]
         for e in embeddings:
-            fields = encode_fields(e, e.members)
+            fields = encode_embedding(e)
             keys += [stream_key(e.device, e.modality), index_key(e.device, e.modality)]
             args += [f"{s.run_id}:{e.epoch}:{e.t0}", 2 * len(fields), *(x for item in fields.items() for x in item)]
         replies = self.write_once(keys=keys, args=args)

@@ -10,6 +10,8 @@ import numpy as np
 SENSOR_MODALITY = {"camera": "vision", "mic": "audio", "depth": "depth", "thermal": "thermal", "imu": "imu"}
 STREAM_MODALITIES = ("vision", "audio", "depth", "thermal", "imu")
 FUSED = "fused"
+FUSED_MODALITIES = ("vision", "audio", "depth", "thermal")  # summed into `fused` (IMU windows have other bounds)
+QUERY_MODALITIES = STREAM_MODALITIES + (FUSED,)  # every embedding stream a query can watch
 
 
 def text(value) -> str:

@@ -18,10 +18,11 @@ import redis
 
 from sensors.protocol import NS_PER_S
 
-from .matcher import ALERTS_STREAM, Alert, ModalityIndex, build_indexes, entry_problem
-from .publisher import stream_key
-from .queries import Query, QueryError, load_background, load_queries, read_backgrounds
-from .subscriber import BadRecord, EmbeddingRecord, decode_record, stream_keys
+from .alerts.records import Query, QueryError
+from .matcher import ModalityIndex, build_indexes, entry_problem
+from .queries import load_background, load_queries, read_backgrounds
+from .redis_layout import ALERTS_STREAM, Alert, BadRecord, EmbeddingRecord, decode_embedding, stream_key
+from .subscriber import stream_keys
 
 XRANGE_CHUNK = 10_000  # entries per XRANGE call (bounds the memory of one read)
 DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -59,7 +60,7 @@ def read_chunks(client: redis.Redis, key: str, start: str = "-",
         records, bad = [], 0
         for entry_id, f in entries:
             try:
-                r = decode_record(key, entry_id, f)
+                r = decode_embedding(key, entry_id, f)
             except BadRecord:
                 bad += 1
                 continue

@@ -1,69 +1,18 @@
-"""Reading the embedding streams: decoded records, plain reads, following them, and consumer groups."""
+"""Reading the embedding streams: decoded records, plain reads, following them, and consumer groups.
+
+Imports neither Ray nor any pipeline stage: any Python program can read the streams with it (REDIS.md)."""
 
 from __future__ import annotations
 
 import heapq
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-import numpy as np
 import redis
 
-from .publisher import KEY_PREFIX, stream_key
 from .records import text
-
-
-class BadRecord(ValueError):
-    """A stream entry that does not decode as documented in REDIS.md."""
-
-
-@dataclass
-class EmbeddingRecord:
-    stream: str
-    id: str
-    device: str
-    modality: str
-    t0: int
-    t1: int
-    model: str
-    emb: np.ndarray  # (dim,) float32, unit norm
-    modalities: tuple[str, ...] = ()  # fused records: the modalities summed
-    epoch: int = 0  # the device's session (entries written before the field existed: 0)
-
-
-def parse_key(key: str) -> tuple[str, str]:
-    """(device, modality) of a `bindstream:emb:{device}:{modality}` key."""
-    prefix, _, rest = key.partition(f"{KEY_PREFIX}:")
-    device, _, modality = rest.rpartition(":")
-    if prefix or not device or not modality:
-        raise BadRecord(f"not an embedding stream key: {key!r}")
-    return device, modality
-
-
-def decode_record(stream: str, entry_id: str, fields: dict) -> EmbeddingRecord:
-    """Decode one stream entry (fields as bytes or str keys); raises BadRecord if it is malformed."""
-    f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
-    try:
-        dtype = text(f["dtype"])
-        dim = int(f["dim"])
-        if dtype != "float32":
-            raise BadRecord(f"{stream} {entry_id}: dtype {dtype!r}, expected float32")
-        if len(f["emb"]) != 4 * dim:
-            raise BadRecord(f"{stream} {entry_id}: emb has {len(f['emb'])} bytes, expected {4 * dim}")
-        device, modality = parse_key(stream)
-        return EmbeddingRecord(
-            stream=stream, id=text(entry_id), device=device, modality=modality,
-            t0=int(f["t0"]), t1=int(f["t1"]), model=text(f["model"]),
-            emb=np.frombuffer(f["emb"], dtype="<f4").astype(np.float32),
-            modalities=tuple(text(f["modalities"]).split(",")) if "modalities" in f else (),
-            epoch=int(f.get("epoch", 0)),
-        )
-    except (KeyError, ValueError, TypeError) as err:
-        if isinstance(err, BadRecord):
-            raise
-        raise BadRecord(f"{stream} {entry_id}: {err!r}") from err
+from .redis_layout import BadRecord, EmbeddingRecord, decode_embedding, id_tuple, parse_key, stream_key
 
 
 def stream_keys(client: redis.Redis, device: str = "*", modality: str = "*") -> list[str]:
@@ -86,7 +35,7 @@ def read_all(client: redis.Redis, device: str = "*", modality: str = "*") -> lis
     """Every stored record of the matching streams (XRANGE), in stream order per key."""
     out = []
     for key in stream_keys(client, device, modality):
-        out += [decode_record(key, i, f) for i, f in client.xrange(key)]
+        out += [decode_embedding(key, i, f) for i, f in client.xrange(key)]
     return out
 
 
@@ -105,7 +54,6 @@ class Tail:
         self.skipped = 0
 
     def records(self) -> Iterator[EmbeddingRecord | None]:
-        from .matcher import id_tuple  # the matcher reads the streams through this module
 
         def entry_order(entry: tuple[str, bytes, dict]) -> tuple[int, int]:
             return id_tuple(text(entry[1]))
@@ -143,7 +91,7 @@ class Tail:
 
     def _decoded(self, key: str, entry_id, fields: dict) -> Iterator[EmbeddingRecord]:
         try:
-            yield decode_record(key, entry_id, fields)
+            yield decode_embedding(key, entry_id, fields)
         except BadRecord:
             self.skipped += 1
 
@@ -185,7 +133,7 @@ class Subscriber:
         for key, entries in reply or []:
             for entry_id, fields in entries:
                 try:
-                    out.append(decode_record(text(key), entry_id, fields))
+                    out.append(decode_embedding(text(key), entry_id, fields))
                 except BadRecord:
                     self.skipped += 1
                     self.client.xack(key, self.group, entry_id)

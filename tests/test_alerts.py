@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from encoders.weights import default_checkpoint_path
 from streaming import alerts_cli
 from streaming.alerts_cli import alert, bench_alerts, match, search_command, timeline_command, watch
-from streaming.matcher import (ALERTS_CHANNEL, ALERTS_STREAM, Alert, Matcher, MatcherSettings, ModalityIndex,
-                               start_matchers, state_key)
-from streaming.publisher import encode_fields, stream_key
-from streaming.queries import (Background, Decision, Query, QueryError, confusion, fit_threshold, load_background,
-                               load_query, query_key, save_background, save_query)
+from streaming.alerts.records import Background, Decision, Query, QueryError
+from streaming.matcher import Matcher, MatcherSettings, ModalityIndex, start_matchers
+from streaming.queries import confusion, fit_threshold, load_background, load_query, save_background, save_query
+from streaming.redis_layout import (ALERTS_CHANNEL, ALERTS_STREAM, Alert, encode_embedding, query_key, state_key,
+                                   stream_key)
 from streaming.records import Embedding
 from streaming.redis_server import RedisServer
 from streaming.search import search
@@ -89,7 +89,7 @@ def write(client, device: str, vectors, start_s: float = 0.0, model: str = MODEL
     for i, v in enumerate(vectors):
         t0 = int((start_s + i * WINDOW_S) * SECOND)
         e = Embedding(device, "audio", t0, t0 + WINDOW_S * SECOND, np.asarray(v, np.float32), model, 0, 0)
-        ids.append(client.xadd(stream_key(device, "audio"), encode_fields(e)).decode())
+        ids.append(client.xadd(stream_key(device, "audio"), encode_embedding(e)).decode())
     return ids
 
 
@@ -173,7 +173,7 @@ def test_hysteresis(server, client):
 def test_corrupt_records_are_counted_and_skipped(server, client):
     add_query(client, Decision(k=1, n=1))
     key = stream_key("dev", "audio")
-    good = encode_fields(Embedding("dev", "audio", 0, 2 * SECOND, MATCH, MODEL, 0, 0))
+    good = encode_embedding(Embedding("dev", "audio", 0, 2 * SECOND, MATCH, MODEL, 0, 0))
     client.xadd(key, {**good, "emb": b"\x00" * 10})  # wrong length
     client.xadd(key, {**good, "dtype": "float16", "emb": MATCH.astype("<f2").tobytes()})  # wrong dtype
     client.xadd(key, {"t0": 0})  # missing fields

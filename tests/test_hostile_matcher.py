@@ -15,9 +15,10 @@ from click.testing import CliRunner
 
 from sensors.protocol import INT64_MAX
 from streaming.alerts_cli import alert
-from streaming.matcher import Matcher, MatcherSettings, QueryState, state_key
-from streaming.publisher import encode_fields, stream_key
-from streaming.queries import QUERY_SET, Decision, Query, background_key, notify, query_key, save_query
+from streaming.matcher import Matcher, MatcherSettings, QueryState
+from streaming.alerts.records import Decision, Query
+from streaming.queries import notify, save_query
+from streaming.redis_layout import QUERY_SET, background_key, encode_embedding, query_key, state_key, stream_key
 from streaming.records import Embedding
 from streaming.search import timeline
 
@@ -60,7 +61,7 @@ def settle(m: Matcher) -> int:
 def entry(device: str, t0: int, v=MATCH, t1: int | None = None) -> dict:
     e = Embedding(device, "audio", t0, t0 + WINDOW_S * SECOND if t1 is None else t1, np.asarray(v, np.float32),
                   MODEL, 0, 0)
-    return encode_fields(e)
+    return encode_embedding(e)
 
 
 def pending(client, device: str, m: Matcher) -> int:
@@ -80,7 +81,7 @@ def test_bad_entries_are_acked_counted_under_the_attacker_and_do_not_block_the_b
                      entry("attacker", 10 * SECOND, t1=SECOND)],
         "malformed": [{**good, "t0": b"abc"}, {"t0": 0}, {**good, "emb": b"\x00" * 10}],
         "not_unit": [{**good, "emb": np.full(64, np.nan, "<f4").tobytes()}, {**good, "emb": (2 * MATCH).tobytes()}],
-        "wrong_dim": [encode_fields(Embedding("attacker", "audio", 0, SECOND, np.eye(32, dtype=np.float32)[0],
+        "wrong_dim": [encode_embedding(Embedding("attacker", "audio", 0, SECOND, np.eye(32, dtype=np.float32)[0],
                                               MODEL, 0, 0))],
     }
     for fields in (f for group in bad.values() for f in group):

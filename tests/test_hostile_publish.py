@@ -18,7 +18,8 @@ import redis
 from sensors.simulator import SimulatedWearable
 from streaming.embedder import Embedder, EmbedderSettings
 from streaming.pipeline import Pipeline, PipelineConfig
-from streaming.publisher import Publisher, PublisherSettings, stream_key, unit_rows
+from streaming.publisher import Publisher, PublisherSettings, unit_rows
+from streaming.redis_layout import stream_key
 from streaming.records import Embedding, Window
 from streaming.redis_server import RedisServer
 from streaming.subscriber import read_all

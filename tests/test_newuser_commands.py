@@ -21,9 +21,10 @@ import zmq
 from click.testing import CliRunner
 
 from streaming.cli import main
-from streaming.publisher import encode_fields, stream_key
 from streaming import alerts_cli
-from streaming.queries import QUERY_SET, Background, Query, save_background, save_query
+from streaming.alerts.records import Background, Query
+from streaming.queries import save_background, save_query
+from streaming.redis_layout import QUERY_SET, encode_embedding, stream_key
 from streaming.records import Embedding
 from streaming.redis_server import RedisServer, free_port
 
@@ -65,7 +66,7 @@ def write(client, device: str, n: int, modality: str = "audio") -> list[str]:
     ids = []
     for i in range(n):
         e = Embedding(device, modality, 2 * i * SECOND, 2 * (i + 1) * SECOND, unit(i % DIM), "tiny", 0, 0)
-        ids.append(client.xadd(stream_key(device, modality), encode_fields(e)).decode())
+        ids.append(client.xadd(stream_key(device, modality), encode_embedding(e)).decode())
         time.sleep(0.002)
     return ids
 
