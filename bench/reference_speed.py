@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from encoders.bench import example_batch
-from encoders.config import MODALITIES, resolve_config
+from encoders.config import resolve_config
+from encoders.modalities import MODALITIES
 from encoders.weights import random_model
 
 

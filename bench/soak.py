@@ -33,8 +33,10 @@ from sensors.publisher import DevicePublisher
 from sensors.simulator import COMMON_KEYS, SimulatedWearable
 from streaming.bench import actor_pids, private_rss_mb
 from streaming.pipeline import PipelineConfig, pipeline_session
+from streaming.stage import Counts
 
 SENSOR_ORDER = {s: i for i, s in enumerate(SENSORS)}
+DROP_STAGES = ("window", "embed", "publish")  # whose drops, per reason and device, the report lists
 
 
 @dataclass
@@ -108,12 +110,11 @@ class Fleet:
 def sample(pipeline, pids: dict[str, int], began: float) -> Sample:
     stats = pipeline.stats()
     publish = stats["publish"][0]
-    counts = publish["counts"]
-    ingested = sum(n for s in stats["ingest"] for k, n in s["counts"].items() if k.startswith("in:"))
+    ingested = Counts.of(*stats["ingest"]).get("in")
     queues = {f"{stage}-{i}": s.get("queue", 0) for stage in ("embed", "publish")
               for i, s in enumerate(stats[stage]) if "queue" in s}
     return Sample(time.monotonic() - began, private_rss_mb(pids), publish.get("latency_p50_ms"), publish.get("latency_p99_ms"),
-                  sum(n for k, n in counts.items() if k.startswith("out")), ingested, queues)
+                  Counts.of(publish).get("out"), ingested, queues)
 
 
 def fmt(value, digits=0) -> str:
@@ -179,7 +180,8 @@ def main(argv=None) -> int:
         deadline = time.monotonic() + args.settle_s
         while time.monotonic() < deadline:
             stats = pipeline.stats()
-            ingested = sum(n for s in stats["ingest"] for k, n in s["counts"].items() if k.startswith(("in:", "rejected_")))
+            ingest = Counts.of(*stats["ingest"])
+            ingested = ingest.get("in") + ingest.get("rejected_")
             if ingested >= sent and all(s.get("queue", 0) == 0 for s in stats["embed"] + stats["publish"]):
                 break
             time.sleep(1.0)
@@ -201,25 +203,17 @@ def build_report(args, samples: list[Sample], end: Sample, final: dict, sent: in
         series = [s.rss_mb.get(name, float("nan")) for s in samples + [end]]
         memory[name] = {"start": first.rss_mb[name], "peak": max(series), "end": end.rss_mb[name],
                         "delta": end.rss_mb[name] - first.rss_mb[name]}
-    counts: dict[str, dict[str, int]] = {}
-    for stage, actors in final.items():
-        merged: dict[str, int] = {}
-        for actor in actors:
-            for key, n in actor["counts"].items():
-                merged[key] = merged.get(key, 0) + n
-        counts[stage] = merged
+    counts = {stage: Counts.of(*actors) for stage, actors in final.items()}
     publish = final["publish"][0]
-    published = {k.split(":", 1)[1]: n for k, n in counts["publish"].items() if k.startswith("out:")}
     return {
         "devices": args.devices, "seconds": args.seconds, "model": args.model,
         "messages_sent": sent, "messages_dropped_at_devices": dropped,
-        "ingested": sum(n for k, n in counts["ingest"].items() if k.startswith("in:")),
-        "rejected": sum(n for k, n in counts["ingest"].items() if k.startswith("rejected_")),
-        "windows": sum(n for k, n in counts["window"].items() if k.startswith("out")),
-        "window_drops": {k: n for k, n in counts["window"].items() if k.startswith("dropped")},
-        "embed_drops": {k: n for k, n in counts["embed"].items() if k.startswith("dropped")},
-        "publish_drops": {k: n for k, n in counts["publish"].items() if k.startswith("dropped")},
-        "published": published,
+        "ingested": counts["ingest"].get("in"),
+        "rejected": counts["ingest"].get("rejected_"),
+        "windows": counts["window"].get("out"),
+        **{f"{stage}_drops": {event: counts[stage].labels(event) for event in counts[stage].events("dropped_")}
+           for stage in DROP_STAGES},
+        "published": counts["publish"].labels("out"),
         "latency_p50_ms": publish.get("latency_p50_ms"), "latency_p99_ms": publish.get("latency_p99_ms"),
         "latency_timeline": [(round(s.t_s), s.latency_p50_ms, s.latency_p99_ms, s.published) for s in samples + [end]],
         "rss_mb": memory,
@@ -240,9 +234,8 @@ def print_report(console: Console, r: dict) -> None:
     rows = [("messages sent by devices", r["messages_sent"]), ("dropped at devices (queue full)", r["messages_dropped_at_devices"]),
             ("ingested", r["ingested"]), ("rejected at ingest", r["rejected"]), ("windows cut", r["windows"])]
     rows += [(f"published {m}", n) for m, n in sorted(r["published"].items())]
-    rows += [(f"window {k}", n) for k, n in sorted(r["window_drops"].items())]
-    rows += [(f"embed {k}", n) for k, n in sorted(r["embed_drops"].items())]
-    rows += [(f"publish {k}", n) for k, n in sorted(r["publish_drops"].items())]
+    rows += [(f"{stage} {event} {label}".rstrip(), n) for stage in DROP_STAGES
+             for event, labels in sorted(r[f"{stage}_drops"].items()) for label, n in sorted(labels.items())]
     for name, value in rows:
         flow.add_row(name, f"{value:,}")
     flow.add_row("latency p50 (ms, last 4096 embeddings)", fmt(r["latency_p50_ms"], 1))

@@ -6,7 +6,8 @@
 """
 
 from .api import Encoder, load
-from .config import MODALITIES, ImageBindConfig, TrunkConfig, resolve_config
+from .config import ImageBindConfig, TrunkConfig, resolve_config
+from .modalities import MODALITIES
 from .model import ImageBind, build_model
 
 __all__ = [

@@ -10,26 +10,21 @@ from dataclasses import dataclass
 import torch
 
 from .api import load, place
-from .config import MODALITIES, ImageBindConfig, resolve_config
+from .config import ImageBindConfig, resolve_config
+from .modalities import MODALITIES
 from .weights import random_model
 
 
 def example_batch(cfg: ImageBindConfig, modality: str, batch: int, seed: int = 0) -> torch.Tensor:
-    """A random, well-formed input batch for `modality` (images for vision)."""
+    """A random, well-formed input batch for `modality`, of its first input shape (images for vision)."""
     g = torch.Generator().manual_seed(seed)
-    S = cfg.image_size
-    if modality == "text":
-        ids = torch.randint(1, cfg.vocab_size - 1, (batch, cfg.context_length), generator=g)
+    spec = cfg.input_specs()[modality]
+    shape = (batch, *spec.shapes[0])
+    if spec.token_ids:
+        ids = torch.randint(1, cfg.vocab_size - 1, shape, generator=g)
         ids[:, 20] = cfg.vocab_size - 1  # end-of-text after 20 tokens
         return ids
-    shape = {
-        "vision": (3, S, S),
-        "audio": (1, cfg.audio_num_mel_bins, cfg.audio_target_len),
-        "depth": (1, S, S),
-        "thermal": (1, S, S),
-        "imu": (cfg.imu_channels, cfg.imu_length),
-    }[modality]
-    return torch.randn((batch, *shape), generator=g)
+    return torch.randn(shape, generator=g)
 
 
 WARMUP_RUNS = 2  # untimed calls before each point is timed ...

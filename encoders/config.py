@@ -2,6 +2,9 @@
 
 `ImageBindConfig.from_reference` takes the constructor arguments of the reference `ImageBindModel`
 (the `config` entry of a parity fixture) so that any configuration of the reference can be rebuilt here.
+`ImageBindConfig.input_specs()` is the one table of input shapes (timm's `input_size`, per modality): the
+model checks its inputs against it, the benchmark draws its batches from it, and the transforms make those
+of the default config, whose sizes are the official ImageBind preprocessing's.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-MODALITIES = ("vision", "text", "audio", "depth", "thermal", "imu")
+from .modalities import MODALITIES
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,21 @@ class TrunkConfig:
     num_heads: int
     pre_transformer_ln: bool = False  # LayerNorm before the first block (vision only in ImageBind)
     add_bias_kv: bool = True  # one learned extra key/value token per block (audio, depth, thermal, IMU)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One modality's input per item (after the batch axis)."""
+
+    shapes: tuple[tuple[int, ...], ...]  # the layouts one forward pass takes; the last is the full one
+    clips: bool = False  # also (S, *shapes[-1]): S clips per item, their outputs averaged (the reference's rule)
+    token_ids: bool = False  # integer ids (text); every other input is floating point
+
+    def batch_shapes(self) -> list[str]:
+        """The accepted batch shapes as text (B = batch, S = clips per item)."""
+        dims = [", ".join(map(str, shape)) for shape in self.shapes]
+        shapes = [f"(B, {d})" for d in dims] + ([f"(B, S, {dims[-1]})"] if self.clips else [])
+        return [f"{shape} integer ids" for shape in shapes] if self.token_ids else shapes
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,19 @@ class ImageBindConfig:
 
     def trunk(self, modality: str) -> TrunkConfig:
         return getattr(self, modality)
+
+    def input_specs(self) -> dict[str, InputSpec]:
+        """Every modality's input: images or `video_frames`-frame videos (with clips), BPE ids, log-mel
+        spectrograms (with clips), one-channel depth and thermal images, IMU channels x steps."""
+        S = self.image_size
+        return {
+            "vision": InputSpec(((3, S, S), (3, self.video_frames, S, S)), clips=True),
+            "text": InputSpec(((self.context_length,),), token_ids=True),
+            "audio": InputSpec(((1, self.audio_num_mel_bins, self.audio_target_len),), clips=True),
+            "depth": InputSpec(((1, S, S),)),
+            "thermal": InputSpec(((1, S, S),)),
+            "imu": InputSpec(((self.imu_channels, self.imu_length),)),
+        }
 
     @classmethod
     def from_reference(cls, kwargs: dict) -> "ImageBindConfig":

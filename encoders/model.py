@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MODALITIES, ImageBindConfig, resolve_config
+from .config import ImageBindConfig, resolve_config
 from .layers import LN_EPS, Trunk
+from .modalities import MEDIA_MODALITIES, MODALITIES
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,6 +200,7 @@ class ImageBind(nn.Module):
     def __init__(self, cfg: ImageBindConfig):
         super().__init__()
         self.cfg = cfg
+        self.inputs = cfg.input_specs()
         S, out = cfg.image_size, cfg.out_embed_dim
         kt, kh, kw = cfg.vision_kernel
         D = {m: cfg.trunk(m).embed_dim for m in MODALITIES}
@@ -234,64 +236,36 @@ class ImageBind(nn.Module):
         )
         self.modality_trunks = nn.ModuleDict({m: Trunk(cfg.trunk(m)) for m in MODALITIES})
         self.modality_heads = nn.ModuleDict(
-            {m: ClsHead(D[m], out) for m in ("vision", "audio", "depth", "thermal")}
+            {m: ClsHead(D[m], out) for m in MEDIA_MODALITIES if m != "imu"}
             | {"text": TextHead(D["text"], out), "imu": ClsHead(D["imu"], out, proj_name="3")}
         )
         self.modality_postprocessors = nn.ModuleDict(
             {m: Postprocessor(cfg.logit_scale_init.get(m)) for m in MODALITIES}
         )
 
-    # ----- shapes -----
-
-    def expected_shapes(self, modality: str) -> list[str]:
-        """Accepted input shapes for a modality, as text (B = batch, S = clips per item)."""
-        c = self.cfg
-        img = f"{c.image_size}, {c.image_size}"
-        return {
-            "vision": [f"(B, 3, {img})", f"(B, 3, {c.video_frames}, {img})", f"(B, S, 3, {c.video_frames}, {img})"],
-            "text": [f"(B, {c.context_length}) integer ids"],
-            "audio": [
-                f"(B, 1, {c.audio_num_mel_bins}, {c.audio_target_len})",
-                f"(B, S, 1, {c.audio_num_mel_bins}, {c.audio_target_len})",
-            ],
-            "depth": [f"(B, 1, {img})"],
-            "thermal": [f"(B, 1, {img})"],
-            "imu": [f"(B, {c.imu_channels}, {c.imu_length})"],
-        }[modality]
-
-    def _item_shapes(self, modality: str) -> tuple[tuple[int, ...], ...]:
-        """Per-item shapes (after the batch axis) that one forward pass takes; clip axes come in front."""
-        c = self.cfg
-        S = c.image_size
-        return {
-            "vision": ((3, S, S), (3, c.video_frames, S, S)),
-            "text": ((c.context_length,),),
-            "audio": ((1, c.audio_num_mel_bins, c.audio_target_len),),
-            "depth": ((1, S, S),),
-            "thermal": ((1, S, S),),
-            "imu": ((c.imu_channels, c.imu_length),),
-        }[modality]
+    # ----- input checks -----
 
     def check_input(self, modality: str, x: torch.Tensor) -> None:
-        """Raise ValueError naming the modality and the expected shape unless `x` is a valid batch."""
+        """Raise ValueError naming the modality and the expected shape unless `x` is a valid batch
+        (of a shape in `cfg.input_specs()`)."""
         if modality not in MODALITIES:
             raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
-        expected = " or ".join(self.expected_shapes(modality))
+        spec = self.inputs[modality]
+        expected = " or ".join(spec.batch_shapes())
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{modality}: expected a torch.Tensor of shape {expected}, got {type(x).__name__}")
         item = tuple(x.shape[1:])
         clip_item = tuple(x.shape[2:])
-        allowed = self._item_shapes(modality)
-        clips_ok = modality in ("vision", "audio") and clip_item in allowed and x.ndim == len(allowed[-1]) + 2
-        if item not in allowed and not clips_ok:
+        clips_ok = spec.clips and clip_item in spec.shapes and x.ndim == len(spec.shapes[-1]) + 2
+        if item not in spec.shapes and not clips_ok:
             raise ValueError(f"{modality}: expected shape {expected}, got {tuple(x.shape)}")
         if x.shape[0] == 0 or (clips_ok and x.shape[1] == 0):
             raise ValueError(f"{modality}: empty batch; expected shape {expected}")
-        if modality == "text":
+        if spec.token_ids:
             if x.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"text: expected integer token ids of shape {expected}, got dtype {x.dtype}")
+                raise ValueError(f"{modality}: expected integer token ids of shape {expected}, got dtype {x.dtype}")
             if int(x.min()) < 0 or int(x.max()) >= self.cfg.vocab_size:
-                raise ValueError(f"text: token ids must lie in [0, {self.cfg.vocab_size})")
+                raise ValueError(f"{modality}: token ids must lie in [0, {self.cfg.vocab_size})")
         else:
             if not x.is_floating_point():
                 raise ValueError(f"{modality}: expected a floating-point tensor of shape {expected}, got {x.dtype}")
@@ -317,7 +291,7 @@ class ImageBind(nn.Module):
         """The reference's output for one modality: normalised, scaled, and averaged over clips if any."""
         self.check_input(modality, x)
         x = x.to(self._dtype_for(modality))
-        has_clips = x.ndim == len(self._item_shapes(modality)[-1]) + 2
+        has_clips = x.ndim == len(self.inputs[modality].shapes[-1]) + 2
         if has_clips:
             B, S = x.shape[:2]
             x = x.flatten(0, 1)
@@ -334,7 +308,7 @@ class ImageBind(nn.Module):
         return F.normalize(self.encode(modality, x), dim=-1)
 
     def _dtype_for(self, modality: str) -> torch.dtype:
-        if modality == "text":
+        if self.inputs[modality].token_ids:
             return torch.int64
         return self.modality_preprocessors[modality].cls_token.dtype
 

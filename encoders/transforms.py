@@ -64,21 +64,26 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 
+from .config import ImageBindConfig
+
+# Output sizes: the default config's `input_specs()`, which are the official ImageBind preprocessing's.
+OFFICIAL = ImageBindConfig()
+
 # text
-CONTEXT_LENGTH = 77
+CONTEXT_LENGTH = OFFICIAL.context_length  # 77
 
 # images and video
-IMAGE_SIZE = 224
+IMAGE_SIZE = OFFICIAL.image_size  # 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-VIDEO_FRAMES = 2
+VIDEO_FRAMES = OFFICIAL.video_frames  # 2
 VIDEO_SECONDS = 2.0
 
 # audio
 AUDIO_RATE = 16000
 AUDIO_CLIP_SAMPLES = 2 * AUDIO_RATE  # the first 2 s
-MEL_BINS = 128
-MEL_FRAMES = 204
+MEL_BINS = OFFICIAL.audio_num_mel_bins  # 128
+MEL_FRAMES = OFFICIAL.audio_target_len  # 204
 FRAME_LENGTH_MS = 25
 FRAME_SHIFT_MS = 10
 FRAME_SAMPLES = AUDIO_RATE * FRAME_LENGTH_MS // 1000  # 400: shortest waveform fbank accepts
@@ -103,10 +108,10 @@ KELVIN_AT_0C = 273.15
 CENTI = 100.0
 
 # IMU
-IMU_CHANNELS = 6
+IMU_CHANNELS = OFFICIAL.imu_channels  # 6
+IMU_STEPS = OFFICIAL.imu_length  # 2000
 IMU_SECONDS = 5
-IMU_RATE = 400
-IMU_STEPS = IMU_SECONDS * IMU_RATE  # 2000
+IMU_RATE = IMU_STEPS // IMU_SECONDS  # 400 Hz
 IMU_RATE_TOLERANCE = 1e-3  # relative distance to an integer rate for sinc resampling
 IMU_CONTEXT_S = 1.0  # samples after the window used (only) to resample its end
 IMU_LIMIT = 1000.0  # m/s^2 (~100 g) and rad/s: beyond any wearable's range; readings are clipped to it

@@ -6,8 +6,8 @@ from collections import Counter
 
 import numpy as np
 import zmq
-import zmq.auth
 
+from .keys import load_public_key, load_secret_certificate
 from .protocol import (CAMERA, DEFAULT_ENDPOINT, DEFAULT_LIMITS, DEPTH, DEVICE_PATTERN, DEVICE_RULE, IMU, IMU_DTYPE, MIC,
                        THERMAL, Limits, decode, encode_header)
 
@@ -26,11 +26,7 @@ def _curve_client_keys(server_public_file: str | None, client_secret_file: str |
         return None
     if server_public_file is None or client_secret_file is None:
         raise ValueError("CurveZMQ needs both curve_server_public_file and curve_client_secret_file")
-    server_public, _ = zmq.auth.load_certificate(server_public_file)
-    client_public, client_secret = zmq.auth.load_certificate(client_secret_file)
-    if not client_secret:
-        raise ValueError(f"{client_secret_file} holds no secret key: pass the device's .key_secret file")
-    return server_public, client_public, client_secret
+    return (load_public_key(server_public_file), *load_secret_certificate(client_secret_file))
 
 
 def connect_push(endpoint: str = DEFAULT_ENDPOINT, *, sndhwm: int = DEFAULT_SNDHWM,

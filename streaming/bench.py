@@ -19,6 +19,7 @@ from sensors.protocol import decode
 from sensors.simulator import SimulatedWearable
 
 from .pipeline import PipelineConfig, pipeline_session
+from .stage import Counts
 from .windowing import SECOND, Windower
 
 START_NS = 1_000 * SECOND
@@ -131,13 +132,12 @@ def pipeline_throughput(frames: list[list[bytes]], config: PipelineConfig) -> tu
     with pipeline_session(config) as (pipeline, _, _):
         start = time.perf_counter()
         _send(pipeline.endpoints[0], frames)
-        while sum(a["counts"].get("in:" + m, 0) for a in pipeline.stats()["ingest"]
-                  for m in ("vision", "audio", "depth", "thermal", "imu")) < len(frames):
+        while Counts.of(*pipeline.stats()["ingest"]).get("in") < len(frames):
             time.sleep(0.05)
         final = pipeline.drain()
         elapsed = time.perf_counter() - start
-    published = sum(n for a in final["publish"] for k, n in a["counts"].items()
-                    if k.startswith("out:") and k != "out:fused")
+    publish = Counts.of(*final["publish"])
+    published = publish.get("out") - publish.get("out", "fused")
     final["elapsed_s"] = elapsed
     return published / elapsed, final
 

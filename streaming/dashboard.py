@@ -1,9 +1,12 @@
 """The tables of `bindstream run/demo`: per stage, items in and out, queue depth, latency, drops; per
-modality; and, in the summary, the devices whose data was dropped or rejected.
+modality; and, in the summary, the devices whose data was dropped, rejected or refused.
 
 A stage's `out` is the next one's `in`: ingest passes messages on to windowing, which cuts windows for the
 embedders, whose embeddings the publisher writes, together with the `fused` records it forms, which the
-matchers read; a matcher's out is its alerts. What a stage dropped or rejected is counted by reason.
+matchers read; a matcher's out is its alerts. What a stage dropped, rejected or refused is counted by
+reason (`dropped_*`, `rejected_*`, `refused_*`), per device where the stage knows it: not for ingest's
+refused connections (over the cap, or by CurveZMQ), nor the matcher's rejected queries and backgrounds.
+Every reason of every stage is shown, in the caption of the stage table.
 """
 
 from __future__ import annotations
@@ -13,28 +16,28 @@ from collections import Counter
 from rich.console import Group
 from rich.table import Table
 
+from .records import QUERY_MODALITIES
+from .stage import Counts
+
 STAGE_ORDER = ("ingest", "window", "embed", "publish", "match")
-DEVICE_STAGES = ("ingest", "window", "embed", "publish")  # where drops and rejects are counted per device
+DROPS = ("dropped_", "rejected_", "refused_")
+NOT_PER_DEVICE = ("rejected_query", "rejected_background")  # the matcher's: per query id, per model/modality
 OUT_EVENT = {"match": "alert"}  # a stage whose output is not counted as `out`
 TOP_DEVICES = 10
 
 
-def _sum_counts(actors: list[dict], prefix: str) -> int:
-    return sum(n for a in actors for k, n in a["counts"].items() if k == prefix or k.startswith(prefix + ":"))
-
-
-def _drops(stats: dict[str, list[dict]], stages=STAGE_ORDER):
-    """(stage, "dropped_x" or "rejected_x", label, n) for every drop or reject count."""
-    for stage in stages:
-        for actor in stats.get(stage, []):
-            for key, n in actor["counts"].items():
-                event, _, label = key.partition(":")
-                if event.startswith(("dropped_", "rejected_")):
+def _drops(stats: dict[str, list[dict]]):
+    """(stage, event, label, n) for every drop, reject or refusal count of every stage."""
+    for stage in STAGE_ORDER:
+        counts = Counts.of(*stats.get(stage, []))
+        for event in counts.events():
+            if event.startswith(DROPS):
+                for label, n in counts.labels(event).items():
                     yield stage, event, label, n
 
 
 def drops_by_reason(stats: dict[str, list[dict]]) -> Counter:
-    """Every dropped or rejected item, keyed by "stage: reason"."""
+    """Every dropped, rejected or refused item or connection, keyed by "stage: reason"."""
     out: Counter = Counter()
     for stage, event, _, n in _drops(stats):
         out[f"{stage}: {event}"] += n
@@ -42,10 +45,12 @@ def drops_by_reason(stats: dict[str, list[dict]]) -> Counter:
 
 
 def drops_by_device(stats: dict[str, list[dict]]) -> dict[str, Counter]:
-    """Per device, its dropped or rejected items keyed by "stage: reason"."""
+    """Per device, its dropped, rejected or refused items keyed by "stage: reason" (the unlabelled ones,
+    connections, are in `drops_by_reason` only)."""
     out: dict[str, Counter] = {}
-    for stage, event, device, n in _drops(stats, DEVICE_STAGES):
-        out.setdefault(device or "unknown", Counter())[f"{stage}: {event}"] += n
+    for stage, event, device, n in _drops(stats):
+        if device and event not in NOT_PER_DEVICE:
+            out.setdefault(device, Counter())[f"{stage}: {event}"] += n
     return out
 
 
@@ -59,10 +64,11 @@ def stats_table(stats: dict[str, list[dict]], title: str = "bindstream") -> Tabl
             continue
         p50 = max((a.get("latency_p50_ms", 0.0) for a in actors), default=0.0)
         p99 = max((a.get("latency_p99_ms", 0.0) for a in actors), default=0.0)
-        out = _sum_counts(actors, OUT_EVENT.get(stage, "out"))
-        fused = _sum_counts(actors, "out:fused") if stage == "publish" else 0
+        counts = Counts.of(*actors)
+        out = counts.get(OUT_EVENT.get(stage, "out"))
+        fused = counts.get("out", "fused") if stage == "publish" else 0
         table.add_row(
-            stage, str(len(actors)), str(_sum_counts(actors, "in")),
+            stage, str(len(actors)), str(counts.get("in")),
             f"{out - fused} +{fused} fused" if fused else str(out),
             str(sum(a.get("queue", 0) for a in actors)),
             f"{p50:.0f}" if p50 else "-", f"{p99:.0f}" if p99 else "-",
@@ -77,20 +83,20 @@ def per_modality_table(stats: dict[str, list[dict]]) -> Table:
     table = Table(title="per modality", caption="fused: summed by the publisher")
     for column in ("modality", "windows", "embedded", "published"):
         table.add_column(column, justify="left" if column == "modality" else "right")
-    for modality in ("vision", "audio", "depth", "thermal", "imu", "fused"):
-        row = [_sum_counts(stats.get(s, []), f"out:{modality}") for s in ("window", "embed", "publish")]
+    for modality in QUERY_MODALITIES:
+        row = [Counts.of(*stats.get(s, [])).get("out", modality) for s in ("window", "embed", "publish")]
         if any(row):
             table.add_row(modality, *(["-", "-"] if modality == "fused" else map(str, row[:2])), str(row[2]))
     return table
 
 
 def per_device_table(stats: dict[str, list[dict]], top: int = TOP_DEVICES) -> Table | None:
-    """The `top` devices with the most items dropped or rejected, by reason, and the rest in one row;
-    None when nothing was."""
+    """The `top` devices with the most items dropped, rejected or refused, by reason, and the rest in one
+    row; None when nothing was."""
     by_device = sorted(drops_by_device(stats).items(), key=lambda item: (-item[1].total(), item[0]))
     if not by_device:
         return None
-    table = Table(title="dropped or rejected, per device")
+    table = Table(title="dropped, rejected or refused, per device")
     for column in ("device", "items", "by stage and reason"):
         table.add_column(column, justify="right" if column == "items" else "left", overflow="fold")
     for device, reasons in by_device[:top]:
@@ -104,6 +110,7 @@ def per_device_table(stats: dict[str, list[dict]], top: int = TOP_DEVICES) -> Ta
 
 
 def summary(stats: dict[str, list[dict]], title: str) -> Group:
-    """The final tables: per stage, per modality, and per device when anything was dropped or rejected."""
+    """The final tables: per stage, per modality, and per device when anything was dropped, rejected or
+    refused."""
     tables = [stats_table(stats, title), per_modality_table(stats), per_device_table(stats)]
     return Group(*(t for t in tables if t is not None))

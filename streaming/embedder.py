@@ -24,10 +24,11 @@ import ray
 
 from .publisher import unit_rows
 from .records import STREAM_MODALITIES, Embedding, Window
+from .retry import Backoff
 from .stage import Downstream, StageMetrics
 
 log = logging.getLogger(__name__)
-PUBLISH_RETRY_S, PUBLISH_RETRY_MAX_S = 0.05, 2.0
+PUBLISH_RETRY_MAX_S = 2.0  # backoff cap while the publisher is down
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ class Embedder:
 
     def _publish(self, embeddings: list[Embedding]) -> None:
         """Hand embeddings to the publisher; while it is down (Ray restarts it) try again, with backoff."""
-        backoff = PUBLISH_RETRY_S
+        backoff = Backoff(PUBLISH_RETRY_MAX_S)
         while True:
             try:
                 self.downstream.push(embeddings)
@@ -226,8 +227,7 @@ class Embedder:
                 return
             except ray.exceptions.RayActorError:
                 self.metrics.count("publisher_unavailable")
-                time.sleep(backoff)
-                backoff = min(2 * backoff, PUBLISH_RETRY_MAX_S)
+                backoff.wait()
 
     def drain(self, timeout_s: float | None = None) -> dict:
         """Embed everything queued, hand it to the publisher, and stop the worker. What is still queued

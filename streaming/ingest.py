@@ -26,8 +26,8 @@ import zmq
 from sensors.protocol import DEFAULT_ENDPOINT, Limits, Rejected, decode
 
 from .connections import ConnectionGuard, ConnectionLimits
+from .curve import CurveSettings, peer_user_id, secure_server
 from .records import SENSOR_MODALITY
-from .security import CurveSettings, peer_user_id, secure_server
 from .stage import Downstream, StageMetrics
 from .windowing import FRAME_SENSORS, WindowingConfig, frame_is_sampled
 

@@ -29,13 +29,14 @@ from encoders.weights import default_model_name
 from sensors.protocol import DEFAULT_ENDPOINT, Limits
 
 from .connections import ConnectionLimits
+from .curve import CurveSettings
 from .embedder import Embedder, EmbedderSettings
 from .ingest import Ingest, IngestSettings
-from .matcher import MatcherSettings, start_matchers
+from .alerts.matcher import MatcherSettings, start_matchers
 from .publisher import Publisher, PublisherSettings
+from .redis_access import RedisAccessError, check_redis, redact_url
 from .redis_server import RedisPortInUse, RedisServer
-from .security import CurveSettings, RedisAccessError, check_redis, redact_url
-from .stage import NamedActor
+from .stage import Counts, NamedActor
 from .windowing import LIVE, REPLAY, WindowingConfig, WindowSpec, WindowStage, WindowStageSettings
 
 log = logging.getLogger(__name__)
@@ -354,8 +355,8 @@ class Pipeline:
         final["embed"] = results("embed", [a.stats.remote() for a in self.stages["embed"]], report_by)
         final["publish"] = results("publish", [a.drain.remote(remaining(deadline)) for a in self.stages["publish"]],
                                    report_by)
-        self._matchers_catch_up(sum(n for a in final["publish"] for k, n in a["counts"].items()
-                                    if k.startswith("out:")), min(report_by, time.monotonic() + MATCH_CATCH_UP_S))
+        self._matchers_catch_up(Counts.of(*final["publish"]).get("out"),
+                                min(report_by, time.monotonic() + MATCH_CATCH_UP_S))
         final["match"] = results("match", [a.stop.remote() for a in self.stages.get("match", [])], report_by)
         return final
 
@@ -364,8 +365,7 @@ class Pipeline:
         is found at their next discovery)."""
         matchers = self.stages.get("match", [])
         while matchers and time.monotonic() < deadline:
-            read = sum(n for s in ray.get([m.stats.remote() for m in matchers]) for k, n in s["counts"].items()
-                       if k == "in" or k.startswith("in:"))
+            read = Counts.of(*ray.get([m.stats.remote() for m in matchers])).get("in")
             if read >= published:
                 return
             time.sleep(0.1)

@@ -26,6 +26,7 @@ import redis
 
 from .records import FUSED, FUSED_MODALITIES, Embedding
 from .redis_layout import encode_embedding, index_key, stream_key
+from .retry import Backoff
 from .stage import StageMetrics
 
 
@@ -199,7 +200,7 @@ class Publisher:
         return depth
 
     def _run(self) -> None:
-        backoff, pending, failing = 0.0, [], False
+        backoff, pending, failing = Backoff(self.settings.retry_max_s), [], False
         while True:
             with self.cond:
                 if not self.queue and not pending and not self._stop.is_set():
@@ -215,13 +216,13 @@ class Publisher:
                 return self._close(pending, "redis_down" if failing else "drain_timeout")
             try:
                 self._write(pending)
-                pending, backoff, failing = [], 0.0, False
+                pending, failing = [], False
+                backoff.reset()
             except redis.RedisError as err:
                 self.metrics.count("redis_error")
                 self.last_error = str(err)
                 failing = True
-                backoff = min(max(2 * backoff, 0.05), self.settings.retry_max_s)
-                time.sleep(backoff)
+                backoff.wait()
                 continue
             if stopping and queue_empty:
                 return self._close([], "drain_timeout")  # what was pushed since came too late

@@ -1,4 +1,6 @@
-"""Typed records passed between pipeline stages (through Ray's object store: numpy payloads, no lists)."""
+"""Typed records passed between pipeline stages (through Ray's object store: numpy payloads, no lists),
+and the table of the modalities they carry: every list of streamed modalities in streaming/ reads it.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +8,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# sensor on the wire -> modality of the encoder that embeds its windows
-SENSOR_MODALITY = {"camera": "vision", "mic": "audio", "depth": "depth", "thermal": "thermal", "imu": "imu"}
-STREAM_MODALITIES = ("vision", "audio", "depth", "thermal", "imu")
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """How one modality streams: from which sensor, cut into which windows, and whether `fused` sums it."""
+
+    sensor: str  # on the wire (sensors/protocol.py)
+    frames: bool  # a stream of frames, of which each window samples some; else of sample chunks, all used
+    cadence: str  # the `WindowingConfig` field giving its window length and hop (depth, thermal: vision's)
+    fused: bool = True  # summed into `fused`, which needs identical window bounds (IMU windows have others)
+
+
+STREAMS = {  # modality of the encoder that embeds the windows -> its stream
+    "vision": StreamSpec("camera", frames=True, cadence="vision"),
+    "audio": StreamSpec("mic", frames=False, cadence="audio"),
+    "depth": StreamSpec("depth", frames=True, cadence="vision"),
+    "thermal": StreamSpec("thermal", frames=True, cadence="vision"),
+    "imu": StreamSpec("imu", frames=False, cadence="imu", fused=False),
+}
 FUSED = "fused"
-FUSED_MODALITIES = ("vision", "audio", "depth", "thermal")  # summed into `fused` (IMU windows have other bounds)
+STREAM_MODALITIES = tuple(STREAMS)
+SENSOR_MODALITY = {s.sensor: m for m, s in STREAMS.items()}  # sensor on the wire -> modality
+FRAME_SENSORS = tuple(s.sensor for s in STREAMS.values() if s.frames)
+FUSED_MODALITIES = tuple(m for m, s in STREAMS.items() if s.fused)
 QUERY_MODALITIES = STREAM_MODALITIES + (FUSED,)  # every embedding stream a query can watch
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import zlib
 from collections import Counter, deque
+from dataclasses import dataclass, field
 from itertools import cycle
 
 import numpy as np
@@ -16,16 +17,63 @@ LATENCY_WINDOW = 4096  # recent latencies kept for p50/p99 in `snapshot`
 MAX_LABELS = 1000  # distinct labels (devices, modalities) per event of a stage; later ones count as "other"
 
 
+@dataclass
+class Counts:
+    """Counters: event -> label -> n, the label "" where an event is counted without one. An event named
+    with a trailing "_" ("rejected_") stands for every event it begins. A snapshot carries `to_dict()`
+    (plain data, for Ray and JSON); readers take it back with `Counts.of(*snapshots)`."""
+
+    by_event: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, dict[str, int]]) -> Counts:
+        return cls({event: dict(labels) for event, labels in data.items()})
+
+    def to_dict(self) -> dict[str, dict[str, int]]:
+        return {event: dict(labels) for event, labels in self.by_event.items()}
+
+    @classmethod
+    def of(cls, *snapshots: dict) -> Counts:
+        """The counts of `StageMetrics.snapshot`s (of one stage's actors, or of several stages), summed."""
+        return sum((cls.from_dict(s["counts"]) for s in snapshots), cls())
+
+    def __add__(self, other: Counts) -> Counts:
+        out = Counts.from_dict(self.by_event)
+        for event, labels in other.by_event.items():
+            for label, n in labels.items():
+                out.add(event, label, n)
+        return out
+
+    def add(self, event: str, label: str = "", n: int = 1) -> None:
+        labels = self.by_event.setdefault(event, {})
+        labels[label] = labels.get(label, 0) + n
+
+    def events(self, prefix: str = "") -> list[str]:
+        """The events counted, sorted; those beginning with `prefix` if given."""
+        return sorted(event for event in self.by_event if event.startswith(prefix))
+
+    def labels(self, event: str) -> dict[str, int]:
+        """Label -> count of `event` (of every event it stands for, summed per label)."""
+        out: Counter = Counter()
+        for name in self.events(event) if event.endswith("_") else [event]:
+            out.update(self.by_event.get(name, {}))
+        return dict(out)
+
+    def get(self, event: str, label: str | None = None) -> int:
+        """The count of `event` under `label`, or with no label its total over all labels."""
+        labels = self.labels(event)
+        return sum(labels.values()) if label is None else labels.get(label, 0)
+
+
 class StageMetrics:
     """Counters and a latency histogram of one stage. Each `count` goes to Ray's metrics (exported to
-    Prometheus by every Ray node) and to an in-process Counter that `snapshot` returns."""
+    Prometheus by every Ray node) and to the in-process `Counts` that `snapshot` returns."""
 
     def __init__(self, stage: str):
         self.stage = stage
-        self.counts: Counter = Counter()
+        self.counts = Counts()
         self.latencies: deque = deque(maxlen=LATENCY_WINDOW)
         self.busy_s = 0.0
-        self.labels: dict[str, set[str]] = {}  # event -> its labels: a flood of one event's ids spares the others
         self._lock = threading.Lock()
         self._events = metrics.Counter(
             "bindstream_events_total", "Pipeline events per stage (in, out, drops by reason).",
@@ -43,12 +91,11 @@ class StageMetrics:
         if n <= 0:
             return
         with self._lock:
-            labels = self.labels.setdefault(event, set())
-            if label not in labels:
-                if len(labels) >= MAX_LABELS:
-                    label = "other"  # a flood of device ids must not grow memory or metric series
-                labels.add(label)
-            self.counts[event, label] += n
+            # capped per event: a flood of one event's ids spares the others
+            labels = self.counts.by_event.get(event, {})
+            if label not in labels and len(labels) >= MAX_LABELS:
+                label = "other"  # a flood of device ids must not grow memory or metric series
+            self.counts.add(event, label, n)
         self._events.inc(n, tags={"stage": self.stage, "event": event, "label": label})
 
     def latency(self, seconds: float) -> None:
@@ -65,8 +112,9 @@ class StageMetrics:
         self._queue.set(depth, tags={"stage": self.stage})
 
     def snapshot(self, **extra) -> dict:
+        """The stage's figures as plain data: "counts" is `Counts.to_dict()` (read it with `Counts.of`)."""
         with self._lock:
-            counts = {f"{event}:{label}" if label else event: n for (event, label), n in self.counts.items()}
+            counts = self.counts.to_dict()
             lat = np.array(self.latencies) if self.latencies else None
         out = {"stage": self.stage, "counts": counts, "busy_s": self.busy_s, **extra}
         if lat is not None:

@@ -55,14 +55,12 @@ import torch
 from encoders import transforms
 from sensors.protocol import NS_PER_S, TOO_COSTLY, Rejected, SensorMessage, decode_image
 
-from .records import SENSOR_MODALITY, Window
+from .records import FRAME_SENSORS, SENSOR_MODALITY, STREAMS, Window
 from .stage import Downstream, StageMetrics
 
 SECOND = NS_PER_S
 SEQ_SKIP = "seq_skip"  # a message far ahead in `seq` not (yet) confirmed by the next one
 log = logging.getLogger(__name__)
-FRAME_SENSORS = ("camera", "depth", "thermal")
-VISION_FRAMES = 2
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ class WindowSpec:
 class WindowingConfig:
     """Window lengths and hops per modality, and the tolerances of the stream checks."""
 
-    vision: WindowSpec = WindowSpec(2 * SECOND, 1 * SECOND)  # also depth and thermal: the vision cadence
+    vision: WindowSpec = WindowSpec(2 * SECOND, 1 * SECOND)  # also depth and thermal (their `cadence`)
     audio: WindowSpec = WindowSpec(2 * SECOND, 1 * SECOND)
     imu: WindowSpec = WindowSpec(5 * SECOND, SECOND * 5 // 2)
     max_frame_gap_ns: int = 250_000_000  # frames further apart than this leave a hole
@@ -89,7 +87,7 @@ class WindowingConfig:
     device_cpu_burst_s: float = 0.5  # ... and how much of it at once (a legitimate window costs ~0.05 s)
 
     def spec(self, modality: str) -> WindowSpec:
-        return self.imu if modality == "imu" else self.audio if modality == "audio" else self.vision
+        return getattr(self, STREAMS[modality].cadence)
 
 
 def _ceil_to(t: int, step: int) -> int:
@@ -98,8 +96,9 @@ def _ceil_to(t: int, step: int) -> int:
 
 def frame_sample_offsets(sensor: str, spec: WindowSpec) -> tuple[int, ...]:
     """Offsets from a window's start of the moments whose frames it takes."""
-    if sensor == "camera":
-        return tuple((2 * i + 1) * spec.length_ns // (2 * VISION_FRAMES) for i in range(VISION_FRAMES))
+    if sensor == "camera":  # the centres of n equal parts, as `transforms.uniform_indices` picks frames
+        n = transforms.VIDEO_FRAMES
+        return tuple((2 * i + 1) * spec.length_ns // (2 * n) for i in range(n))
     return (spec.length_ns // 2,)
 
 

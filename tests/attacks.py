@@ -22,6 +22,7 @@ import zmq
 from sensors.protocol import decode, encode_header
 from sensors.simulator import SimulatedWearable
 from streaming.bench import MB, actor_pids, private_rss_mb
+from streaming.stage import Counts
 from streaming.subscriber import read_all
 from streaming.windowing import SECOND, Windower
 
@@ -142,10 +143,10 @@ def counted_under(stats: dict[str, list[dict]], prefix: tuple[str, ...]) -> Coun
     a stage counts labels beyond its cap of distinct ones), and unlabelled ones of ingest (connections)."""
     out: Counter = Counter()
     for stage, actors in stats.items():
-        for actor in actors:
-            for key, n in actor["counts"].items():
-                event, _, label = key.partition(":")
-                bad = event.startswith(("dropped_", "rejected_", "refused_", "closed_", "evicted_"))
+        counts = Counts.of(*actors)
+        for event in counts.events():
+            bad = event.startswith(("dropped_", "rejected_", "refused_", "closed_", "evicted_"))
+            for label, n in counts.labels(event).items():
                 if bad and (label.startswith(prefix) or label == "other" or (not label and stage == "ingest")):
                     out[f"{stage}: {event}"] += n
     return out
@@ -154,7 +155,8 @@ def counted_under(stats: dict[str, list[dict]], prefix: tuple[str, ...]) -> Coun
 def settled_stats(pipeline, quiet_s: float = 1.0, timeout_s: float = 60.0) -> dict:
     """The pipeline's stats once no stage has counted anything for `quiet_s` (what was sent is settled)."""
     def total(stats):
-        return sum(n for actors in stats.values() for a in actors for n in a["counts"].values())
+        counts = Counts.of(*(a for actors in stats.values() for a in actors))
+        return sum(map(counts.get, counts.events()))
 
     stats, deadline = pipeline.stats(), time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -13,16 +13,22 @@ import soundfile
 from click.testing import CliRunner
 
 from encoders.weights import default_checkpoint_path
-from streaming import alerts_cli
-from streaming.alerts_cli import alert, bench_alerts, match, search_command, timeline_command, watch
 from streaming.alerts.records import Background, Decision, Query, QueryError
-from streaming.matcher import Matcher, MatcherSettings, ModalityIndex, start_matchers
-from streaming.queries import confusion, fit_threshold, load_background, load_query, save_background, save_query
+from streaming.alerts.matcher import Matcher, MatcherSettings, start_matchers
+from streaming.alerts.queries import load_background, load_query, save_background, save_query
+from streaming.alerts.scoring import ModalityIndex
+from streaming.alerts.search import search
+from streaming.alerts.tuning import confusion, fit_threshold
+from streaming.cli.alerts import alert, match
+from streaming.cli.bench import bench_alerts
+from streaming.cli.events import watch
+from streaming.cli.search import search_command, timeline_command
+from streaming.cli.terminal import console
 from streaming.redis_layout import (ALERTS_CHANNEL, ALERTS_STREAM, Alert, encode_embedding, query_key, state_key,
                                    stream_key)
 from streaming.records import Embedding
 from streaming.redis_server import RedisServer
-from streaming.search import search
+from streaming.stage import Counts
 
 from .conftest import ASSETS, wait_for
 
@@ -55,9 +61,7 @@ MATCH, QUIET = basis(0), basis(2)
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch):
     """Tables one line per row (CliRunner's terminal is 80 columns wide)."""
-    from rich.console import Console
-
-    monkeypatch.setattr(alerts_cli, "console", Console(width=250))
+    monkeypatch.setattr(console, "width", 250)
 
 
 @pytest.fixture
@@ -106,8 +110,8 @@ def alerts(client) -> list[Alert]:
     return [Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM)]
 
 
-def counts(m: Matcher, event: str) -> int:
-    return sum(n for k, n in m.stats()["counts"].items() if k.split(":")[0] == event)
+def counts(m: Matcher, event: str, label: str | None = None) -> int:
+    return Counts.of(m.stats()).get(event, label)
 
 
 # ----- the decision -------------------------------------------------------------------------------------
@@ -183,7 +187,7 @@ def test_corrupt_records_are_counted_and_skipped(server, client):
     m = matcher(server)
     drain(m)
     assert counts(m, "rejected_malformed") == 3 and counts(m, "rejected_not_unit") == 2
-    assert m.stats()["counts"]["rejected_malformed:dev"] == 3
+    assert counts(m, "rejected_malformed", "dev") == 3
     assert [a.source_id for a in alerts(client)] == [good_id]
     assert client.xpending(key, m.settings.group)["pending"] == 0
 

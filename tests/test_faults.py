@@ -10,6 +10,7 @@ from sensors.publisher import DevicePublisher
 from sensors.simulator import SimulatedWearable
 from streaming.pipeline import Pipeline, PipelineConfig
 from streaming.redis_server import RedisServer, free_port
+from streaming.stage import Counts
 from streaming.windowing import SECOND
 
 from .attacks import START_NS, expected_windows, published_keys, send_paced
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def ingested(pipeline) -> int:
-    return sum(n for a in pipeline.stats()["window"] for k, n in a["counts"].items() if k.startswith("in:"))
+    return Counts.of(*pipeline.stats()["window"]).get("in")
 
 
 def test_killed_embedder_restarts_and_every_window_arrives_exactly_once(ray_local, redis_server):
@@ -62,9 +63,9 @@ def test_redis_outage_within_the_buffer_loses_nothing(ray_local):
         pipeline.kill()
         keys = published_keys(server.url, device)
         assert set(keys) == expected_windows(messages)
-        publish = final["publish"][0]["counts"]
-        assert publish.get("redis_error", 0) > 0  # the outage was seen, and ridden out
-        assert not any(k.startswith("dropped") for k in publish)
+        publish = Counts.of(final["publish"][0])
+        assert publish.get("redis_error") > 0  # the outage was seen, and ridden out
+        assert not publish.events("dropped")
     finally:
         server.stop()
 
@@ -92,25 +93,24 @@ def test_killed_ingest_comes_back_on_its_endpoint_and_loss_is_counted(ray_local,
     time.sleep(1.0)
     final = pipeline.drain()
     pipeline.kill()
-    window = final["window"][0]["counts"]
-    received = sum(n for k, n in window.items() if k.startswith("in:"))
-    lost = window.get(f"dropped_seq_lost:{device}", 0)
+    window = Counts.of(final["window"][0])
+    received = window.get("in")
+    lost = window.get("dropped_seq_lost", device)
     assert lost > 0, "the restart should have lost some messages"
     assert received + lost == issued  # every missing message is accounted for, per device
     late = [t0 for _, t0 in published_keys(redis_server.url, device) if t0 >= START_NS + 4 * SECOND]
     assert late, "the pipeline did not resume after the ingest restart"
 
 
-def count(stats: dict, stage: str, prefix: str) -> int:
-    return sum(n for a in stats[stage] for k, n in a["counts"].items() if k.split(":")[0] == prefix)
+def count(stats: dict, stage: str, event: str, label: str | None = None) -> int:
+    return Counts.of(*stats[stage]).get(event, label)
 
 
 def window_accounts(final: dict) -> tuple[int, int, int]:
     """(windows cut, windows published, windows dropped for overload) over a run's final stats."""
     cut = count(final, "window", "out")
     dropped = count(final, "window", "dropped_overload") + count(final, "embed", "dropped_queue_full")
-    published = count(final, "publish", "out") - sum(
-        n for a in final["publish"] for k, n in a["counts"].items() if k == "out:fused")
+    published = count(final, "publish", "out") - count(final, "publish", "out", "fused")
     return cut, published, dropped
 
 

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from sensors.protocol import REASONS, Rejected, decode
 from sensors.simulator import SimulatedWearable
 from streaming.records import SENSOR_MODALITY
+from streaming.stage import Counts
 
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -154,18 +155,16 @@ class Storm:
 
     def counts(self) -> Counter:
         """Ingest's counts per outcome: "in:<modality>" and "rejected_<reason>" (summed over device labels)."""
-        out = Counter()
-        for key, n in self.ingest.stats()["counts"].items():
-            event, _, label = key.partition(":")
-            if event == "in":
-                out[key] += n
-            elif event.startswith("rejected_") and event[len("rejected_"):] in REASONS:
-                out[event] += n
+        counts = Counts.of(self.ingest.stats())
+        out = Counter({f"in:{modality}": n for modality, n in counts.labels("in").items()})
+        out.update({event: counts.get(event) for event in counts.events("rejected_")
+                    if event[len("rejected_"):] in REASONS})
         return out
 
     def label_count(self) -> int:
         """Distinct (event, label) pairs the ingest's metrics hold: grows with attacker-chosen device ids."""
-        return len(self.ingest.stats()["counts"])
+        counts = Counts.of(self.ingest.stats())
+        return sum(len(counts.labels(event)) for event in counts.events())
 
     def wait_counted(self, timeout_s: float = 120) -> Counter:
         deadline = time.monotonic() + timeout_s
@@ -397,7 +396,7 @@ def test_after_the_storm(storm):
     print(f"FUZZ: rejected {sum(rejected.values())}: {rejected}")
     print(f"FUZZ: accepted {sum(accepted.values())}: {accepted}")
     print(f"FUZZ: windower streams {window_stats.get('streams')}, window drops "
-          f"{sum(v for k, v in window_stats['counts'].items() if k.startswith('dropped_'))}")
+          f"{Counts.of(window_stats).get('dropped_')}")
     print(f"FUZZ: ingest metric series (event:label pairs): {storm.label_count()}")
     if "after" in storm.rss:
         print(f"FUZZ: bulk phase: RSS before {storm.rss['before']:.0f} MB, after {storm.rss['after']:.0f} MB "

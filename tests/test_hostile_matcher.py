@@ -14,13 +14,15 @@ import redis
 from click.testing import CliRunner
 
 from sensors.protocol import INT64_MAX
-from streaming.alerts_cli import alert
-from streaming.matcher import Matcher, MatcherSettings, QueryState
+from streaming.alerts.decision import QueryState
+from streaming.alerts.matcher import Matcher, MatcherSettings
+from streaming.alerts.queries import notify, save_query
 from streaming.alerts.records import Decision, Query
-from streaming.queries import notify, save_query
+from streaming.alerts.timeline import timeline
+from streaming.cli.alerts import alert
 from streaming.redis_layout import QUERY_SET, background_key, encode_embedding, query_key, state_key, stream_key
 from streaming.records import Embedding
-from streaming.search import timeline
+from streaming.stage import Counts
 
 from .conftest import wait_for
 from .test_alerts import (MATCH, MODEL, QUIET, SECOND, WAIT_S, WINDOW_S, add_query, alerts, client_with_background,
@@ -91,11 +93,11 @@ def test_bad_entries_are_acked_counted_under_the_attacker_and_do_not_block_the_b
     assert m.step() == 4 + sum(map(len, bad.values())) + 1  # one batch holds both streams
     assert settle(m) == 0
     assert sorted(a.source_id for a in alerts(client)) == sorted([legit[1], legit[3], after_attack])
-    got = m.stats()["counts"]
+    got = Counts.of(m.stats())
     for reason, entries in bad.items():
-        assert got[f"rejected_{reason}:attacker"] == len(entries), (reason, got)
-    assert not [k for k in got if k.startswith("rejected") and k.endswith(":wearable")], got
-    assert (got["in:audio"], got["scored:audio"]) == (4 + 1 + 1, 4 + 1)  # the wrong-dim one is read, not scored
+        assert got.get(f"rejected_{reason}", "attacker") == len(entries), (reason, got)
+    assert not got.get("rejected_", "wearable"), got
+    assert (got.get("in", "audio"), got.get("scored", "audio")) == (4 + 1 + 1, 4 + 1)  # the wrong-dim one is read, not scored
     assert pending(client, "wearable", m) == pending(client, "attacker", m) == 0
 
 
@@ -107,7 +109,7 @@ def test_tampered_decision_state_is_counted_and_reset(server, client):
     client.hset(state_key(m.settings.group, key), mapping={"last_id": "zz", q.id: f"{2**70}:1:-1"})
     settle(m)
     assert [a.source_id for a in alerts(client)] == [ids[1]]
-    assert m.stats()["counts"]["rejected_state:wearable"] == 1
+    assert counts(m, "rejected_state", "wearable") == 1
     assert client.hget(state_key(m.settings.group, key), q.id) is not None  # rewritten by the commit
     assert client.hget(state_key(m.settings.group, key), "last_id").decode() == ids[1]
 
@@ -146,13 +148,13 @@ def test_bad_queries_in_redis_are_skipped_and_counted_while_good_ones_keep_alert
     ids = write(client, "wearable", [QUIET, MATCH])
     settle(m)
     assert [a.source_id for a in alerts(client)] == [ids[1]]  # the running matcher kept its good query
-    got = m.stats()["counts"]
-    assert {query_id: got.get(f"rejected_query:{query_id}") for query_id in bad} == dict.fromkeys(bad, 1)
-    assert got["rejected_background:tiny/vision"] == 1
+    got = Counts.of(m.stats())
+    assert {query_id: got.get("rejected_query", query_id) for query_id in bad} == dict.fromkeys(bad, 1)
+    assert got.get("rejected_background", "tiny/vision") == 1
     second = add_query(client, ONE_SHOT, text="a second query")  # another reload: counted once still
     ids = write(client, "wearable", [QUIET, MATCH], start_s=10)
     settle(m)
-    assert m.stats()["queries"] == 2 and m.stats()["counts"]["rejected_query:dim0"] == 1
+    assert m.stats()["queries"] == 2 and counts(m, "rejected_query", "dim0") == 1
     assert {a.query for a in alerts(client) if a.source_id == ids[1]} == {good.id, second.id}
     restarted = matcher(server, discover_s=0)  # the same group and consumer: a restart
     ids = write(client, "wearable", [QUIET, MATCH], start_s=20)

@@ -22,6 +22,7 @@ from streaming.publisher import Publisher, PublisherSettings, unit_rows
 from streaming.redis_layout import stream_key
 from streaming.records import Embedding, Window
 from streaming.redis_server import RedisServer
+from streaming.stage import Counts
 from streaming.subscriber import read_all
 from streaming.windowing import SECOND
 
@@ -50,8 +51,8 @@ def entries_per_window(url: str, device: str = "*") -> Counter:
     return Counter((r.device, r.modality, r.epoch, r.t0) for r in read_all(redis.Redis.from_url(url), device))
 
 
-def counts(stats: dict, event: str) -> int:
-    return sum(n for k, n in stats["counts"].items() if k.split(":")[0] == event)
+def counts(stats: dict, event: str, label: str | None = None) -> int:
+    return Counts.of(stats).get(event, label)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ def test_redis_refusing_writes_mid_stream_leaves_exactly_one_entry_per_window(ra
         admin.config_set("maxmemory-policy", "noeviction")
         admin.config_set("maxmemory", admin.info("memory")["used_memory"] + 100_000)
         publisher.push(windows[200:])
-        wait_for(lambda: publisher.stats()["counts"].get("redis_error"), 20, "Redis to refuse writes")
+        wait_for(lambda: counts(publisher.stats(), "redis_error"), 20, "Redis to refuse writes")
         time.sleep(0.5)  # a few more refused retries
         admin.config_set("maxmemory", 0)
         final = publisher.drain(30)
@@ -80,9 +81,9 @@ def test_redis_refusing_writes_mid_stream_leaves_exactly_one_entry_per_window(ra
     expected |= {(e.device, "fused", 0, e.t0) for e in windows if e.modality == "audio"}
     assert set(stored) == expected  # none lost
     assert max(stored.values()) == 1, [k for k, n in stored.items() if n > 1][:5]
-    assert final["counts"]["redis_error"] > 0
+    assert counts(final, "redis_error") > 0
     assert counts(final, "out") == len(expected)
-    assert not [k for k in final["counts"] if k.startswith("dropped")], final["counts"]
+    assert not Counts.of(final).events("dropped"), final["counts"]
 
 
 def test_a_reply_lost_after_the_write_adds_no_second_entry(ray_local):
@@ -96,14 +97,14 @@ def test_a_reply_lost_after_the_write_adds_no_second_entry(ray_local):
         os.kill(server.process.pid, signal.SIGSTOP)
         try:
             publisher.push(batch)
-            wait_for(lambda: publisher.stats()["counts"].get("redis_error", 0) >= 2, 20, "replies to time out")
+            wait_for(lambda: counts(publisher.stats(), "redis_error") >= 2, 20, "replies to time out")
         finally:
             os.kill(server.process.pid, signal.SIGCONT)
         final = publisher.drain(30)
         stored = entries_per_window(server.url)
     assert sorted(stored) == sorted(("lost-reply", "imu", 0, e.t0) for e in [embedding("lost-reply", "imu", 0)] + batch)
     assert max(stored.values()) == 1
-    assert final["counts"]["already_in_redis:lost-reply"] > 0  # the retry found what the lost try added
+    assert counts(final, "already_in_redis", "lost-reply") > 0  # the retry found what the lost try added
     assert counts(final, "out") == 1 + len(batch)  # each window counted once
 
 
@@ -121,8 +122,8 @@ def test_a_restarted_publisher_adds_nothing_twice_and_a_clobbered_key_drops_only
     stored = entries_per_window(redis_server.url, "restart")
     assert sorted(stored) == [("restart", "imu", 0, START_NS + k * SECOND) for k in range(6)]
     assert max(stored.values()) == 1
-    assert final["counts"]["already_in_redis:restart"] == 5
-    assert final["counts"]["dropped_wrong_type:clobbered"] == 3
+    assert counts(final, "already_in_redis", "restart") == 5
+    assert counts(final, "dropped_wrong_type", "clobbered") == 3
     # another run may repeat (epoch, t0): its entries are new entries (as a device's new session's are)
     other_run = Publisher(PublisherSettings(redis_server.url))
     other_run.push(first[:1])
@@ -151,7 +152,7 @@ def test_fused_sum_that_cancels_out_is_not_published(ray_local, redis_server):
     fused = [r for r in read_all(redis.Redis.from_url(redis_server.url), "cancel") if r.modality == "fused"]
     assert [r.t0 for r in fused] == [START_NS + SECOND]  # window 0 summed to zero: not published
     assert abs(np.linalg.norm(fused[0].emb) - 1) < 1e-6
-    assert final["counts"]["rejected_bad_norm:cancel"] == 1
+    assert counts(final, "rejected_bad_norm", "cancel") == 1
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +183,8 @@ def test_non_finite_encoder_output_is_dropped_and_counted_under_the_device(tiny_
     embedder.push([imu_window("calm", 0, rng.standard_normal(IMU_SHAPE)), imu_window("loud", 0, huge),
                    imu_window("calm", 1, rng.standard_normal(IMU_SHAPE)), imu_window("loud", 1, huge)])
     final = embedder.drain()
-    assert final["counts"]["rejected_non_finite:loud"] == 2
-    assert "rejected_non_finite:calm" not in final["counts"]
+    assert counts(final, "rejected_non_finite", "loud") == 2
+    assert counts(final, "rejected_non_finite", "calm") == 0
     client = redis.Redis.from_url(redis_server.url)
     wait_for(lambda: len(read_all(client, "calm")) == 2, 20, "the good device's windows in Redis")
     assert read_all(client, "loud") == []
@@ -202,12 +203,12 @@ def test_queue_full_drops_are_counted_under_the_device_that_lost_the_window(tiny
     flood = [imu_window("flood", k, noise) for k in range(3)]  # 3 more: room for 1, so 2 go, oldest first
     calls.append(threading.Thread(target=embedder.push, args=(flood,)))
     calls[1].start()
-    wait_for(lambda: embedder.metrics.counts["dropped_queue_full", "flood"] > 0, 10, "the flood queued")
+    wait_for(lambda: counts(embedder.stats(), "dropped_queue_full", "flood") > 0, 10, "the flood queued")
     final = embedder.drain()
     for call in calls:
         call.join()
-    assert final["counts"]["dropped_queue_full:quiet"] == 1
-    assert final["counts"]["dropped_queue_full:flood"] == 1
+    assert counts(final, "dropped_queue_full", "quiet") == 1
+    assert counts(final, "dropped_queue_full", "flood") == 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,15 +258,14 @@ def test_drain_gives_up_at_its_deadline_and_counts_what_was_left(ray_local, redi
     pipeline = Pipeline(config, redis_server.url, "tiny")
     (endpoint,) = pipeline.start()
     sent = send_all(endpoint, imu)
-    wait_for(lambda: sum(n for a in pipeline.stats()["window"] for k, n in a["counts"].items()
-                         if k.startswith("in:")) == sent, 60, "windowing to take every message")
+    wait_for(lambda: Counts.of(*pipeline.stats()["window"]).get("in") == sent, 60, "windowing to take every message")
     began = time.monotonic()
     final = pipeline.drain()
     elapsed = time.monotonic() - began
     pipeline.kill()
     assert elapsed < config.drain_timeout_s + 1.0 + 3.0, elapsed  # deadline + one throttled batch + slack
     cut = sum(counts(a, "out") for a in final["window"])
-    embed_dropped = final["embed"][0]["counts"].get(f"dropped_drain_timeout:{device}", 0)
+    embed_dropped = counts(final["embed"][0], "dropped_drain_timeout", device)
     assert embed_dropped > 0
     dropped = sum(counts(a, e) for s in ("window", "embed", "publish") for a in final[s]
                   for e in ("dropped_overload", "dropped_queue_full", "dropped_drain_timeout"))

@@ -21,9 +21,9 @@ import zmq
 from click.testing import CliRunner
 
 from streaming.cli import main
-from streaming import alerts_cli
+from streaming.cli.terminal import console
 from streaming.alerts.records import Background, Query
-from streaming.queries import save_background, save_query
+from streaming.alerts.queries import save_background, save_query
 from streaming.redis_layout import QUERY_SET, encode_embedding, stream_key
 from streaming.records import Embedding
 from streaming.redis_server import RedisServer, free_port
@@ -206,9 +206,7 @@ def test_alert_rm_takes_a_unique_id_prefix_or_the_text(server):
 
 
 def test_alert_list_keeps_full_ids_in_a_narrow_table(server, monkeypatch):
-    from rich.console import Console
-
-    monkeypatch.setattr(alerts_cli, "console", Console(width=60))
+    monkeypatch.setattr(console, "width", 60)
     source = "example:/home/someone/clips/a/long/path/clip.wav"
     save_query(redis.Redis.from_url(server.url), Query("a very long query text " * 4, "audio", unit(0), "tiny",
                                                        device="glasses-kitchen-*", source=source, id="cd44cd44"))

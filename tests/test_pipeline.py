@@ -10,6 +10,7 @@ import encoders
 from sensors.protocol import decode
 from sensors.simulator import SimulatedWearable
 from streaming.pipeline import Pipeline, PipelineConfig
+from streaming.stage import Counts
 from streaming.subscriber import read_all
 from streaming.windowing import SECOND, Windower
 
@@ -39,7 +40,7 @@ def pipeline_run(ray_local, redis_server):
     pipeline = Pipeline(config, redis_server.url, "tiny")
     (endpoint,) = pipeline.start()
     sent = send_all(endpoint, messages)
-    wait_for(lambda: sum(pipeline.stats()["ingest"][0]["counts"].get(f"in:{m}", 0)
+    wait_for(lambda: sum(Counts.of(pipeline.stats()["ingest"][0]).get("in", m)
                          for m in ("vision", "audio", "depth", "thermal", "imu")) == sent, 60, "ingest to take all")
     final = pipeline.drain()
     pipeline.kill()
@@ -96,7 +97,7 @@ def test_drain_reports_no_drops(pipeline_run):
     _, _, final = pipeline_run
     for stage in final.values():
         for actor in stage:
-            assert not [k for k in actor["counts"] if k.startswith(("dropped", "rejected"))], actor
+            assert not [e for e in Counts.of(actor).events() if e.startswith(("dropped", "rejected"))], actor
 
 
 def bad_messages(device: str, good: list) -> list[list[bytes]]:
@@ -135,19 +136,19 @@ def test_bad_input_is_dropped_counted_and_loses_nothing(ray_local, redis_server)
     for message in frames:
         push.send_multipart(message)
     push.close(linger=-1)
-    wait_for(lambda: sum(n for a in pipeline.stats()["window"] for k, n in a["counts"].items()
-                         if k.startswith("in:")) == len(good) + 2, 60, "the valid messages to reach windowing")
+    wait_for(lambda: Counts.of(*pipeline.stats()["window"]).get("in") == len(good) + 2, 60,
+             "the valid messages to reach windowing")
     final = pipeline.drain()
     pipeline.kill()
-    ingest = final["ingest"][0]["counts"]
-    assert ingest["rejected_malformed:unknown"] == 1
-    assert ingest["rejected_bad_version:unknown"] == 1  # a header of another version is not read further
+    ingest = Counts.of(final["ingest"][0])
+    assert ingest.get("rejected_malformed", "unknown") == 1
+    assert ingest.get("rejected_bad_version", "unknown") == 1  # a header of another version is not read further
     for reason in ("unknown_sensor", "missing_key", "non_finite"):
-        assert ingest[f"rejected_{reason}:{device}"] == 1, reason
-    assert ingest[f"rejected_payload_size:{device}"] == 2  # 25 bytes of IMU; 2 bytes declared as 4096 x 4096
-    window = final["window"][0]["counts"]
-    assert window[f"dropped_seq_replay:{device}"] == 1
-    assert window[f"dropped_clock_backwards:{device}"] == 1
+        assert ingest.get(f"rejected_{reason}", device) == 1, reason
+    assert ingest.get("rejected_payload_size", device) == 2  # 25 bytes of IMU; 2 bytes declared as 4096 x 4096
+    window = Counts.of(final["window"][0])
+    assert window.get("dropped_seq_replay", device) == 1
+    assert window.get("dropped_clock_backwards", device) == 1
     # nothing accepted was lost: every window of the good stream was published
     windower = Windower()
     expected = set()

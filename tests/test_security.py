@@ -19,11 +19,13 @@ import redis
 import zmq
 
 import streaming.redis_server
+from sensors.keys import generate_keys
 from sensors.protocol import DEFAULT_ENDPOINT, Rejected, decode, encode_header
 from sensors.publisher import DevicePublisher
+from streaming.curve import BAD_HANDSHAKE, NO_KEY, UNKNOWN_KEY, CurveSettings, peer_user_id, secure_server
 from streaming.publisher import PUBLISHER_ACL
-from streaming.security import (BAD_HANDSHAKE, NO_KEY, UNKNOWN_KEY, CurveSettings, RedisAccessError, check_redis,
-                                generate_keys, peer_user_id, redact_url, secure_server)
+from streaming.redis_access import RedisAccessError, check_redis, redact_url
+from streaming.stage import Counts
 
 from .conftest import wait_for
 
@@ -281,12 +283,12 @@ def test_ingest_with_curve_end_to_end(keys, ray_local):
             good.send("imu", 1000, IMU_ROWS, rate=800)
             plain.send("imu", 1000, IMU_ROWS, rate=800)
             impostor.send("imu", 1000, IMU_ROWS, rate=800)  # a valid key, but another device's id
-            wait_for(lambda: ingest.stats()["counts"].get("in:imu"), 10, "the allowed device's message")
-            wait_for(lambda: ingest.stats()["counts"].get("refused_" + NO_KEY), 10, "the plain device's refusal")
-            wait_for(lambda: ingest.stats()["counts"].get("rejected_device_mismatch:impostor"), 10, "the impostor")
+            wait_for(lambda: Counts.of(ingest.stats()).get("in", "imu"), 10, "the allowed device's message")
+            wait_for(lambda: Counts.of(ingest.stats()).get("refused_" + NO_KEY), 10, "the plain device's refusal")
+            wait_for(lambda: Counts.of(ingest.stats()).get("rejected_device_mismatch", "impostor"), 10, "the impostor")
     finally:
         final = ingest.stop()
-    assert final["counts"]["in:imu"] == 1
+    assert Counts.of(final).get("in", "imu") == 1
     assert ray_local.get(sink.count.remote()) == 1
 
 
@@ -320,7 +322,7 @@ def test_publisher_writes_with_acl_user(ray_local, acl_redis):
     publisher = Publisher(PublisherSettings(url))
     publisher.push([embedding(t0=k * 2_500_000_000) for k in range(3)])
     final = publisher.drain()
-    assert final["counts"].get("out:imu") == 3, final
+    assert Counts.of(final).get("out", "imu") == 3, final
     admin = redis.Redis.from_url(acl_redis.url)
     assert admin.xlen("bindstream:emb:glasses-1:imu") == 3
     limited = redis.Redis.from_url(url)
@@ -335,7 +337,7 @@ def test_publisher_writes_with_password(ray_local, acl_redis):
 
     publisher = Publisher(PublisherSettings(acl_redis.url))  # redis://:admin-pw@127.0.0.1:port/0
     publisher.push([embedding(device="glasses-2")])
-    assert publisher.drain()["counts"].get("out:imu") == 1
+    assert Counts.of(publisher.drain()).get("out", "imu") == 1
     assert redis.Redis.from_url(acl_redis.url).xlen("bindstream:emb:glasses-2:imu") == 1
 
 
@@ -350,7 +352,7 @@ def test_wrong_password_fails_clearly(ray_local, acl_redis):
         check_redis(f"redis://127.0.0.1:{acl_redis.port}/0")  # no password at all
     publisher = Publisher(PublisherSettings(bad, retry_max_s=0.1, drain_timeout_s=0.5))
     publisher.push([embedding(device="glasses-3")])
-    stats = wait_for(lambda: (s := publisher.stats())["counts"].get("redis_error") and s, 10, "a Redis error")
+    stats = wait_for(lambda: Counts.of(s := publisher.stats()).get("redis_error") and s, 10, "a Redis error")
     if "last_error" in stats:
         assert "invalid username-password pair" in stats["last_error"], stats["last_error"]
         assert "not-the-password" not in stats["last_error"]
@@ -429,7 +431,7 @@ def test_publisher_over_tls(ray_local, tmp_path, monkeypatch):
         check_redis(url)
         publisher = Publisher(PublisherSettings(url))
         publisher.push([embedding(device="glasses-tls")])
-        assert publisher.drain()["counts"].get("out:imu") == 1
+        assert Counts.of(publisher.drain()).get("out", "imu") == 1
         assert redis.Redis.from_url(server.url).xlen("bindstream:emb:glasses-tls:imu") == 1
         with pytest.raises(RedisAccessError, match="TLS|certificate"):
             check_redis(f"{base}?ssl_cert_reqs=required", timeout_s=3)  # server certificate not trusted

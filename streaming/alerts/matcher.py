@@ -1,8 +1,10 @@
-"""The matcher: scores every embedding against the standing queries and turns scores into alerts.
+"""The matcher: reads the embedding streams, scores them against the standing queries, decides, and commits
+the decision state and the alerts to Redis.
 
 A plain class (`Matcher(settings, redis_url)`: `step()` for one read-score-commit cycle, `run()` to loop)
-that also runs as a restartable Ray actor (`start_matchers`). ALERTS.md describes the decision rule, the
-state kept in Redis and the delivery guarantees.
+that also runs as a restartable Ray actor (`start_matchers`). Scoring is scoring.py's and the decision rule
+decision.py's; this module owns the Redis side. ALERTS.md describes the decision rule, the state kept in
+Redis and the delivery guarantees.
 """
 
 from __future__ import annotations
@@ -19,22 +21,21 @@ import numpy as np
 import ray
 import redis
 
-from sensors.protocol import INT64_MAX, NS_PER_S
-
-from .alerts.records import MAX_SMOOTHING_N, Background, Query
+from ..records import QUERY_MODALITIES, text
+from ..redis_layout import (ALERTS_CHANNEL, ALERTS_STREAM, LAST_ID_FIELD, QUERY_CHANNEL, QUERY_VERSION, Alert,
+                            BadRecord, EmbeddingRecord, decode_embedding, dedup_key, id_tuple, now_id, parse_key,
+                            state_key, stream_key)
+from ..retry import Backoff
+from ..stage import StageMetrics
+from .decision import INITIAL_STATE, QueryState, Rules, decide
 from .queries import read_backgrounds, read_queries
-from .records import QUERY_MODALITIES, text
-from .stage import StageMetrics
-from .redis_layout import (ALERTS_CHANNEL, ALERTS_STREAM, LAST_ID_FIELD, QUERY_CHANNEL, QUERY_VERSION, Alert, BadRecord,
-                           EmbeddingRecord, decode_embedding, dedup_key, id_tuple, now_id, parse_key, state_key,
-                           stream_key)
+from .scoring import ModalityIndex, build_indexes, entry_problem
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "bindstream-matchers"
 DEFAULT_CONSUMER = "matcher"
 ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-UNIT_TOLERANCE = 0.01  # |norm - 1| of a stored embedding (bf16 encoders normalise to ~0.4 %)
 
 # One alert, exactly once per (query, source entry): SET NX the dedup key, and only if it was not there
 # XADD the alert and PUBLISH it (as JSON with the alert's id). KEYS: dedup key, alerts stream.
@@ -51,25 +52,10 @@ return id
 """
 
 
-def is_unit(v: np.ndarray) -> bool:
-    """A finite unit-norm vector, as every stored embedding must be."""
-    norm = float(np.linalg.norm(v))
-    return np.isfinite(norm) and abs(norm - 1) <= UNIT_TOLERANCE
-
-
-def entry_problem(r: EmbeddingRecord) -> str | None:
-    """Why a decoded record cannot be scored, or None: `bad_time` unless 0 <= t0 <= t1 <= 2^63 - 1 (the
-    protocol's t_ns range, in which device-time arithmetic is exact in int64), `not_unit` unless its
-    embedding is a finite unit vector."""
-    if not 0 <= r.t0 <= r.t1 <= INT64_MAX:
-        return "bad_time"
-    if not is_unit(r.emb):
-        return "not_unit"
-    return None
-
-
 @dataclass(frozen=True)
 class MatcherSettings:
+    """How one matcher reads its shard of the streams, keeps its state and backs off; checked when built."""
+
     group: str = DEFAULT_GROUP  # consumer group on every embedding stream
     consumer: str = DEFAULT_CONSUMER  # keep it stable across restarts: pending entries are per consumer
     devices: str = "*"  # glob of the devices whose streams this matcher reads
@@ -106,32 +92,6 @@ class MatcherSettings:
             raise ValueError(f"idle_s must be > 0, got {self.idle_s}")
 
 
-@dataclass(frozen=True)
-class QueryState:
-    """What the decision remembers per (stream, query): the last n windows' above-threshold bits, whether
-    it is armed, and the device time of its last alert (None: no alert yet)."""
-
-    hist: int = 0
-    armed: bool = True
-    last_alert_ns: int | None = None
-
-    def encode(self) -> str:
-        return f"{self.hist}:{int(self.armed)}:{-1 if self.last_alert_ns is None else self.last_alert_ns}"
-
-    @classmethod
-    def decode(cls, text: str) -> "QueryState":
-        """What `encode` wrote (a negative last alert, as older versions also wrote, is none); ValueError
-        for anything else."""
-        hist, armed, last_alert = text.split(":")
-        hist, last_alert = int(hist), int(last_alert)
-        if not 0 <= hist < 1 << MAX_SMOOTHING_N or armed not in ("0", "1") or last_alert > INT64_MAX:
-            raise ValueError(f"not a query state: {text!r}")
-        return cls(hist, armed == "1", last_alert if last_alert >= 0 else None)
-
-
-INITIAL_STATE = QueryState()
-
-
 @dataclass
 class StreamState:
     """A stream's decision state: the last entry applied (older ones are replays and are skipped) and
@@ -142,7 +102,7 @@ class StreamState:
     queries: dict[str, QueryState] = field(default_factory=dict)
 
     @classmethod
-    def decode(cls, raw: dict) -> tuple["StreamState", list]:
+    def decode(cls, raw: dict) -> tuple[StreamState, list]:
         """(the state, the raw names of the fields that do not parse: left out, their queries start afresh)."""
         state, unreadable = cls(), []
         for name, value in raw.items():
@@ -155,68 +115,6 @@ class StreamState:
             except ValueError:
                 unreadable.append(name)
         return state, unreadable
-
-
-class ModalityIndex:
-    """The active queries of one (model, modality) and its background, as one matrix to score against."""
-
-    def __init__(self, queries: list[Query], background: Background):
-        self.queries = queries
-        self.m = len(queries)
-        q = np.stack([x.emb for x in queries])
-        self.weights_t = np.ascontiguousarray(np.vstack([q, background.emb]).T)  # (dim, m + b)
-        self.include = (q @ background.emb.T < background.exclude_cos).T.astype(np.float64)  # (b, m)
-        self.scale = background.logit_scale
-        d = [x.decision for x in queries]
-        self.threshold = np.array([x.threshold for x in d])
-        self.rearm_below = self.threshold - np.array([x.hysteresis for x in d])
-        self.k = np.array([x.k for x in d])
-        self.nmask = np.array([(1 << x.n) - 1 for x in d], dtype=np.uint64)
-        self.cooldown_ns = np.array([int(x.cooldown_s * NS_PER_S) for x in d], dtype=np.int64)
-        self._columns: dict[str, np.ndarray] = {}
-
-    @property
-    def dim(self) -> int:
-        return self.weights_t.shape[0]
-
-    def shares(self, x: np.ndarray) -> np.ndarray:
-        """(N, dim) unit embeddings -> (N, m) calibrated scores: each query's softmax share among itself and
-        the background prompts not too close to it, at logit scale `scale`. One matrix product."""
-        z = (x @ self.weights_t).astype(np.float64) * self.scale
-        zq, zb = z[:, : self.m], z[:, self.m :]
-        top = zb.max(axis=1, keepdims=True)
-        background = np.exp(zb - top) @ self.include  # (N, m) sum of exp over each query's background
-        with np.errstate(divide="ignore", over="ignore"):
-            return 1.0 / (1.0 + np.exp(np.log(background) + top - zq))
-
-    def columns(self, device: str) -> np.ndarray:
-        """Indices of the queries that watch `device`."""
-        if device not in self._columns:
-            self._columns[device] = np.array(
-                [i for i, q in enumerate(self.queries) if fnmatchcase(device, q.device)], dtype=np.intp)
-        return self._columns[device]
-
-    def forget(self, device: str) -> None:
-        self._columns.pop(device, None)
-
-
-def build_indexes(queries: list[Query], backgrounds: dict[tuple[str, str], Background | None],
-                  metrics: StageMetrics | None = None) -> dict[tuple[str, str], ModalityIndex]:
-    """One ModalityIndex per (model, modality) that has queries and a background of their dimension; a
-    query that every background prompt is too close to (it would always score 1) is left out too."""
-    groups: dict[tuple[str, str], list[Query]] = defaultdict(list)
-    for q in queries:
-        groups[q.model, q.modality].append(q)
-    out = {}
-    for key, qs in groups.items():
-        bg = backgrounds.get(key)
-        usable = [q for q in qs if bg is not None and q.emb.shape[0] == bg.emb.shape[1]
-                  and (bg.emb @ q.emb < bg.exclude_cos).any()]
-        if metrics and len(usable) < len(qs):
-            metrics.count("no_background", key[1], n=len(qs) - len(usable))
-        if usable:
-            out[key] = ModalityIndex(usable, bg)
-    return out
 
 
 class Matcher:
@@ -236,6 +134,7 @@ class Matcher:
         self.pending = True  # first drain this consumer's delivered-but-unacknowledged entries
         self.first_discovery = True  # the first discovery polls every stream, later ones those with news
         self.indexes: dict[tuple[str, str], ModalityIndex] = {}
+        self.rules: dict[tuple[str, str], Rules] = {}  # the decision settings of each index's queries
         self.query_ids: set[str] = set()  # of the queries in `indexes`
         self.rejected: dict[tuple[str, str], str] = {}  # (event, query id or model/modality) -> why, at last reload
         self.states: dict[str, StreamState] = {}  # polled stream key -> state
@@ -271,8 +170,11 @@ class Matcher:
                 self.metrics.count(event, label)
                 log.warning("%s (%s): %s", event, label, why)
         self.rejected = rejected
-        self.indexes = build_indexes(queries, backgrounds, self.metrics)
+        self.indexes = build_indexes(queries, backgrounds)
+        self.rules = {key: Rules.of([q.decision for q in index.queries]) for key, index in self.indexes.items()}
         self.query_ids = {q.id for index in self.indexes.values() for q in index.queries}
+        for modality, n in Counter(q.modality for q in queries if q.id not in self.query_ids).items():
+            self.metrics.count("no_background", modality, n=n)
         self.version = version
         for stream, state in self.states.items():
             self._drop_fields(stream, state)
@@ -482,7 +384,8 @@ class Matcher:
                 rows[r.stream].append(i)
             for stream, idx in rows.items():
                 try:  # the stream states were loaded by _record: no Redis call here
-                    new_alerts, new_states = self._decide(index, [fit[i] for i in idx], scores[idx])
+                    new_alerts, new_states = self._decide(index, self.rules[model, modality],
+                                                          [fit[i] for i in idx], scores[idx])
                 except Exception as err:
                     device = fit[idx[0]].device
                     tally["rejected_error", device] += len(idx)
@@ -532,12 +435,10 @@ class Matcher:
             self.states[stream] = state
         return self.states[stream]
 
-    def _decide(self, index: ModalityIndex, records: list[EmbeddingRecord],
+    def _decide(self, index: ModalityIndex, rules: Rules, records: list[EmbeddingRecord],
                 scores: np.ndarray) -> tuple[list[Alert], dict[str, QueryState]]:
         """Run one stream's new records (in stream order) through the decision of every query watching its
-        device; returns the alerts and the states that changed. Device times are exact int64: t0 and the
-        last alert's t0 lie in [0, 2^63 - 1], so their difference does too. A window earlier than the last
-        alert (the device clock restarted) is not held back by the cooldown."""
+        device; returns the alerts and the states that changed."""
         device = records[0].device
         cols = index.columns(device)
         if not len(cols):
@@ -545,32 +446,12 @@ class Matcher:
         known = self._stream_state(records[0].stream).queries
         queries = [index.queries[c] for c in cols]
         before = [known.get(q.id, INITIAL_STATE) for q in queries]
-        m = len(before)
-        hist0 = np.fromiter((s.hist for s in before), dtype=np.uint64, count=m)
-        armed0 = np.fromiter((s.armed for s in before), dtype=bool, count=m)
-        alerted0 = np.fromiter((s.last_alert_ns is not None for s in before), dtype=bool, count=m)
-        last0 = np.fromiter((s.last_alert_ns or 0 for s in before), dtype=np.int64, count=m)
-        hist, armed, alerted, last_alert = hist0, armed0, alerted0, last0
-        threshold, rearm_below, k = index.threshold[cols], index.rearm_below[cols], index.k[cols]
-        nmask, cooldown = index.nmask[cols], index.cooldown_ns[cols]
-        scores = scores[:, cols]
-        alerts = []
-        for r, score in zip(records, scores):
-            above = score >= threshold
-            hist = ((hist << np.uint64(1)) | above.astype(np.uint64)) & nmask
-            since = r.t0 - last_alert
-            cooling = alerted & (since >= 0) & (since < cooldown)
-            fire = armed & above & (np.bitwise_count(hist) >= k) & ~cooling
-            armed = (armed & ~fire) | (score < rearm_below)
-            alerted = alerted | fire
-            last_alert = np.where(fire, r.t0, last_alert)
-            for j in np.flatnonzero(fire):
-                q = queries[j]
-                alerts.append(Alert(device, q.id, q.text, q.modality, float(score[j]), float(threshold[j]),
-                                    r.t0, r.t1, r.stream, r.id, r.model, time.time_ns()))
-        changed = np.flatnonzero((hist != hist0) | (armed != armed0) | (alerted != alerted0) | (last_alert != last0))
-        return alerts, {queries[j].id: QueryState(int(hist[j]), bool(armed[j]), int(last_alert[j]) if alerted[j]
-                                                  else None) for j in changed}
+        rules, scores = rules[cols], scores[:, cols]
+        changed, fired = decide(rules, before, scores, [r.t0 for r in records])
+        alerts = [Alert(device, queries[j].id, queries[j].text, queries[j].modality, float(scores[i, j]),
+                        float(rules.threshold[j]), records[i].t0, records[i].t1, records[i].stream, records[i].id,
+                        records[i].model, time.time_ns()) for i, j in zip(*np.nonzero(fired))]
+        return alerts, {queries[j].id: state for j, state in changed.items()}
 
     def _commit(self, alerts: list[Alert], changed: dict[str, dict[str, QueryState]], last_ids: dict[str, str],
                 acks: dict[str, list[str]]) -> None:
@@ -606,11 +487,11 @@ class Matcher:
 
     def run(self) -> None:
         """`step` until `stop`; errors back off and the unacknowledged entries are read again."""
-        backoff = 0.0
+        backoff = Backoff(self.settings.retry_max_s)
         while not self._stop.is_set():
             try:
                 self.step()
-                backoff = 0.0
+                backoff.reset()
             except Exception as err:  # Redis down, or a bad query/background/state record: keep matching
                 self.metrics.count("redis_error" if isinstance(err, redis.RedisError) else "error")
                 self.last_error = str(err)
@@ -619,8 +500,7 @@ class Matcher:
                 if "NOGROUP" in str(err):
                     self.forget_streams()
                 self.pending = True
-                backoff = min(max(2 * backoff, 0.05), self.settings.retry_max_s)
-                self._stop.wait(backoff)
+                backoff.wait(self._stop)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="matcher", daemon=True)

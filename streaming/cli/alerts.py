@@ -1,0 +1,327 @@
+"""Standing text queries and the matchers that raise their alerts: `bindstream alert` (add, list, rm, tune)
+and `bindstream match`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import click
+import numpy as np
+import redis
+from rich.live import Live
+from rich.table import Table
+
+from streaming.alerts.matcher import DEFAULT_GROUP, Matcher, MatcherSettings, start_matchers
+from streaming.alerts.prompts import check_modality, ensemble
+from streaming.alerts.queries import (delete_query, ensure_background, find_query_id, load_background, load_queries,
+                                      load_query, save_query, set_decision)
+from streaming.alerts.records import Decision, Query, QueryError, unit
+from streaming.alerts.scoring import ModalityIndex
+from streaming.alerts.tuning import confusion, fit_threshold
+from streaming.records import QUERY_MODALITIES
+from streaming.redis_access import connect
+from streaming.redis_layout import now_id
+from streaming.stage import Counts
+
+from .options import CHECKPOINT_OPTION, JSON_OPTION, MODEL_OPTION, load_encoder, model_name, redis_option
+from .terminal import console, table, until_stopped
+
+EMBED_BATCH = 8  # clips per encoder call in `alert tune`
+MIN_CLIPS_PER_CLASS = 2  # `alert tune` needs a positive and a negative in each split
+MAX_HOLDOUT = 0.9  # `alert tune` keeps at least a tenth of each folder to fit on
+REFRESH_S = 0.5  # live tables
+
+# `alert add` option of each Decision field, named in the one-line error when Decision refuses a value
+DECISION_OPTIONS = {"threshold": "--threshold", "k": "--k", "n": "--n", "cooldown_s": "--cooldown",
+                    "hysteresis": "--hysteresis"}
+
+
+@click.group()
+def alert() -> None:
+    """Standing text queries that raise alerts on the embedding streams."""
+
+
+@alert.command("add")
+@click.argument("text")
+@click.option("--modality", type=click.Choice(QUERY_MODALITIES), required=True, help="Streams to watch.")
+@click.option("--device", default="*", help="Device id or glob ('*': every device).")
+@click.option("--threshold", type=float, default=Decision.threshold,
+              help="Calibrated score (softmax share against the background prompts) that fires.")
+@click.option("--k", "k", type=int, default=Decision.k, help="Windows above threshold ...")
+@click.option("--n", "n", type=int, default=Decision.n, help="... among the last n.")
+@click.option("--cooldown", type=float, default=Decision.cooldown_s,
+              help="Seconds of device time between two alerts of this query on one device.")
+@click.option("--hysteresis", type=float, default=Decision.hysteresis,
+              help="Re-arm only once the score falls below threshold - hysteresis.")
+@click.option("--example", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Use this clip or image's embedding (same encoder) instead of the text's.")
+@click.option("--vector", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Use this .npy vector (normalised) instead of the text's.")
+@redis_option()
+@MODEL_OPTION
+@CHECKPOINT_OPTION
+def alert_add(text, modality, device, threshold, k, n, cooldown, hysteresis, example, vector, redis_url, model,
+              checkpoint):
+    """Add a query: TEXT (also the label of an --example or --vector query) to watch for."""
+    if not text.strip():
+        raise click.BadParameter("the query text is empty", param_hint="TEXT")
+    if example and vector:
+        raise click.UsageError("give --example or --vector, not both")
+    if example and modality == "fused":
+        raise click.BadParameter("a fused query takes text or --vector, not a clip", param_hint="--example")
+    try:
+        decision = Decision(threshold, k, n, cooldown, hysteresis)
+    except QueryError as err:
+        raise click.BadParameter(str(err), param_hint=DECISION_OPTIONS.get(err.param)) from err
+    name = model_name(model, checkpoint)
+    client = connect(redis_url)
+    encoder = None
+    if vector:
+        emb, source = _load_vector(vector, name), f"vector:{vector}"
+    else:
+        encoder = load_encoder(name, checkpoint)
+        try:
+            check_modality(encoder, modality)
+        except QueryError as err:
+            raise click.BadParameter(str(err), param_hint="--modality") from err
+        if example:
+            emb, source = _embed_example(encoder, example, modality), f"example:{example}"
+        else:
+            emb, source = ensemble(encoder, [text], modality)[0], "text"
+    if load_background(client, name, modality) is None:
+        ensure_background(client, encoder or load_encoder(name, checkpoint), modality)
+    try:
+        q = save_query(client, Query(text, modality, emb, name, device=device, decision=decision, source=source))
+    except QueryError as err:
+        raise click.UsageError(str(err)) from err
+    console.print(f"added query [bold]{q.id}[/]: {text!r} on {modality} of {device} ({name}, {source}), "
+                  f"threshold {decision.threshold}, {decision.k} of {decision.n}, cooldown {decision.cooldown_s} s, "
+                  f"hysteresis {decision.hysteresis}")
+    if source != "text":
+        console.print("[yellow]note: the score is calibrated against text prompts, and a clip's embedding is closer "
+                      "to clips of its modality than any text is, so this query's scores run high: fit its "
+                      "threshold with `alert tune` (ALERTS.md)[/]")
+
+
+def _load_vector(path: str, name: str) -> np.ndarray:
+    from encoders.config import resolve_config
+
+    try:
+        v = unit(np.load(path, allow_pickle=False), f"--vector {path}")
+    except (ValueError, OSError) as err:
+        raise click.BadParameter(str(err), param_hint="--vector") from err
+    dim = resolve_config(name).out_embed_dim
+    if v.shape[0] != dim:
+        raise click.BadParameter(f"{path} has {v.shape[0]} dimensions; model {name} embeds in {dim}",
+                                 param_hint="--vector")
+    return v
+
+
+def _embed_example(encoder, path: str, modality: str) -> np.ndarray:
+    from encoders.transforms import load_file
+
+    try:
+        _, tensor = load_file(path, modality)
+    except (ValueError, OSError) as err:
+        raise click.BadParameter(f"{path} does not load as {modality}: {err}", param_hint="--example") from err
+    return encoder.embed(modality, tensor.unsqueeze(0))[0]
+
+
+@alert.command("list")
+@redis_option()
+@JSON_OPTION
+def alert_list(redis_url, as_json):
+    """The active queries."""
+    queries = load_queries(connect(redis_url))
+    if as_json:
+        click.echo(json.dumps([{"id": q.id, "text": q.text, "modality": q.modality, "device": q.device,
+                                "model": q.model, "source": q.source, "threshold": q.decision.threshold,
+                                "k": q.decision.k, "n": q.decision.n, "cooldown_s": q.decision.cooldown_s,
+                                "hysteresis": q.decision.hysteresis, "created": q.created} for q in queries],
+                              indent=2))
+        return
+    out = table("bindstream queries", ("id", "text", "modality", "device", "model", "source", "threshold", "k/n",
+                                       "cooldown s", "hysteresis", "created"), whole=("id",))
+    for q in queries:
+        d = q.decision
+        out.add_row(q.id, q.text, q.modality, q.device, q.model, q.source, f"{d.threshold:.4g}", f"{d.k}/{d.n}",
+                    f"{d.cooldown_s:g}", f"{d.hysteresis:g}",
+                    datetime.fromtimestamp(q.created).strftime("%Y-%m-%d %H:%M:%S"))
+    console.print(out)
+
+
+def find_query(client: redis.Redis, ref: str) -> str:
+    """The id of the query that `ref` names (find_query_id), or one line saying why none."""
+    try:
+        return find_query_id(client, ref)
+    except QueryError as err:
+        raise click.ClickException(str(err)) from None
+
+
+@alert.command("rm")
+@click.argument("queries", nargs=-1, required=True)
+@redis_option()
+def alert_rm(queries, redis_url):
+    """Remove queries, each named by its id, the start of its id, or its text."""
+    client = connect(redis_url)
+    for query_id in dict.fromkeys([find_query(client, ref) for ref in queries]):  # all checked before any goes
+        try:
+            delete_query(client, query_id)
+        except QueryError as err:
+            raise click.ClickException(str(err)) from None
+        console.print(f"removed query {query_id}")
+
+
+def _labelled_clips(folder: str, modality: str) -> tuple[list, list[str]]:
+    """(tensors, skipped file names) of every file under `folder` that loads as `modality`."""
+    from encoders.transforms import load_file
+
+    tensors, skipped = [], []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        try:
+            tensors.append(load_file(path, modality)[1])
+        except (ValueError, OSError):
+            skipped.append(path.name)
+    return tensors, skipped
+
+
+def _embed_all(encoder, modality: str, tensors: list) -> np.ndarray:
+    """Embeddings of `tensors`, EMBED_BATCH a call where their shapes agree (images and videos differ)."""
+    import torch
+
+    out = []
+    for i in range(0, len(tensors), EMBED_BATCH):
+        chunk = tensors[i : i + EMBED_BATCH]
+        if all(t.shape == chunk[0].shape for t in chunk):
+            out.append(encoder.embed(modality, torch.stack(chunk)))
+        else:
+            out += [encoder.embed(modality, t.unsqueeze(0)) for t in chunk]
+    return np.concatenate(out)
+
+
+def _split(n: int, holdout: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    order = rng.permutation(n)
+    held = min(max(int(round(holdout * n)), 1), n - 1) if holdout > 0 else 0
+    return order[held:], order[:held]
+
+
+@alert.command("tune")
+@click.argument("query")
+@click.option("--positive", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Folder of clips where the query should fire.")
+@click.option("--negative", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Folder of clips where it should not.")
+@click.option("--holdout", type=click.FloatRange(0.0, MAX_HOLDOUT), default=0.3,
+              help="Share of each folder kept out of the fit to report precision and recall on.")
+@click.option("--seed", type=int, default=0, help="Of the train / held-out split.")
+@click.option("--dry-run", is_flag=True, help="Report only; keep the stored threshold.")
+@redis_option()
+@CHECKPOINT_OPTION
+def alert_tune(query, positive, negative, holdout, seed, dry_run, redis_url, checkpoint):
+    """Fit QUERY's threshold (its id, the start of its id, or its text) on labelled clips (best F1 on the
+    training split) and report precision and recall on the held-out clips."""
+    if not 0.0 <= holdout <= MAX_HOLDOUT:  # click's FloatRange lets NaN through
+        raise click.BadParameter(f"{holdout} is not in the range 0<=x<={MAX_HOLDOUT}", param_hint="--holdout")
+    client = connect(redis_url)
+    try:
+        q = load_query(client, find_query(client, query))
+    except QueryError as err:
+        raise click.ClickException(str(err)) from None
+    if q.modality == "fused":
+        raise click.ClickException("a fused query cannot be tuned from clips: no single clip makes a fused window")
+    background = load_background(client, q.model, q.modality)
+    if background is None:
+        raise click.ClickException(f"no background stored for {q.model}/{q.modality}")
+    pos, pos_skipped = _labelled_clips(positive, q.modality)
+    neg, neg_skipped = _labelled_clips(negative, q.modality)
+    for folder, clips, skipped in ((positive, pos, pos_skipped), (negative, neg, neg_skipped)):
+        if skipped:
+            console.print(f"[yellow]{folder}: skipped {len(skipped)} file(s) that are not {q.modality}: "
+                          f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}[/]")
+        if len(clips) < MIN_CLIPS_PER_CLASS:
+            raise click.ClickException(f"{folder}: {len(clips)} {q.modality} clip(s); at least "
+                                       f"{MIN_CLIPS_PER_CLASS} are needed")
+    emb = _embed_all(load_encoder(q.model, checkpoint), q.modality, pos + neg)
+    scores = ModalityIndex([q], background).shares(emb)[:, 0]
+    labels = np.array([1] * len(pos) + [0] * len(neg))
+    rng = np.random.default_rng(seed)
+    (pos_train, pos_held), (neg_train, neg_held) = _split(len(pos), holdout, rng), _split(len(neg), holdout, rng)
+    train = np.concatenate([pos_train, len(pos) + neg_train])
+    held = np.concatenate([pos_held, len(pos) + neg_held])
+    threshold = fit_threshold(scores[train], labels[train])
+    old = q.decision.threshold
+    columns = ("split", "threshold", "positives", "negatives", "precision", "recall", "F1")
+    out = table(f"tune {q.id}: {q.text!r} ({q.modality}, {q.model})", columns, right=columns[1:])
+    rows = [("train", train, threshold)]
+    rows += [("held out", held, threshold), ("held out, old threshold", held, old)] if len(held) else []
+    for split, idx, t in rows:
+        c = confusion(scores[idx], labels[idx], t)
+        out.add_row(split, f"{t:.4g}", str(int(labels[idx].sum())), str(int((1 - labels[idx]).sum())),
+                    f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}")
+    console.print(out)
+    if confusion(scores[train], labels[train], threshold).f1 == 0:
+        raise click.ClickException(f"no threshold separates these clips for query {q.id} (F1 0 on them): "
+                                   "threshold not changed; check the folders, or add clips")
+    verb = "would set" if dry_run else "set"
+    hysteresis = q.decision.hysteresis if q.decision.hysteresis < threshold else threshold / 2
+    if hysteresis != q.decision.hysteresis:
+        console.print(f"hysteresis {q.decision.hysteresis} is not below the new threshold: {verb} to {hysteresis:.4g}")
+    if dry_run:
+        console.print(f"dry run: {verb} query {q.id}'s threshold {old} -> {threshold:.4g}; nothing stored")
+        return
+    set_decision(client, q.id, replace(q.decision, threshold=threshold, hysteresis=hysteresis))
+    console.print(f"query {q.id}: threshold {old} -> {threshold:.4g}")
+
+
+def matcher_table(stats: list[dict], title: str = "bindstream matchers") -> Table:
+    """One row per matcher: streams, queries, entries in, scored, alerts, skipped, alert latency."""
+    columns = ("matcher", "streams", "queries", "in", "scored", "alerts", "duplicates", "rejected", "p50 ms", "p99 ms")
+    out = table(title, columns, right=columns[1:])
+    for i, s in enumerate(stats):
+        counts = Counts.of(s)
+        out.add_row(str(i), str(s["streams"]), str(s["queries"]),
+                    *(str(counts.get(e)) for e in ("in", "scored", "alert", "duplicate_alert", "rejected_")),
+                    f"{s['latency_p50_ms']:.0f}" if "latency_p50_ms" in s else "-",
+                    f"{s['latency_p99_ms']:.0f}" if "latency_p99_ms" in s else "-")
+    return out
+
+
+@click.command("match")
+@redis_option()
+@click.option("--group", default=DEFAULT_GROUP, help="Consumer group on the embedding streams.")
+@click.option("--devices", default="*", help="Glob of the devices to match.")
+@click.option("--matchers", type=click.IntRange(1), default=1,
+              help="Matcher actors; the streams are split among them.")
+@click.option("--from-start", is_flag=True, help="Also match windows stored before now (streams new to the group).")
+@click.option("--in-process", is_flag=True, help="One matcher in this process instead of Ray actors.")
+@click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")
+def match(redis_url, group, devices, matchers, from_start, in_process, seconds):
+    """Match the embedding streams against the queries and publish alerts, until Ctrl-C."""
+    import ray
+
+    connect(redis_url)
+    settings = MatcherSettings(group=group, devices=devices, start_id="0" if from_start else now_id())
+    stop = until_stopped(seconds)
+    if in_process:
+        local = [Matcher(replace(settings, autostart=True), redis_url)]
+    else:
+        from streaming.pipeline import connect_ray
+
+        connect_ray()
+        actors = start_matchers(settings, redis_url, matchers)
+
+    def call(method: str) -> list[dict]:
+        if in_process:
+            return [getattr(m, method)() for m in local]
+        return ray.get([getattr(a, method).remote() for a in actors])
+
+    with Live(matcher_table(call("stats")), console=console, refresh_per_second=2) as view:
+        while not stop.wait(REFRESH_S):
+            view.update(matcher_table(call("stats")))
+    console.print(matcher_table(call("stop"), "bindstream matchers: final"))
+    if not in_process:
+        for a in actors:
+            ray.kill(a)

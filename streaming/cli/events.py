@@ -1,0 +1,100 @@
+"""Following Redis as it is written: `bindstream tail` prints embedding records, `bindstream watch` shows
+alerts; with --since, what was stored in that last while comes first."""
+
+from __future__ import annotations
+
+from collections import deque
+from fnmatch import fnmatchcase
+
+import click
+import numpy as np
+import redis
+from rich.live import Live
+from rich.table import Table
+
+from streaming.alerts.search import since_id
+from streaming.redis_access import connect, redact_url
+from streaming.redis_layout import ALERTS_STREAM, Alert, id_tuple
+from streaming.subscriber import Tail
+
+from .options import Duration, redis_option
+from .terminal import clock_time, console, table, until_stopped
+
+WATCH_BLOCK_MS = 500
+
+
+@click.command()
+@redis_option()
+@click.option("--device", default="*",
+              help="Device id or glob; devices that appear later are included from their first window.")
+@click.option("--modality", default="*", help="vision, audio, depth, thermal, imu, fused, or a glob.")
+@click.option("--since", type=Duration({"start": None}), default="0",
+              help="First print the records stored in this last while (30s, 10m, 2h, 1d), or all of them (start); "
+                   "0: only new ones.")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="Exit after this many records (default: run until Ctrl-C).")
+def tail(redis_url, device, modality, since, count):
+    """Print embedding records as they are published (with --since, the stored ones first), until Ctrl-C."""
+    try:
+        client = connect(redis_url)
+        where = redact_url(redis_url)
+        follow = Tail(client, device, modality, start="0" if since is None else since_id(client, since))
+        printed, said_waiting = 0, False
+        for r in follow.records():
+            if r is None:
+                if not printed and not said_waiting:
+                    click.echo(f"waiting for records of {device}/{modality} at {where} (Ctrl-C to stop)", err=True)
+                    said_waiting = True
+                continue
+            printed += 1
+            click.echo(f"{r.device} {r.modality:8s} t0={r.t0} t1={r.t1} {r.model} "
+                       f"emb[:4]={np.array2string(r.emb[:4], precision=3)}"
+                       + (f" ({','.join(r.modalities)})" if r.modalities else ""))
+            if printed == count:
+                break
+        if follow.skipped:
+            click.echo(f"skipped {follow.skipped} malformed entries", err=True)
+    except redis.RedisError as err:
+        raise click.ClickException(f"Redis at {where}: {err}") from None
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: the user is done
+
+
+def alerts_table(alerts, title: str = "bindstream alerts") -> Table:
+    columns = ("time", "device", "query", "query id", "modality", "score", "threshold", "window t0 s", "latency ms")
+    out = table(title, columns, right=columns[5:], whole=("query id",))
+    for a in alerts:
+        latency = id_tuple(a.id)[0] - id_tuple(a.source_id)[0]
+        out.add_row(clock_time(a.id), a.device, a.query_text, a.query, a.modality, f"{a.score:.3f}",
+                    f"{a.threshold:.3g}", f"{a.t0 / 1e9:.1f}", str(latency))
+    return out
+
+
+@click.command()
+@redis_option()
+@click.option("--device", default="*", help="Device id or glob.")
+@click.option("--since", type=Duration(), default="10m", help="First show the alerts of this last while (0: none).")
+@click.option("--rows", type=click.IntRange(1), default=20, help="Alerts shown.")
+@click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")
+def watch(redis_url, device, since, rows, seconds):
+    """Show alerts live, newest last."""
+    client = connect(redis_url)
+    shown: deque = deque(maxlen=rows)
+
+    def read(entries) -> str:
+        """Keep the alerts of `entries` that are `device`'s; returns the last one's id, to read on from."""
+        alerts = [Alert.from_entry(entry_id, f) for entry_id, f in entries]
+        shown.extend(a for a in alerts if fnmatchcase(a.device, device))
+        return alerts[-1].id
+
+    last = "$"
+    if since:
+        last = since_id(client, since)
+        if entries := client.xrange(ALERTS_STREAM, min=last):
+            last = read(entries)
+    stop = until_stopped(seconds)
+    with Live(alerts_table(shown), console=console, refresh_per_second=2) as view:
+        while not stop.is_set():
+            for _, entries in client.xread({ALERTS_STREAM: last}, block=WATCH_BLOCK_MS) or []:
+                last = read(entries)
+            view.update(alerts_table(shown))

@@ -1,0 +1,82 @@
+"""The options that several `bindstream` commands take, each defined once here: `--redis` (one meaning: the
+Redis of the embedding streams, queries and alerts, also read from $BINDSTREAM_REDIS_URL), the model options,
+`--json`, and the duration type of every `--since`; and the encoder that --model and --checkpoint name."""
+
+from __future__ import annotations
+
+import click
+
+from encoders.config import PRESETS
+from streaming.alerts.search import DURATION_UNITS_MS, parse_duration_ms
+
+REDIS_ENV = "BINDSTREAM_REDIS_URL"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+MODEL_OPTION = click.option(
+    "--model", type=click.Choice(sorted(PRESETS)), default=None,
+    help="Encoder weights; default: imagebind_huge when its checkpoint is on disk, else tiny (random weights).",
+)
+CHECKPOINT_OPTION = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                                 help="Path of the model's checkpoint file.")
+DEVICE_OPTION = click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
+DTYPE_OPTION = click.option("--dtype", type=click.Choice(DTYPES), default=None,
+                            help="Weights dtype (default: bfloat16 on GPU, float32 on CPU; int8 is CPU only).")
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def redis_option(embedded: bool = False):
+    """`--redis URL` (the parameter `redis_url`), or $BINDSTREAM_REDIS_URL; without either, DEFAULT_REDIS, or,
+    for the commands that start the pipeline (`embedded`), None: a redis-server of their own."""
+    if embedded:
+        default, otherwise = None, "; default: an embedded redis-server, gone when the command ends"
+    else:
+        default, otherwise = DEFAULT_REDIS, ""
+    return click.option("--redis", "redis_url", default=default, envvar=REDIS_ENV, show_envvar=True,
+                        help=f"Redis URL (redis://, rediss://) of the embeddings, queries and alerts{otherwise}.")
+
+
+class Duration(click.ParamType):
+    """A while back: '500ms', '30s', '10m', '2h', '1d', or 0 (none) -> milliseconds; `words` are further
+    answers and their values (tail's `start`: None, everything stored)."""
+
+    name = "duration"
+
+    def __init__(self, words: dict[str, int | None] | None = None):
+        self.words = words or {}
+
+    def convert(self, value, param, ctx) -> int | None:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text in self.words:
+            return self.words[text]
+        try:
+            return 0 if text == "0" else parse_duration_ms(text)
+        except ValueError as err:
+            self.fail("".join([str(err), *(f", or {word}" for word in self.words)]), param, ctx)
+
+
+def duration_text(ms: int) -> str:
+    """A Duration's milliseconds as text in the largest unit that divides them ('10m' for 600000)."""
+    if not ms:
+        return "0"
+    size, unit = max((size, unit) for unit, size in DURATION_UNITS_MS.items() if ms % size == 0)
+    return f"{ms // size}{unit}"
+
+
+def model_name(model: str | None, checkpoint: str | None) -> str:
+    """The model --model names, or the default one for --checkpoint (encoders.weights.default_model_name)."""
+    from encoders.weights import default_model_name
+
+    return default_model_name(model, checkpoint)
+
+
+def load_encoder(model: str, checkpoint: str | None, device: str | None = None, dtype: str | None = None):
+    """encoders.load, with one line for a missing checkpoint or an unusable device or dtype."""
+    import encoders
+
+    try:
+        return encoders.load(model, checkpoint=checkpoint, device=device, dtype=dtype)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise click.ClickException(f"cannot load model {model}: {err}") from None
