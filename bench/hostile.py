@@ -24,18 +24,26 @@ from streaming.pipeline import PipelineConfig, pipeline_session  # noqa: E402
 from tests import attacks  # noqa: E402
 
 ATTACKS = {
-    "rates": ("mic at 44,101 / 191,999 / 8,001 / 96,001 Hz, 8 ch", functools.partial(attacks.odd_rate_audio, devices=4)),
+    "rates": (
+        "mic at 44,101 / 191,999 / 8,001 / 96,001 Hz, 8 ch",
+        functools.partial(attacks.odd_rate_audio, devices=4),
+    ),
     "bombs": ("20 JPEG scan bombs and PNG bombs, 4096 px", functools.partial(attacks.image_bombs, count=20)),
-    "padded": ("64 px PNGs padded with 8 MB of compressed zeros (17 s each to decode), 10 fps, 6 s",
-               functools.partial(attacks.padded_pngs, seconds=6, pad_mb=8000)),
-    "costly": ("valid 4096 px progressive JPEGs, 30 fps at 5x, 20 s",
-               functools.partial(attacks.costly_frames, seconds=20)),
+    "padded": (
+        "64 px PNGs padded with 8 MB of compressed zeros (17 s each to decode), 10 fps, 6 s",
+        functools.partial(attacks.padded_pngs, seconds=6, pad_mb=8000),
+    ),
+    "costly": (
+        "valid 4096 px progressive JPEGs, 30 fps at 5x, 20 s",
+        functools.partial(attacks.costly_frames, seconds=20),
+    ),
     "imu": ("IMU rows of +-3e38", attacks.huge_imu),
     "forged": ("seq 2^63-1 and clock +2^62 in the victim's name", attacks.forged_seq_and_clock),
     "ids": ("20,000 new device ids, one message each", functools.partial(attacks.device_id_flood, ids=20_000)),
-    "connections": ("2,000 silent ZeroMQ peers, 500 raw TCP, 20 x 14 MB partial frames, held 40 s",
-                    functools.partial(attacks.connection_flood, silent=2000, raw=500, partial=20, partial_mb=14,
-                                      hold_s=40)),
+    "connections": (
+        "2,000 silent ZeroMQ peers, 500 raw TCP, 20 x 14 MB partial frames, held 40 s",
+        functools.partial(attacks.connection_flood, silent=2000, raw=500, partial=20, partial_mb=14, hold_s=40),
+    ),
 }
 
 
@@ -55,11 +63,17 @@ def main(argv=None) -> int:
             what, attack = ATTACKS[name]
             console.print(f"[bold]{name}[/]: {what} ...")
             outcome = attacks.beside_legit(pipeline, redis_url, name, attack, seconds=args.seconds)
-            stage_mb = {stage: max((mb for actor, mb in outcome.growth_mb.items() if actor.startswith(stage)),
-                                   default=0.0) for stage in ("ingest", "window", "embed", "publish")}
+            stage_mb = {
+                stage: max((mb for actor, mb in outcome.growth_mb.items() if actor.startswith(stage)), default=0.0)
+                for stage in ("ingest", "window", "embed", "publish")
+            }
             counted = ", ".join(f"{event} {n:,}" for event, n in outcome.counted.most_common()) or "-"
-            table.add_row(f"{name}: {what}", f"{outcome.expected - outcome.lost} / {outcome.expected}",
-                          *(f"{mb:+.0f}" for mb in stage_mb.values()), counted)
+            table.add_row(
+                f"{name}: {what}",
+                f"{outcome.expected - outcome.lost} / {outcome.expected}",
+                *(f"{mb:+.0f}" for mb in stage_mb.values()),
+                counted,
+            )
         final = pipeline.drain()
     console.print(table)
     unfinished = [stage for stage, actors in final.items() for a in actors if a.get("unfinished")]

@@ -73,8 +73,8 @@ def main() -> None:
             ref_out = reference({modality: x})[modality]
             our_out = ours({modality: x})[modality]
             diff = (ref_out - our_out).abs().max().item()
-            t_ref = best_seconds(lambda: reference({modality: x}), args.runs)
-            t_ours = best_seconds(lambda: ours({modality: x}), args.runs)
+            t_ref = best_seconds(lambda m=modality, x=x: reference({m: x}), args.runs)
+            t_ours = best_seconds(lambda m=modality, x=x: ours({m: x}), args.runs)
             table.add_row(modality, f"{t_ref:.3f}", f"{t_ours:.3f}", f"{t_ref / t_ours:.2f}x", f"{diff:.1e}")
     Console().print(table)
 

@@ -71,6 +71,7 @@ class Fleet:
 
     def _schedule(self, start_ns: int, end_ns: int):
         """(t_ns, device, sensor order, sensor, k) of every message in device-time order."""
+
         def stream(d: int, sensor: str, per_second: int):
             first = start_ns + d * 7_919_000  # devices do not all capture at the same instant
             k = 0
@@ -78,8 +79,11 @@ class Fleet:
                 yield first + k * NS_PER_S // per_second, d, SENSOR_ORDER[sensor], sensor, k
                 k += 1
 
-        streams = [stream(d, sensor, per_second) for d in range(len(self.names))
-                   for sensor, (per_second, _, _) in self.cycles[d % len(self.cycles)].items()]
+        streams = [
+            stream(d, sensor, per_second)
+            for d in range(len(self.names))
+            for sensor, (per_second, _, _) in self.cycles[d % len(self.cycles)].items()
+        ]
         for item in heapq.merge(*streams):
             if item[0] >= end_ns or self.stop.is_set():
                 return
@@ -111,10 +115,21 @@ def sample(pipeline, pids: dict[str, int], began: float) -> Sample:
     stats = pipeline.stats()
     publish = stats["publish"][0]
     ingested = Counts.of(*stats["ingest"]).get("in")
-    queues = {f"{stage}-{i}": s.get("queue", 0) for stage in ("embed", "publish")
-              for i, s in enumerate(stats[stage]) if "queue" in s}
-    return Sample(time.monotonic() - began, private_rss_mb(pids), publish.get("latency_p50_ms"), publish.get("latency_p99_ms"),
-                  Counts.of(publish).get("out"), ingested, queues)
+    queues = {
+        f"{stage}-{i}": s.get("queue", 0)
+        for stage in ("embed", "publish")
+        for i, s in enumerate(stats[stage])
+        if "queue" in s
+    }
+    return Sample(
+        time.monotonic() - began,
+        private_rss_mb(pids),
+        publish.get("latency_p50_ms"),
+        publish.get("latency_p99_ms"),
+        Counts.of(publish).get("out"),
+        ingested,
+        queues,
+    )
 
 
 def fmt(value, digits=0) -> str:
@@ -145,8 +160,13 @@ def main(argv=None) -> int:
         ray.init(address=args.ray_address, log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False)
-    config = PipelineConfig(ingest=["tcp://127.0.0.1:*"], model=args.model, embedders=args.embedders,
-                            windowers=args.windowers, embedder_throttle_ms=args.throttle_ms)
+    config = PipelineConfig(
+        ingest=["tcp://127.0.0.1:*"],
+        model=args.model,
+        embedders=args.embedders,
+        windowers=args.windowers,
+        embedder_throttle_ms=args.throttle_ms,
+    )
     with pipeline_session(config) as (pipeline, redis_url, model):
         endpoint = pipeline.endpoints[0]
         pids = {"driver": os.getpid(), **actor_pids(pipeline)}
@@ -166,9 +186,11 @@ def main(argv=None) -> int:
                 sender.join(timeout=args.sample_s)
                 samples.append(sample(pipeline, pids, began))
                 s = samples[-1]
-                console.print(f"  {s.t_s:6.0f} s  ingested {s.ingested:>9,}  published {s.published:>7,}  "
-                              f"p50 {fmt(s.latency_p50_ms)} ms  p99 {fmt(s.latency_p99_ms)} ms  "
-                              f"driver {fmt(s.rss_mb['driver'])} MB")
+                console.print(
+                    f"  {s.t_s:6.0f} s  ingested {s.ingested:>9,}  published {s.published:>7,}  "
+                    f"p50 {fmt(s.latency_p50_ms)} ms  p99 {fmt(s.latency_p99_ms)} ms  "
+                    f"driver {fmt(s.rss_mb['driver'])} MB"
+                )
         except KeyboardInterrupt:
             fleet.stop.set()
             sender.join()
@@ -201,27 +223,39 @@ def build_report(args, samples: list[Sample], end: Sample, final: dict, sent: in
     memory = {}
     for name in first.rss_mb:
         series = [s.rss_mb.get(name, float("nan")) for s in samples + [end]]
-        memory[name] = {"start": first.rss_mb[name], "peak": max(series), "end": end.rss_mb[name],
-                        "delta": end.rss_mb[name] - first.rss_mb[name]}
+        memory[name] = {
+            "start": first.rss_mb[name],
+            "peak": max(series),
+            "end": end.rss_mb[name],
+            "delta": end.rss_mb[name] - first.rss_mb[name],
+        }
     counts = {stage: Counts.of(*actors) for stage, actors in final.items()}
     publish = final["publish"][0]
     return {
-        "devices": args.devices, "seconds": args.seconds, "model": args.model,
-        "messages_sent": sent, "messages_dropped_at_devices": dropped,
+        "devices": args.devices,
+        "seconds": args.seconds,
+        "model": args.model,
+        "messages_sent": sent,
+        "messages_dropped_at_devices": dropped,
         "ingested": counts["ingest"].get("in"),
         "rejected": counts["ingest"].get("rejected_"),
         "windows": counts["window"].get("out"),
-        **{f"{stage}_drops": {event: counts[stage].labels(event) for event in counts[stage].events("dropped_")}
-           for stage in DROP_STAGES},
+        **{
+            f"{stage}_drops": {event: counts[stage].labels(event) for event in counts[stage].events("dropped_")}
+            for stage in DROP_STAGES
+        },
         "published": counts["publish"].labels("out"),
-        "latency_p50_ms": publish.get("latency_p50_ms"), "latency_p99_ms": publish.get("latency_p99_ms"),
+        "latency_p50_ms": publish.get("latency_p50_ms"),
+        "latency_p99_ms": publish.get("latency_p99_ms"),
         "latency_timeline": [(round(s.t_s), s.latency_p50_ms, s.latency_p99_ms, s.published) for s in samples + [end]],
         "rss_mb": memory,
     }
 
 
 def print_report(console: Console, r: dict) -> None:
-    mem = Table(title=f"Private resident memory (MB: RSS less shared pages), {r['devices']} devices, {r['seconds']:.0f} s")
+    mem = Table(
+        title=f"Private resident memory (MB: RSS less shared pages), {r['devices']} devices, {r['seconds']:.0f} s"
+    )
     for col in ("process", "start", "peak", "end", "end - start"):
         mem.add_column(col, justify="left" if col == "process" else "right")
     for name, m in r["rss_mb"].items():
@@ -231,11 +265,20 @@ def print_report(console: Console, r: dict) -> None:
     flow = Table(title="Flow")
     flow.add_column("figure")
     flow.add_column("value", justify="right")
-    rows = [("messages sent by devices", r["messages_sent"]), ("dropped at devices (queue full)", r["messages_dropped_at_devices"]),
-            ("ingested", r["ingested"]), ("rejected at ingest", r["rejected"]), ("windows cut", r["windows"])]
+    rows = [
+        ("messages sent by devices", r["messages_sent"]),
+        ("dropped at devices (queue full)", r["messages_dropped_at_devices"]),
+        ("ingested", r["ingested"]),
+        ("rejected at ingest", r["rejected"]),
+        ("windows cut", r["windows"]),
+    ]
     rows += [(f"published {m}", n) for m, n in sorted(r["published"].items())]
-    rows += [(f"{stage} {event} {label}".rstrip(), n) for stage in DROP_STAGES
-             for event, labels in sorted(r[f"{stage}_drops"].items()) for label, n in sorted(labels.items())]
+    rows += [
+        (f"{stage} {event} {label}".rstrip(), n)
+        for stage in DROP_STAGES
+        for event, labels in sorted(r[f"{stage}_drops"].items())
+        for label, n in sorted(labels.items())
+    ]
     for name, value in rows:
         flow.add_row(name, f"{value:,}")
     flow.add_row("latency p50 (ms, last 4096 embeddings)", fmt(r["latency_p50_ms"], 1))

@@ -1,8 +1,8 @@
 """ImageBind encoders: the model, its preprocessing, and loading weights onto a device.
 
-    enc = encoders.load("tiny")                     # or "imagebind_huge"
-    enc.embed("audio", mel_batch)                   # (B, D) unit-norm float32
-    model = encoders.build_model(fixture["config"]) # reference-compatible module for parity checks
+enc = encoders.load("tiny")                     # or "imagebind_huge"
+enc.embed("audio", mel_batch)                   # (B, D) unit-norm float32
+model = encoders.build_model(fixture["config"]) # reference-compatible module for parity checks
 """
 
 from .api import Encoder, load
@@ -11,5 +11,12 @@ from .modalities import MODALITIES
 from .model import ImageBind, build_model
 
 __all__ = [
-    "MODALITIES", "Encoder", "ImageBind", "ImageBindConfig", "TrunkConfig", "build_model", "load", "resolve_config",
+    "MODALITIES",
+    "Encoder",
+    "ImageBind",
+    "ImageBindConfig",
+    "TrunkConfig",
+    "build_model",
+    "load",
+    "resolve_config",
 ]

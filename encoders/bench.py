@@ -74,7 +74,7 @@ def bench_encoders(
     """Time every (modality, batch, dtype); `on_point(points done, modality, dtype, batch)` is called before
     each point. Without a checkpoint the model has seeded random weights: speed does not depend on the
     values, so `imagebind_huge` can be timed without its download."""
-    rows = []
+    rows: list[BenchRow] = []
     cfg = resolve_config(model)
     base = None if checkpoint else random_model(cfg)
     for i, dtype in enumerate(dtypes):
@@ -82,12 +82,12 @@ def bench_encoders(
         if base is None:
             encoder = load(model, checkpoint=checkpoint, device=device, dtype=dtype)
         else:  # the last dtype takes the random model itself
-            encoder = place(model, base if i == len(dtypes) - 1 else copy.deepcopy(base), device, dtype,
-                            random_weights=True)
+            encoder = place(
+                model, base if i == len(dtypes) - 1 else copy.deepcopy(base), device, dtype, random_weights=True
+            )
         for modality in modalities:
             for batch in batches:
                 on_point(len(rows), modality, dtype, batch)
                 seconds = time_batch(encoder, modality, example_batch(cfg, modality, batch), min_seconds)
                 rows.append(BenchRow(modality, batch, dtype, batch / seconds, seconds))
     return rows
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from .modalities import MODALITIES
 
@@ -93,12 +94,19 @@ class ImageBindConfig:
         }
 
     @classmethod
-    def from_reference(cls, kwargs: dict) -> "ImageBindConfig":
+    def from_reference(cls, kwargs: dict) -> ImageBindConfig:
         """Build from the reference `ImageBindModel(**kwargs)` argument names; unknown names are an error."""
         kwargs = dict(kwargs)
         known = {
-            "out_embed_dim", "video_frames", "kernel_size", "audio_kernel_size", "audio_stride",
-            "audio_num_mel_bins", "audio_target_len", "depth_kernel_size", "thermal_kernel_size",
+            "out_embed_dim",
+            "video_frames",
+            "kernel_size",
+            "audio_kernel_size",
+            "audio_stride",
+            "audio_num_mel_bins",
+            "audio_target_len",
+            "depth_kernel_size",
+            "thermal_kernel_size",
             "imu_kernel_size",
         }
         trunk_args = {f"{m}_{p}" for m in MODALITIES for p in ("embed_dim", "num_blocks", "num_heads", "drop_path")}
@@ -106,7 +114,9 @@ class ImageBindConfig:
         if unknown:
             raise ValueError(f"unknown ImageBind config keys: {sorted(unknown)}")
         base = cls()
-        trunks = {}
+        # keyword arguments of dataclasses.replace (a TrunkConfig per modality field): mypy checks the value
+        # type of a **dict against every field of the config, so it is typed as replace's own **changes: Any
+        trunks: dict[str, Any] = {}
         for m in MODALITIES:
             default = base.trunk(m)
             trunks[m] = dataclasses.replace(
@@ -135,8 +145,12 @@ class ImageBindConfig:
 # The one public checkpoint (imagebind_huge.pth): ViT-H vision, a 24-block text encoder, 1024-d joint space.
 IMAGEBIND_HUGE = ImageBindConfig.from_reference(
     {
-        "vision_embed_dim": 1280, "vision_num_blocks": 32, "vision_num_heads": 16,
-        "text_embed_dim": 1024, "text_num_blocks": 24, "text_num_heads": 16,
+        "vision_embed_dim": 1280,
+        "vision_num_blocks": 32,
+        "vision_num_heads": 16,
+        "text_embed_dim": 1024,
+        "text_num_blocks": 24,
+        "text_num_heads": 16,
         "out_embed_dim": 1024,
     }
 )

@@ -98,12 +98,10 @@ class Trunk(nn.Module):
         super().__init__()
         if cfg.pre_transformer_ln:
             # checkpoint key: pre_transformer_layer.0
-            self.pre_transformer_layer = nn.Sequential(nn.LayerNorm(cfg.embed_dim, eps=LN_EPS))
+            self.pre_transformer_layer: nn.Module = nn.Sequential(nn.LayerNorm(cfg.embed_dim, eps=LN_EPS))
         else:
             self.pre_transformer_layer = nn.Identity()
-        self.blocks = nn.ModuleList(
-            Block(cfg.embed_dim, cfg.num_heads, cfg.add_bias_kv) for _ in range(cfg.num_blocks)
-        )
+        self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.add_bias_kv) for _ in range(cfg.num_blocks))
 
     def forward(self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.pre_transformer_layer(tokens)

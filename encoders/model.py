@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,6 @@ from torch import nn
 from .config import ImageBindConfig, resolve_config
 from .layers import LN_EPS, Trunk
 from .modalities import MEDIA_MODALITIES, MODALITIES
-
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizers: raw tensors -> (B, L, D) tokens
@@ -39,7 +39,7 @@ class VisionStem(nn.Module):
         self.time_positions = video_frames // kernel[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.proj["1"]
+        conv = cast(nn.Conv3d, self.proj["1"])  # ModuleDict items are typed as nn.Module
         if x.ndim == 4:
             weight = conv.weight.sum(dim=2)  # (D, 3, kh, kw)
             tokens = F.conv2d(x, weight, stride=conv.stride[1:])  # (B, D, h, w)
@@ -117,6 +117,8 @@ class ImuTokenizer(nn.Module):
 class TextTokenizer(nn.Module):
     """BPE ids (B, context) -> token + position embeddings; carries the causal mask for the trunk."""
 
+    mask: torch.Tensor  # a buffer: (L, L) additive causal mask
+
     def __init__(self, vocab_size: int, context_length: int, dim: int):
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, dim)
@@ -163,6 +165,8 @@ class TextHead(nn.Module):
 
 class LogitScale(nn.Module):
     """Multiply by exp(log_logit_scale), capped at `max_scale`."""
+
+    log_logit_scale: torch.Tensor  # a buffer
 
     def __init__(self, scale: float, max_scale: float = 100.0):
         super().__init__()
@@ -213,7 +217,10 @@ class ImageBind(nn.Module):
         self.modality_preprocessors = nn.ModuleDict(
             {
                 "vision": PatchTokenizer(
-                    VisionStem(D["vision"], cfg.vision_kernel, cfg.video_frames), "rgbt_stem", vision_patches, D["vision"]
+                    VisionStem(D["vision"], cfg.vision_kernel, cfg.video_frames),
+                    "rgbt_stem",
+                    vision_patches,
+                    D["vision"],
                 ),
                 "text": TextTokenizer(cfg.vocab_size, cfg.context_length, D["text"]),
                 "audio": PatchTokenizer(
@@ -281,8 +288,9 @@ class ImageBind(nn.Module):
             # end-of-text of the batch change nothing: drop them (a short caption runs 4 tokens, not 77).
             eot_index = x.argmax(dim=-1)
             length = int(eot_index.max()) + 1
-            tokens = self.modality_preprocessors["text"](x[:, :length])
-            mask = self.modality_preprocessors["text"].mask[:length, :length].to(tokens.dtype)
+            tokenizer = cast(TextTokenizer, self.modality_preprocessors["text"])  # ModuleDict items are nn.Module
+            tokens = tokenizer(x[:, :length])
+            mask = tokenizer.mask[:length, :length].to(tokens.dtype)
             return self.modality_heads["text"](self.modality_trunks["text"](tokens, mask), eot_index=eot_index)
         tokens = self.modality_preprocessors[modality](x)
         return self.modality_heads[modality](self.modality_trunks[modality](tokens))
@@ -310,7 +318,8 @@ class ImageBind(nn.Module):
     def _dtype_for(self, modality: str) -> torch.dtype:
         if self.inputs[modality].token_ids:
             return torch.int64
-        return self.modality_preprocessors[modality].cls_token.dtype
+        tokenizer = cast("PatchTokenizer | ImuTokenizer", self.modality_preprocessors[modality])  # not text's
+        return tokenizer.cls_token.dtype
 
 
 def build_model(config_or_name: ImageBindConfig | dict | str, device: torch.device | str | None = None) -> ImageBind:

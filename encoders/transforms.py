@@ -54,8 +54,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -220,8 +220,9 @@ def get_resampler(rate: int, target: int = AUDIO_RATE) -> torchaudio.transforms.
 
 @functools.lru_cache(maxsize=32)
 def _resampler(rate: int, target: int) -> torchaudio.transforms.Resample:
-    return torchaudio.transforms.Resample(rate, target, lowpass_filter_width=RESAMPLER_WIDTH,
-                                          rolloff=RESAMPLER_ROLLOFF, dtype=torch.float32)
+    return torchaudio.transforms.Resample(
+        rate, target, lowpass_filter_width=RESAMPLER_WIDTH, rolloff=RESAMPLER_ROLLOFF, dtype=torch.float32
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def load_video(path: str | Path, seconds: float = VIDEO_SECONDS) -> list[np.ndar
         if not capture.isOpened() or not fps > 0:
             raise ValueError(f"vision: cannot open video {path} or read its frame rate")
         count = max(1, round(fps * seconds))
-        frames = []
+        frames: list[np.ndarray] = []
         while len(frames) < count:
             ok, bgr = capture.read()
             if not ok:
@@ -359,14 +360,14 @@ def _integer_rate(rate, modality: str) -> int:
     return int(rate)
 
 
-def resample(waveform: np.ndarray, rate: int, target: int = AUDIO_RATE) -> torch.Tensor:
+def resample(waveform: np.ndarray | torch.Tensor, rate: int, target: int = AUDIO_RATE) -> torch.Tensor:
     """Resample along the last axis with torchaudio's default windowed sinc; shape kept, length rescaled."""
     x = _waveform(waveform)
     rate, target = _integer_rate(rate, "audio"), _integer_rate(target, "audio")
     return x if rate == target else get_resampler(rate, target)(x)
 
 
-def mel_spectrogram(waveform_16k: np.ndarray) -> torch.Tensor:
+def mel_spectrogram(waveform_16k: np.ndarray | torch.Tensor) -> torch.Tensor:
     """16 kHz (channels, samples) or (samples,) -> (1, 128, 204) normalised log-mel of the first 2 s."""
     x = _waveform(waveform_16k)
     x = (x if x.ndim == 2 else x[None])[:, :AUDIO_CLIP_SAMPLES]  # (C, <=32000)
@@ -564,9 +565,11 @@ def load_file(path: str | Path, modality: str | None = None) -> tuple[str, torch
     ext = path.suffix.lower()
     modality = modality or EXTENSION_MODALITY.get(ext)
     if modality is None:
-        raise ValueError(f"cannot tell the modality of {path.name} from its extension: the known ones are "
-                         f"{', '.join(sorted(EXTENSION_MODALITY))}; give the modality (--modality on the command "
-                         f"line), as for .npy (depth, thermal or imu); text is given as text (--text)")
+        raise ValueError(
+            f"cannot tell the modality of {path.name} from its extension: the known ones are "
+            f"{', '.join(sorted(EXTENSION_MODALITY))}; give the modality (--modality on the command "
+            f"line), as for .npy (depth, thermal or imu); text is given as text (--text)"
+        )
     if modality == "vision" and ext in IMAGE_EXTENSIONS:
         return modality, image_tensor(load_image(path))
     if modality == "vision" and ext in VIDEO_EXTENSIONS:

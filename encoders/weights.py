@@ -69,9 +69,10 @@ def download_checkpoint(dest: Path | None = None, url: str = CHECKPOINT_URL) -> 
             total = int(response.headers["Content-Range"].rsplit("/", 1)[1])
         else:
             have, total = 0, int(response.headers["Content-Length"])
-        with open(part, "ab" if have else "wb") as out, Progress(
-            *Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()
-        ) as progress:
+        with (
+            open(part, "ab" if have else "wb") as out,
+            Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) as progress,
+        ):
             task = progress.add_task(f"downloading {dest.name}", total=total, completed=have)
             while chunk := response.read(DOWNLOAD_CHUNK):
                 out.write(chunk)

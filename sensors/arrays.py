@@ -52,8 +52,15 @@ def frame_times(fps: float, start_ns: int) -> Iterator[int]:
         k += 1
 
 
-def publish_frames(publisher: DevicePublisher, sensor: str, frames: Iterable[np.ndarray], fps: float, *,
-                   start_ns: int | None = None, realtime: bool = True) -> int:
+def publish_frames(
+    publisher: DevicePublisher,
+    sensor: str,
+    frames: Iterable[np.ndarray],
+    fps: float,
+    *,
+    start_ns: int | None = None,
+    realtime: bool = True,
+) -> int:
     """Send depth or thermal frames at `fps` (dtype/shape taken from each array); returns the count."""
     start_ns = time.monotonic_ns() if start_ns is None else start_ns
     pacer = Pacer(1.0 if realtime else None)
@@ -107,11 +114,12 @@ class ImuRecording:
         bounds = [0, *gaps.tolist(), len(self.t_ns)]
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             for i in range(lo, hi, size):
-                yield int(self.t_ns[i]), self.samples[i:min(i + size, hi)]
+                yield int(self.t_ns[i]), self.samples[i : min(i + size, hi)]
 
 
-def publish_imu(publisher: DevicePublisher, recording: ImuRecording, *, chunk_s: float = DEFAULT_IMU_CHUNK_S,
-                realtime: bool = True) -> int:
+def publish_imu(
+    publisher: DevicePublisher, recording: ImuRecording, *, chunk_s: float = DEFAULT_IMU_CHUNK_S, realtime: bool = True
+) -> int:
     """Send the recording in chunks of `chunk_s`; returns the number of chunks."""
     pacer = Pacer(1.0 if realtime else None)
     count = 0

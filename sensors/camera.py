@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import closing
 from itertools import islice
 
@@ -30,7 +30,7 @@ def open_capture(source: int | str) -> cv2.VideoCapture:
     return cap
 
 
-def capture_frames(source: int | str, *, realtime: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+def capture_frames(source: int | str, *, realtime: bool = True) -> Generator[tuple[int, np.ndarray], None, None]:
     """(t_ns, BGR frame) pairs on the monotonic clock.
 
     Live sources are stamped when the frame is grabbed. Files are stamped with
@@ -55,8 +55,14 @@ def capture_frames(source: int | str, *, realtime: bool = True) -> Iterator[tupl
         cap.release()
 
 
-def publish_camera(publisher: DevicePublisher, source: int | str, *, quality: int = DEFAULT_JPEG_QUALITY,
-                   max_frames: int | None = None, realtime: bool = True) -> int:
+def publish_camera(
+    publisher: DevicePublisher,
+    source: int | str,
+    *,
+    quality: int = DEFAULT_JPEG_QUALITY,
+    max_frames: int | None = None,
+    realtime: bool = True,
+) -> int:
     """JPEG-encode and send frames until the source ends or `max_frames`; returns frames handed to send."""
     count = 0
     with closing(capture_frames(source, realtime=realtime)) as frames:

@@ -15,9 +15,15 @@ from .publisher import DEFAULT_SNDHWM, DevicePublisher
 from .recorder import Recorder, Replay
 from .simulator import simulate
 
-endpoint_option = click.option("--endpoint", default=DEFAULT_ENDPOINT, show_default=True, help="Ingest endpoint to connect to.")
-device_option = click.option("--device", default="wearable-01", show_default=True, help="Device id sent in every header.")
-hwm_option = click.option("--sndhwm", default=DEFAULT_SNDHWM, show_default=True, help="Messages queued before dropping.")
+endpoint_option = click.option(
+    "--endpoint", default=DEFAULT_ENDPOINT, show_default=True, help="Ingest endpoint to connect to."
+)
+device_option = click.option(
+    "--device", default="wearable-01", show_default=True, help="Device id sent in every header."
+)
+hwm_option = click.option(
+    "--sndhwm", default=DEFAULT_SNDHWM, show_default=True, help="Messages queued before dropping."
+)
 
 
 def _report(publisher: DevicePublisher) -> None:
@@ -32,8 +38,11 @@ def _warn_if_nothing_listens(endpoint: str) -> None:
     try:
         socket.create_connection((host.strip("[]").replace("*", "127.0.0.1"), int(port)), timeout=1).close()
     except OSError:
-        click.echo(f"warning: nothing listens at {endpoint} (is `bindstream run` running?); messages wait in each "
-                   "device's send queue and are dropped when it is full", err=True)
+        click.echo(
+            f"warning: nothing listens at {endpoint} (is `bindstream run` running?); messages wait in each "
+            "device's send queue and are dropped when it is full",
+            err=True,
+        )
 
 
 @click.group()
@@ -46,7 +55,12 @@ def main() -> None:
 @click.option("--devices", default=1, show_default=True)
 @click.option("--seconds", default=10.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--realtime/--fast", default=True, show_default=True, help="Pace to the wall clock, or send as fast as possible without dropping.")
+@click.option(
+    "--realtime/--fast",
+    default=True,
+    show_default=True,
+    help="Pace to the wall clock, or send as fast as possible without dropping.",
+)
 def simulate_command(endpoint: str, devices: int, seconds: float, seed: int, realtime: bool) -> None:
     """Run simulated wearables sim-000, sim-001, ..."""
     _warn_if_nothing_listens(endpoint)
@@ -112,13 +126,18 @@ def imu_csv_command(path: str, endpoint: str, device: str, sndhwm: int, chunk_ms
 
 @main.command("record")
 @click.argument("path", type=click.Path())
-@click.option("--bind", "bind", default=DEFAULT_ENDPOINT, show_default=True,
-              help="Endpoint to bind a PULL socket on (this machine only; tcp://0.0.0.0:5555 for every interface).")
+@click.option(
+    "--bind",
+    "bind",
+    default=DEFAULT_ENDPOINT,
+    show_default=True,
+    help="Endpoint to bind a PULL socket on (this machine only; tcp://0.0.0.0:5555 for every interface).",
+)
 @click.option("--seconds", type=float, default=None, help="Stop after this long (default: Ctrl-C or --count).")
 @click.option("--count", type=int, default=None, help="Stop after this many messages.")
 def record_command(path: str, bind: str, seconds: float | None, count: int | None) -> None:
     """Store every message that arrives (valid or not) in a session file."""
-    socket = zmq.Context.instance().socket(zmq.PULL)
+    socket: zmq.Socket = zmq.Context.instance().socket(zmq.PULL)
     try:
         socket.bind(bind)
     except zmq.ZMQError as err:

@@ -99,9 +99,9 @@ def png_inflates_within_size(buf) -> bool:
     buf = memoryview(buf)
     data, i = [], PNG_FIRST_CHUNK
     while i + 8 <= len(buf):
-        length, kind = int.from_bytes(buf[i:i + 4], "big"), bytes(buf[i + 4:i + 8])
+        length, kind = int.from_bytes(buf[i : i + 4], "big"), bytes(buf[i + 4 : i + 8])
         if kind == b"IDAT":
-            data.append(buf[i + 8:i + 8 + length])
+            data.append(buf[i + 8 : i + 8 + length])
         i += 12 + length  # length, type, data, CRC
     expected = _png_filtered_bytes(buf)
     inflated = zlib.decompressobj().decompress(b"".join(data), expected + 1)

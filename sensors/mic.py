@@ -18,14 +18,22 @@ def _sounddevice():
     try:
         import sounddevice
     except (ImportError, OSError) as err:  # OSError: the PortAudio library itself is missing
-        raise ImportError("microphone capture needs the optional 'sounddevice' package "
-                          "(and PortAudio): pip install 'bindstream[mic]'") from err
+        raise ImportError(
+            "microphone capture needs the optional 'sounddevice' package (and PortAudio): pip install 'bindstream[mic]'"
+        ) from err
     return sounddevice
 
 
-def publish_microphone(publisher: DevicePublisher, *, rate: int = DEFAULT_RATE, channels: int = 1,
-                       dtype: str = "int16", chunk_ms: int = DEFAULT_CHUNK_MS, input_device: int | str | None = None,
-                       seconds: float | None = None) -> int:
+def publish_microphone(
+    publisher: DevicePublisher,
+    *,
+    rate: int = DEFAULT_RATE,
+    channels: int = 1,
+    dtype: str = "int16",
+    chunk_ms: int = DEFAULT_CHUNK_MS,
+    input_device: int | str | None = None,
+    seconds: float | None = None,
+) -> int:
     """Capture chunks of `chunk_ms` and send them until `seconds` pass (None: until interrupted).
 
     Chunks are stamped by counting samples from the first one's time (monotonic clock, from PortAudio's
@@ -48,8 +56,14 @@ def publish_microphone(publisher: DevicePublisher, *, rate: int = DEFAULT_RATE, 
 
     deadline = None if seconds is None else time.monotonic() + seconds
     count = 0
-    with sd.InputStream(samplerate=rate, channels=channels, dtype=dtype, blocksize=rate * chunk_ms // MS_PER_S,
-                        device=input_device, callback=on_audio):
+    with sd.InputStream(
+        samplerate=rate,
+        channels=channels,
+        dtype=dtype,
+        blocksize=rate * chunk_ms // MS_PER_S,
+        device=input_device,
+        callback=on_audio,
+    ):
         while deadline is None or time.monotonic() < deadline:
             try:
                 t_ns, samples = chunks.get(timeout=POLL_S)

@@ -33,8 +33,9 @@ MIC_RATES = (8_000, 192_000)
 MIC_CHANNELS = (1, 8)
 IMU_RATES = (1, 4_000)
 IMU_COLUMNS = ("ax", "ay", "az", "gx", "gy", "gz")
-DTYPES = {name: np.dtype(code) for name, code in
-          (("uint8", "u1"), ("int16", "<i2"), ("uint16", "<u2"), ("float32", "<f4"))}
+DTYPES = {
+    name: np.dtype(code) for name, code in (("uint8", "u1"), ("int16", "<i2"), ("uint16", "<u2"), ("float32", "<f4"))
+}
 IMU_DTYPE = DTYPES["float32"]
 IMU_ROW_BYTES = len(IMU_COLUMNS) * IMU_DTYPE.itemsize
 DEVICE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # no ':', which separates fields of Redis keys
@@ -53,8 +54,20 @@ TOO_LARGE = "too_large"
 NON_FINITE = "non_finite"
 BAD_IMAGE = "bad_image"
 TOO_COSTLY = "too_costly"
-REASONS = (MALFORMED, FRAME_COUNT, HEADER_TOO_LARGE, BAD_VERSION, UNKNOWN_SENSOR, MISSING_KEY,
-           BAD_VALUE, PAYLOAD_SIZE, TOO_LARGE, NON_FINITE, BAD_IMAGE, TOO_COSTLY)
+REASONS = (
+    MALFORMED,
+    FRAME_COUNT,
+    HEADER_TOO_LARGE,
+    BAD_VERSION,
+    UNKNOWN_SENSOR,
+    MISSING_KEY,
+    BAD_VALUE,
+    PAYLOAD_SIZE,
+    TOO_LARGE,
+    NON_FINITE,
+    BAD_IMAGE,
+    TOO_COSTLY,
+)
 
 
 @dataclass(frozen=True)
@@ -187,7 +200,9 @@ def _sized(body: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndar
     for d in shape:
         expected *= d
     if body.nbytes != expected:
-        raise Rejected(PAYLOAD_SIZE, f"shape {list(shape)} of {dtype.name} is {expected} bytes, payload is {body.nbytes}")
+        raise Rejected(
+            PAYLOAD_SIZE, f"shape {list(shape)} of {dtype.name} is {expected} bytes, payload is {body.nbytes}"
+        )
     return np.frombuffer(body, dtype).reshape(shape)
 
 

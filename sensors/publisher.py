@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq
 
 from .keys import load_public_key, load_secret_certificate
-from .protocol import (CAMERA, DEFAULT_ENDPOINT, DEFAULT_LIMITS, DEPTH, DEVICE_PATTERN, DEVICE_RULE, IMU, IMU_DTYPE, MIC,
-                       THERMAL, Limits, decode, encode_header)
+from .protocol import (
+    CAMERA,
+    DEFAULT_ENDPOINT,
+    DEFAULT_LIMITS,
+    DEPTH,
+    DEVICE_PATTERN,
+    DEVICE_RULE,
+    IMU,
+    IMU_DTYPE,
+    MIC,
+    THERMAL,
+    Limits,
+    decode,
+    encode_header,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 DEFAULT_SNDHWM = 1000  # messages queued while the link is slow or down (~7 s of a full wearable)
 DEFAULT_LINGER_MS = 2000  # how long close() keeps trying to deliver queued messages
@@ -29,10 +46,15 @@ def _curve_client_keys(server_public_file: str | None, client_secret_file: str |
     return (load_public_key(server_public_file), *load_secret_certificate(client_secret_file))
 
 
-def connect_push(endpoint: str = DEFAULT_ENDPOINT, *, sndhwm: int = DEFAULT_SNDHWM,
-                 linger_ms: int = DEFAULT_LINGER_MS, context: zmq.Context | None = None,
-                 curve_server_public_file: str | None = None,
-                 curve_client_secret_file: str | None = None) -> zmq.Socket:
+def connect_push(
+    endpoint: str = DEFAULT_ENDPOINT,
+    *,
+    sndhwm: int = DEFAULT_SNDHWM,
+    linger_ms: int = DEFAULT_LINGER_MS,
+    context: zmq.Context | None = None,
+    curve_server_public_file: str | None = None,
+    curve_client_secret_file: str | None = None,
+) -> zmq.Socket:
     """A PUSH socket with the protocol's recommended options, connected to `endpoint`.
 
     With `curve_server_public_file` (the server's public certificate, `server.key`) and
@@ -83,10 +105,20 @@ class DevicePublisher:
     (both or neither) turn on CurveZMQ; see `connect_push` and SECURITY.md.
     """
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, device: str = "device", *,
-                 sndhwm: int = DEFAULT_SNDHWM, block: bool = False, linger_ms: int = DEFAULT_LINGER_MS,
-                 validate: bool = True, limits: Limits = DEFAULT_LIMITS, context: zmq.Context | None = None,
-                 curve_server_public_file: str | None = None, curve_client_secret_file: str | None = None):
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        device: str = "device",
+        *,
+        sndhwm: int = DEFAULT_SNDHWM,
+        block: bool = False,
+        linger_ms: int = DEFAULT_LINGER_MS,
+        validate: bool = True,
+        limits: Limits = DEFAULT_LIMITS,
+        context: zmq.Context | None = None,
+        curve_server_public_file: str | None = None,
+        curve_client_secret_file: str | None = None,
+    ):
         if not DEVICE_PATTERN.fullmatch(device):
             raise ValueError(f"device id must be {DEVICE_RULE}, got {device!r}")
         self.endpoint = endpoint
@@ -94,9 +126,14 @@ class DevicePublisher:
         self.block = block
         self.validate = validate
         self.limits = limits
-        self.socket = connect_push(endpoint, sndhwm=sndhwm, linger_ms=linger_ms, context=context,
-                                   curve_server_public_file=curve_server_public_file,
-                                   curve_client_secret_file=curve_client_secret_file)
+        self.socket = connect_push(
+            endpoint,
+            sndhwm=sndhwm,
+            linger_ms=linger_ms,
+            context=context,
+            curve_server_public_file=curve_server_public_file,
+            curve_client_secret_file=curve_client_secret_file,
+        )
         self.sent: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.bytes_sent = 0
@@ -106,18 +143,20 @@ class DevicePublisher:
         """Send one message without copying the payload; False if it was dropped (queue full)."""
         if isinstance(payload, np.ndarray):
             payload = _array_payload(sensor, payload, fields)
+        # numpy's stubs give ndarray the buffer protocol (__buffer__) only for Python >= 3.12
+        frame: Buffer = payload  # type: ignore[assignment]
         seq = self._seq[sensor]
         header = encode_header(self.device, sensor, seq, t_ns, **fields)
         if self.validate:
-            decode([header, payload], self.limits)
+            decode([header, frame], self.limits)
         self._seq[sensor] = seq + 1
         try:
-            self.socket.send_multipart([header, payload], 0 if self.block else zmq.NOBLOCK, copy=False)
+            self.socket.send_multipart([header, frame], 0 if self.block else zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self.dropped[sensor] += 1
             return False
         self.sent[sensor] += 1
-        self.bytes_sent += len(header) + memoryview(payload).nbytes
+        self.bytes_sent += len(header) + memoryview(frame).nbytes
         return True
 
     def reconnect(self) -> None:

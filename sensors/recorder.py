@@ -118,8 +118,15 @@ class Replay:
     def records(self) -> Iterator[SessionRecord]:
         return read_session(self.path)
 
-    def play(self, endpoint: str, speed: float | None = 1.0, *, sndhwm: int = DEFAULT_SNDHWM,
-             linger_ms: int = REPLAY_LINGER_MS, context: zmq.Context | None = None) -> int:
+    def play(
+        self,
+        endpoint: str,
+        speed: float | None = 1.0,
+        *,
+        sndhwm: int = DEFAULT_SNDHWM,
+        linger_ms: int = REPLAY_LINGER_MS,
+        context: zmq.Context | None = None,
+    ) -> int:
         """Send every record in file order; returns the number sent.
 
         Timing follows each device's own clock (`t_ns`), anchored at that device's first

@@ -69,13 +69,17 @@ class _Mover:
     phase: tuple[float, float]
 
     def at(self, t: float) -> tuple[int, int]:
-        return tuple(round(c + a * math.sin(2 * math.pi * f * t + p))
-                     for c, a, f, p in zip(self.center, self.amplitude, self.freq_hz, self.phase))
+        x, y = (
+            round(c + a * math.sin(2 * math.pi * f * t + p))
+            for c, a, f, p in zip(self.center, self.amplitude, self.freq_hz, self.phase)
+        )
+        return x, y
 
 
 def _mover(rng: np.random.Generator, margin: int) -> _Mover:
     center = (WIDTH / 2, HEIGHT / 2)
-    amplitude = tuple(rng.uniform(0.3, 1.0) * (c - margin) for c in center)
+    ax, ay = (rng.uniform(0.3, 1.0) * (c - margin) for c in center)
+    amplitude = (ax, ay)
     return _Mover(center, amplitude, tuple(rng.uniform(0.05, 0.3, 2)), tuple(rng.uniform(0, 2 * math.pi, 2)))
 
 
@@ -92,7 +96,7 @@ def _add_patch(dst: np.ndarray, patch: np.ndarray, cx: int, cy: int) -> None:
     y1, x1 = max(y0, 0), max(x0, 0)
     y2, x2 = min(y0 + patch.shape[0], dst.shape[0]), min(x0 + patch.shape[1], dst.shape[1])
     if y1 < y2 and x1 < x2:
-        dst[y1:y2, x1:x2] += patch[y1 - y0:y2 - y0, x1 - x0:x2 - x0]
+        dst[y1:y2, x1:x2] += patch[y1 - y0 : y2 - y0, x1 - x0 : x2 - x0]
 
 
 class SimulatedWearable:
@@ -110,8 +114,16 @@ class SimulatedWearable:
         rng = self._rng(SCENE)
         self._subject = _mover(rng, SUBJECT_RADIUS_PX * 2)
         self._subject_color = tuple(int(c) for c in rng.integers(60, 256, 3))
-        self._shapes = [(_mover(rng, 40), tuple(int(c) for c in rng.integers(0, 256, 3)), int(rng.integers(20, 50)),
-                         int(rng.integers(3, 6)), float(rng.uniform(-2, 2))) for _ in range(2)]
+        self._shapes = [
+            (
+                _mover(rng, 40),
+                tuple(int(c) for c in rng.integers(0, 256, 3)),
+                int(rng.integers(20, 50)),
+                int(rng.integers(3, 6)),
+                float(rng.uniform(-2, 2)),
+            )
+            for _ in range(2)
+        ]
         top, bottom = rng.integers(0, 200, (2, 3))
         ramp = np.linspace(0, 1, HEIGHT)[:, None, None]
         texture = rng.integers(0, 16, (HEIGHT, WIDTH, 3))
@@ -124,8 +136,9 @@ class SimulatedWearable:
         self._depth_noise = rng.integers(0, DEPTH_NOISE_MM, noise_shape, dtype=np.uint16)
         self._depth_holes = rng.random(noise_shape) < DEPTH_HOLE_FRACTION
         gradient = np.linspace(0, THERMAL_GRADIENT_CK, THERMAL_HEIGHT)[:, None]
-        self._thermal_background = np.broadcast_to(THERMAL_BACKGROUND_CK + np.round(gradient).astype(np.int32),
-                                                   (THERMAL_HEIGHT, THERMAL_WIDTH))
+        self._thermal_background = np.broadcast_to(
+            THERMAL_BACKGROUND_CK + np.round(gradient).astype(np.int32), (THERMAL_HEIGHT, THERMAL_WIDTH)
+        )
         self._blob = _gaussian_blob(THERMAL_BLOB_SIGMA, THERMAL_BLOB_CK)
         self._hum_hz = float(rng.uniform(90, 180))
         self._step_hz = float(rng.uniform(1.6, 2.1))
@@ -154,10 +167,18 @@ class SimulatedWearable:
             cv2.fillPoly(frame, [np.round(points).astype(np.int32)], color, cv2.LINE_AA)
         x, y, mm = self._subject_at(t)
         cv2.circle(frame, (x, y), SUBJECT_RADIUS_PX * 1000 // mm, self._subject_color, -1, cv2.LINE_AA)
-        cv2.putText(frame, f"{self.device} {t:7.3f}", (10, HEIGHT - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
-                    (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(
+            frame,
+            f"{self.device} {t:7.3f}",
+            (10, HEIGHT - 12),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.6,
+            (255, 255, 255),
+            1,
+            cv2.LINE_AA,
+        )
         dy, dx = self._noise_offset(CAMERA, k)
-        cv2.add(frame, self._camera_noise[dy:dy + HEIGHT, dx:dx + WIDTH], dst=frame)
+        cv2.add(frame, self._camera_noise[dy : dy + HEIGHT, dx : dx + WIDTH], dst=frame)
         return encode_jpeg(frame, JPEG_QUALITY).tobytes()
 
     def depth(self, k: int) -> bytes:
@@ -165,16 +186,17 @@ class SimulatedWearable:
         frame = self._floor.copy()
         cv2.circle(frame, (x, y), SUBJECT_RADIUS_PX * 1000 // mm, mm, -1)
         dy, dx = self._noise_offset(DEPTH, k)
-        cv2.add(frame, self._depth_noise[dy:dy + HEIGHT, dx:dx + WIDTH], dst=frame)
-        np.copyto(frame, 0, where=self._depth_holes[dy:dy + HEIGHT, dx:dx + WIDTH])
+        cv2.add(frame, self._depth_noise[dy : dy + HEIGHT, dx : dx + WIDTH], dst=frame)
+        np.copyto(frame, 0, where=self._depth_holes[dy : dy + HEIGHT, dx : dx + WIDTH])
         return frame.tobytes()
 
     def thermal(self, k: int) -> bytes:
         x, y, _ = self._subject_at(k / THERMAL_FPS)
         frame = self._thermal_background.copy()
         _add_patch(frame, self._blob, x // THERMAL_SCALE, y // THERMAL_SCALE)
-        frame += self._rng(FRAME, SENSOR_ORDER[THERMAL], k).integers(-THERMAL_NOISE_CK, THERMAL_NOISE_CK + 1,
-                                                                      frame.shape)
+        frame += self._rng(FRAME, SENSOR_ORDER[THERMAL], k).integers(
+            -THERMAL_NOISE_CK, THERMAL_NOISE_CK + 1, frame.shape
+        )
         return frame.astype("<u2").tobytes()
 
     def mic(self, k: int) -> bytes:
@@ -197,8 +219,10 @@ class SimulatedWearable:
         p = self._imu_phase
         rng = self._rng(FRAME, SENSOR_ORDER[IMU], k)
         accel = np.stack([0.8 * np.sin(step / 2 + p[0]), 0.4 * np.sin(step + p[1]), GRAVITY + 1.5 * np.sin(step)], 1)
-        gyro = np.stack([0.25 * np.sin(step / 2 + p[2]), 0.15 * np.sin(step + p[3]),
-                         0.4 * np.sin(2 * math.pi * GYRO_TURN_HZ * t)], 1)
+        gyro = np.stack(
+            [0.25 * np.sin(step / 2 + p[2]), 0.15 * np.sin(step + p[3]), 0.4 * np.sin(2 * math.pi * GYRO_TURN_HZ * t)],
+            1,
+        )
         accel += rng.normal(0, ACCEL_NOISE, accel.shape)
         gyro += rng.normal(0, GYRO_NOISE, gyro.shape)
         return np.concatenate([accel, gyro], 1).astype("<f4").tobytes()
@@ -213,8 +237,9 @@ class SimulatedWearable:
             (IMU, IMU_RATE // IMU_CHUNK, {"rate": IMU_RATE}, self.imu),
         ]
 
-    def _stream(self, sensor: str, per_second: int, fields: dict, payload: Callable[[int], bytes],
-                end_ns: int) -> Iterator[tuple[dict, bytes]]:
+    def _stream(
+        self, sensor: str, per_second: int, fields: dict, payload: Callable[[int], bytes], end_ns: int
+    ) -> Iterator[tuple[dict, bytes]]:
         k = 0
         while (t_ns := self.start_ns + k * NS_PER_S // per_second) < end_ns:
             header = {"v": VERSION, "device": self.device, "sensor": sensor, "seq": k, "t_ns": t_ns}
@@ -247,8 +272,14 @@ class SimulationStats:
         return sum(sum(counts.values()) for counts in self.sent.values())
 
 
-def simulate(endpoint: str = DEFAULT_ENDPOINT, devices: int = 1, seconds: float = 10.0, seed: int = 0,
-             realtime: bool = True, **publisher_kwargs) -> SimulationStats:
+def simulate(
+    endpoint: str = DEFAULT_ENDPOINT,
+    devices: int = 1,
+    seconds: float = 10.0,
+    seed: int = 0,
+    realtime: bool = True,
+    **publisher_kwargs,
+) -> SimulationStats:
     """Run `devices` wearables ("sim-000", ...) in this process, each on its own PUSH socket.
 
     Messages of all devices go out in device-time order. `realtime` paces them to the wall
@@ -272,5 +303,8 @@ def simulate(endpoint: str = DEFAULT_ENDPOINT, devices: int = 1, seconds: float 
     finally:
         for publisher in publishers.values():
             publisher.close()
-    return SimulationStats({d: dict(p.sent) for d, p in publishers.items()},
-                           {d: dict(p.dropped) for d, p in publishers.items()}, time.monotonic() - began)
+    return SimulationStats(
+        {d: dict(p.sent) for d, p in publishers.items()},
+        {d: dict(p.dropped) for d, p in publishers.items()},
+        time.monotonic() - began,
+    )

@@ -96,11 +96,10 @@ def ingest_throughput(frames: list[list[bytes]], repeats: int = 3) -> float:
     total = len(frames) * repeats
     sender = multiprocessing.get_context("fork").Process(target=_send, args=(endpoint, frames, repeats))
     sender.start()
-    nbytes, start = 0, None
-    for _ in range(total):
-        message = pull.recv_multipart(copy=False)
-        start = start or time.perf_counter()
-        nbytes += decode(message).nbytes
+    message = pull.recv_multipart(copy=False)
+    start, nbytes = time.perf_counter(), decode(message).nbytes
+    for _ in range(total - 1):
+        nbytes += decode(pull.recv_multipart(copy=False)).nbytes
     elapsed = time.perf_counter() - start
     sender.join()
     pull.close()
@@ -121,7 +120,7 @@ def offline_throughput(frames: list[list[bytes]], encoder, max_batch: int) -> tu
         by_modality.setdefault(w.modality, []).append(w.data)
     for modality, data in by_modality.items():
         for i in range(0, len(data), max_batch):
-            encoder.embed(modality, np.stack(data[i: i + max_batch]))
+            encoder.embed(modality, np.stack(data[i : i + max_batch]))
     done = time.perf_counter()
     return len(windows), len(windows) / (done - start), len(windows) / (done - windowed)
 
@@ -157,10 +156,15 @@ def bench_pipeline(devices: int, seconds: float, config: PipelineConfig, rounds:
     wps, final = max(pipeline_runs, key=lambda run: run[0])
     publish = final["publish"][0]
     return PipelineFigures(
-        messages=len(frames), payload_mb=payload_mb, windows=windows,
-        pipeline_windows_per_s=wps, offline_windows_per_s=max(o[1] for o in offline),
-        encoder_windows_per_s=max(o[2] for o in offline), latency_p50_ms=publish.get("latency_p50_ms", float("nan")),
-        latency_p99_ms=publish.get("latency_p99_ms", float("nan")), ingest_mb_per_s=ingest_mb_s,
+        messages=len(frames),
+        payload_mb=payload_mb,
+        windows=windows,
+        pipeline_windows_per_s=wps,
+        offline_windows_per_s=max(o[1] for o in offline),
+        encoder_windows_per_s=max(o[2] for o in offline),
+        latency_p50_ms=publish.get("latency_p50_ms", float("nan")),
+        latency_p99_ms=publish.get("latency_p99_ms", float("nan")),
+        ingest_mb_per_s=ingest_mb_s,
         elapsed_s=final["elapsed_s"],
         busy_s={stage: sum(a["busy_s"] for a in final[stage]) for stage in ("ingest", "window", "embed", "publish")},
     )

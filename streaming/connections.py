@@ -34,8 +34,9 @@ import resource
 import socket as pysocket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -80,8 +81,9 @@ def _malloc_trim() -> Callable[[], None]:
 def read_monitor(monitor: zmq.Socket, handle: Callable[[dict], None], tick: Callable[[], None]) -> None:
     """Read a socket monitor until its socket closes (libzmq then sends MONITOR_STOPPED): `handle` each
     event, then `tick` once the pending events are handled (a closed descriptor may have been reused) or
-    EVENTS_PER_TICK were, at least every POLL_MS. libzmq writes monitor events with a blocking send from its I/O thread, so a
-    monitor nobody reads stalls every socket of the context: nothing but the socket's end stops this."""
+    EVENTS_PER_TICK were, at least every POLL_MS. libzmq writes monitor events with a blocking send from its
+    I/O thread, so a monitor nobody reads stalls every socket of the context: nothing but the socket's end
+    stops this."""
     try:
         while True:
             try:
@@ -90,7 +92,7 @@ def read_monitor(monitor: zmq.Socket, handle: Callable[[dict], None], tick: Call
                     if not monitor.poll(wait):
                         break
                     wait = 0
-                    event = parse_monitor_message(monitor.recv_multipart())
+                    event = dict(parse_monitor_message(monitor.recv_multipart()))
                     if event["event"] == zmq.EVENT_MONITOR_STOPPED:
                         return
                     handle(event)
@@ -123,16 +125,25 @@ class ConnectionGuard:
     """Enforces `ConnectionLimits` on one server socket (set up before it is bound). `count(event)` is
     called for each connection refused or closed; `stats()` gives the connections open now."""
 
-    def __init__(self, socket: zmq.Socket, limits: ConnectionLimits, count: Callable[[str], None],
-                 listeners: tuple[EventListener, ...] = ()):
+    def __init__(
+        self,
+        socket: zmq.Socket,
+        limits: ConnectionLimits,
+        count: Callable[[str], None],
+        listeners: tuple[EventListener, ...] = (),
+    ):
         self.limits = limits
         self.count = count
         self.listeners = listeners
         files = raise_file_limit(limits.max_connections + FD_RESERVE)
         self.max_connections = min(limits.max_connections, max(files - FD_RESERVE, 1))
         if self.max_connections < limits.max_connections:
-            log.warning("open-file limit %d: at most %d connections (not %d)", files, self.max_connections,
-                        limits.max_connections)
+            log.warning(
+                "open-file limit %d: at most %d connections (not %d)",
+                files,
+                self.max_connections,
+                limits.max_connections,
+            )
         socket.setsockopt(zmq.HANDSHAKE_IVL, int(limits.handshake_timeout_s * 1000))
         socket.setsockopt(zmq.HEARTBEAT_IVL, int(limits.heartbeat_s * 1000))
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(3 * limits.heartbeat_s * 1000))
@@ -142,8 +153,12 @@ class ConnectionGuard:
         self._freed = False  # connections closed since the last sweep
         self._trim = _malloc_trim()
         self._next_sweep = time.monotonic() + SWEEP_S
-        self._thread = threading.Thread(target=read_monitor, name="ingest-connections", daemon=True,
-                                        args=(socket.get_monitor_socket(zmq.EVENT_ALL), self._handle, self._tick))
+        self._thread = threading.Thread(
+            target=read_monitor,
+            name="ingest-connections",
+            daemon=True,
+            args=(socket.get_monitor_socket(zmq.EVENT_ALL), self._handle, self._tick),
+        )
         self._thread.start()
 
     def seen(self, frame: zmq.Frame) -> None:

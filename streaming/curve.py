@@ -151,8 +151,14 @@ class CurveAuth:
     requests from its allow-list (`reload`, `allowed_names`), counts what it accepts and refuses (`on_refused`,
     `stats`), and `stop()`s."""
 
-    def __init__(self, socket: zmq.Socket, keys: tuple[bytes, bytes], allow_list: AllowList,
-                 on_refused: Callable[[str], None], monitor: bool):
+    def __init__(
+        self,
+        socket: zmq.Socket,
+        keys: tuple[bytes, bytes],
+        allow_list: AllowList,
+        on_refused: Callable[[str], None],
+        monitor: bool,
+    ):
         self.allow_list = allow_list
         self.on_refused = on_refused
         self.domain = f"bindstream-{os.getpid()}-{next(_domain_ids)}".encode()
@@ -172,8 +178,12 @@ class CurveAuth:
         self._monitor = None
         if monitor:
             events = socket.get_monitor_socket(_MONITORED | zmq.EVENT_MONITOR_STOPPED)
-            self._monitor = threading.Thread(target=read_monitor, args=(events, self.on_monitor_event, self.tick),
-                                             name="bindstream-curve-monitor", daemon=True)
+            self._monitor = threading.Thread(
+                target=read_monitor,
+                args=(events, self.on_monitor_event, self.tick),
+                name="bindstream-curve-monitor",
+                daemon=True,
+            )
             self._monitor.start()
 
     def reload(self) -> int:
@@ -217,8 +227,11 @@ class CurveAuth:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"allowed_keys": len(self.allow_list), "refused": dict(self.refused),
-                    "accepted": dict(self.accepted)}
+            return {
+                "allowed_keys": len(self.allow_list),
+                "refused": dict(self.refused),
+                "accepted": dict(self.accepted),
+            }
 
     def stop(self) -> None:
         """Stop counting and leave the ZAP server (stopped when no secured socket of its context is left).
@@ -264,8 +277,10 @@ class ZapServer:
         self.thread.start()
         self._ready.wait()
         if self._error is not None:
-            raise RuntimeError(f"cannot start the ZAP handler on {ZAP_ENDPOINT}: {self._error}. Is another "
-                               f"authenticator (zmq.auth.ThreadAuthenticator) running in this context?")
+            raise RuntimeError(
+                f"cannot start the ZAP handler on {ZAP_ENDPOINT}: {self._error}. Is another "
+                f"authenticator (zmq.auth.ThreadAuthenticator) running in this context?"
+            )
 
     def leave(self, domain: bytes) -> None:
         """Stop answering for `domain`; when no domain is left, stop the thread."""
@@ -329,8 +344,9 @@ class ZapServer:
             return _zap_reply(request_id, b"500", b"internal error")
 
 
-def secure_server(socket: zmq.Socket, settings: CurveSettings, on_refused: Callable[[str], None],
-                  monitor: bool = True) -> CurveAuth:
+def secure_server(
+    socket: zmq.Socket, settings: CurveSettings, on_refused: Callable[[str], None], monitor: bool = True
+) -> CurveAuth:
     """Make `socket` (not yet bound) a CURVE server that accepts only the clients in the allow-list folder.
     `on_refused(reason)` is called, from a helper thread, for every refused connection attempt. With
     `monitor=False` the caller reads the socket's monitor and passes its events to the returned object's
@@ -348,6 +364,7 @@ def peer_user_id(frame: zmq.Frame) -> str | None:
     """The certificate name (file stem in the allow-list) of the device that sent `frame` (received with
     copy=False on a secured socket); None on a plain socket."""
     try:
-        return frame.get("User-Id") or None
+        user = frame.get("User-Id")
+        return str(user) if user else None
     except zmq.ZMQError:
         return None

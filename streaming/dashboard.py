@@ -68,10 +68,13 @@ def stats_table(stats: dict[str, list[dict]], title: str = "bindstream") -> Tabl
         out = counts.get(OUT_EVENT.get(stage, "out"))
         fused = counts.get("out", "fused") if stage == "publish" else 0
         table.add_row(
-            stage, str(len(actors)), str(counts.get("in")),
+            stage,
+            str(len(actors)),
+            str(counts.get("in")),
             f"{out - fused} +{fused} fused" if fused else str(out),
             str(sum(a.get("queue", 0) for a in actors)),
-            f"{p50:.0f}" if p50 else "-", f"{p99:.0f}" if p99 else "-",
+            f"{p50:.0f}" if p50 else "-",
+            f"{p99:.0f}" if p99 else "-",
         )
     drops = drops_by_reason(stats)
     table.caption = "drops: " + (", ".join(f"{k} {n}" for k, n in sorted(drops.items())) if drops else "none")
@@ -104,8 +107,9 @@ def per_device_table(stats: dict[str, list[dict]], top: int = TOP_DEVICES) -> Ta
     rest = by_device[top:]
     if rest:
         reasons = sum((r for _, r in rest), Counter())
-        table.add_row(f"{len(rest)} other devices", str(reasons.total()),
-                      ", ".join(f"{k} {n}" for k, n in reasons.most_common()))
+        table.add_row(
+            f"{len(rest)} other devices", str(reasons.total()), ", ".join(f"{k} {n}" for k, n in reasons.most_common())
+        )
     return table
 
 

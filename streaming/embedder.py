@@ -133,14 +133,16 @@ class Embedder:
     """Takes windows (`push`), embeds them in batches on a worker thread, sends Embeddings downstream."""
 
     def __init__(self, settings: EmbedderSettings, publishers: list):
-        import encoders
         import torch
+
+        import encoders
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings
-        self.encoder = encoders.load(settings.model, checkpoint=settings.checkpoint, device=settings.device,
-                                     dtype=settings.dtype)
+        self.encoder = encoders.load(
+            settings.model, checkpoint=settings.checkpoint, device=settings.device, dtype=settings.dtype
+        )
         self.queue = WindowQueue(settings.queue_capacity)
         self.downstream = Downstream(publishers, max_inflight=1)
         self.metrics = StageMetrics("embed")
@@ -183,8 +185,9 @@ class Embedder:
         start = time.perf_counter()
         batch = [item.window for item in items]
         modality = batch[0].modality
+        vectors: list[np.ndarray | None]
         try:
-            vectors = self.encoder.embed(modality, np.stack([w.data for w in batch]))
+            vectors = list(self.encoder.embed(modality, np.stack([w.data for w in batch])))
         except ValueError:  # a malformed window must not take the batch down: embed one by one
             vectors = []
             for window in batch:
@@ -205,8 +208,9 @@ class Embedder:
             if reason:
                 self.metrics.count(f"rejected_{reason}", w.device)
             else:
-                out.append(Embedding(w.device, w.modality, w.t0, w.t1, v, self.encoder.name, w.arrived_ns, done,
-                                     epoch=w.epoch))
+                out.append(
+                    Embedding(w.device, w.modality, w.t0, w.t1, v, self.encoder.name, w.arrived_ns, done, epoch=w.epoch)
+                )
         self.metrics.count("out", modality, len(out))
         self.metrics.count("batches", modality)
         for e in out:
@@ -244,5 +248,9 @@ class Embedder:
         return self.stats()
 
     def stats(self) -> dict:
-        return self.metrics.snapshot(queue=self.queue.size, model=self.encoder.name,
-                                     random_weights=self.encoder.random_weights, device=str(self.encoder.device))
+        return self.metrics.snapshot(
+            queue=self.queue.size,
+            model=self.encoder.name,
+            random_weights=self.encoder.random_weights,
+            device=str(self.encoder.device),
+        )

@@ -61,7 +61,7 @@ class Ingest:
         self.settings = settings
         self.downstream = Downstream(windowers, settings.max_inflight)
         self.metrics = StageMetrics("ingest")
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context = zmq.Context.instance()
         self.socket = self.ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, settings.rcvhwm)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -70,10 +70,12 @@ class Ingest:
         self.socket.setsockopt(zmq.MAXMSGSIZE, OVERSIZE_FACTOR * settings.limits.max_payload_bytes)
         self.auth = None
         if settings.curve:
-            self.auth = secure_server(self.socket, settings.curve, lambda reason: self.metrics.count(f"refused_{reason}"),
-                                      monitor=False)
-        self.connections = ConnectionGuard(self.socket, settings.connections, self.metrics.count,
-                                           listeners=(self.auth,) if self.auth else ())
+            self.auth = secure_server(
+                self.socket, settings.curve, lambda reason: self.metrics.count(f"refused_{reason}"), monitor=False
+            )
+        self.connections = ConnectionGuard(
+            self.socket, settings.connections, self.metrics.count, listeners=(self.auth,) if self.auth else ()
+        )
         self.socket.bind(settings.endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.bytes_in = 0
@@ -92,9 +94,9 @@ class Ingest:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         batches: dict[str, list] = {}
-        first_arrival = None
+        first_arrival: int | None = None
         while not self._stop.is_set():
-            if poller.poll(timeout=self.settings.batch_ms):
+            if poller.poll(timeout=int(self.settings.batch_ms)):
                 for _ in range(self.settings.batch_max):
                     try:
                         frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -105,11 +107,13 @@ class Ingest:
                     self._accept(frames, batches)
             else:
                 self.connections.drained()
-            if first_arrival and (time.time_ns() - first_arrival >= self.settings.batch_ms * 1e6
-                                  or sum(map(len, batches.values())) >= self.settings.batch_max):
+            if first_arrival and (
+                time.time_ns() - first_arrival >= self.settings.batch_ms * 1e6
+                or sum(map(len, batches.values())) >= self.settings.batch_max
+            ):
                 self._flush(batches, first_arrival)
                 batches, first_arrival = {}, None
-        if batches:
+        if batches and first_arrival:
             self._flush(batches, first_arrival)
 
     def _accept(self, frames, batches: dict[str, list]) -> None:
@@ -124,7 +128,9 @@ class Ingest:
             self.metrics.busy(time.perf_counter() - start)
             device = err.device or "unknown"
             self.metrics.count(f"rejected_{err.reason}", device)
-            if (device, err.reason) not in self.reported and len(self.reported) < REPORTED_MAX:  # log each kind of fault once per device
+            if (device, err.reason) not in self.reported and len(
+                self.reported
+            ) < REPORTED_MAX:  # log each kind of fault once per device
                 self.reported.add((device, err.reason))
                 # str(err), not err: a logged exception would keep the received buffers alive
                 log.warning("rejected a message from %s: %s (further ones are only counted)", device, str(err))
@@ -201,5 +207,6 @@ class Ingest:
         return self.stats()
 
     def stats(self) -> dict:
-        return self.metrics.snapshot(endpoint=self.endpoint, bytes_in=self.bytes_in, devices=len(self.devices),
-                                     **self.connections.stats())
+        return self.metrics.snapshot(
+            endpoint=self.endpoint, bytes_in=self.bytes_in, devices=len(self.devices), **self.connections.stats()
+        )

@@ -1,7 +1,7 @@
 """The main job: ingest -> windowing -> embedders -> publisher, as Ray actors, with an ordered drain.
 
-    ingest (PULL socket, one per endpoint) --by device--> window stage (N) --> embedder (M, GPU if any)
-        --> publisher --> Redis Streams
+ingest (PULL socket, one per endpoint) --by device--> window stage (N) --> embedder (M, GPU if any)
+    --> publisher --> Redis Streams
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray
 import redis
@@ -28,11 +29,11 @@ import zmq
 from encoders.weights import default_model_name
 from sensors.protocol import DEFAULT_ENDPOINT, Limits
 
+from .alerts.matcher import MatcherSettings, start_matchers
 from .connections import ConnectionLimits
 from .curve import CurveSettings
 from .embedder import Embedder, EmbedderSettings
 from .ingest import Ingest, IngestSettings
-from .alerts.matcher import MatcherSettings, start_matchers
 from .publisher import Publisher, PublisherSettings
 from .redis_access import RedisAccessError, check_redis, redact_url
 from .redis_server import RedisPortInUse, RedisServer
@@ -52,8 +53,16 @@ RESTART = dict(max_restarts=-1)  # every stage comes back after a crash (Ray res
 # PipelineConfig's scalar fields, by the type they are annotated with: checked by `validate`, flags of the CLI
 SCALAR_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float, "str | None": str}
 TYPE_WORDS = {int: "an integer", float: "a number", str: "a string"}
-AT_LEAST_ONE = {"windowers", "embedders", "embedders_max", "max_batch", "embed_queue", "window_backlog",
-                "publish_queue", "stream_maxlen"}
+AT_LEAST_ONE = {
+    "windowers",
+    "embedders",
+    "embedders_max",
+    "max_batch",
+    "embed_queue",
+    "window_backlog",
+    "publish_queue",
+    "stream_maxlen",
+}
 
 
 class ConfigError(ValueError):
@@ -78,8 +87,15 @@ def check_keys(cls, table, where: str) -> dict:
     if unknown:
         close = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
         named = ", ".join(f"{key!r}" + (f" (did you mean {close[key][0]!r}?)" if close[key] else "") for key in unknown)
-        hint = "" if all(close.values()) else (f"; known: {', '.join(known)}" if where else
-                                              "; the keys are in deploy/bindstream.toml and `bindstream run --help`")
+        hint = (
+            ""
+            if all(close.values())
+            else (
+                f"; known: {', '.join(known)}"
+                if where
+                else "; the keys are in deploy/bindstream.toml and `bindstream run --help`"
+            )
+        )
         raise ConfigError(f"unknown pipeline config keys{' in ' + where if where else ''}: {named}{hint}")
     return table
 
@@ -127,7 +143,7 @@ class PipelineConfig:
     curve: CurveSettings | None = None  # CurveZMQ for devices, [curve] table in TOML (SECURITY.md)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "PipelineConfig":
+    def from_toml(cls, path: str | Path) -> PipelineConfig:
         """Read a TOML file; ConfigError (naming the file) for bad TOML, an unknown key or a bad value."""
         try:
             return cls.from_dict(tomllib.loads(Path(path).read_text()))
@@ -137,16 +153,18 @@ class PipelineConfig:
             raise ConfigError(f"{path}: {err}") from err
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PipelineConfig":
+    def from_dict(cls, data: dict) -> PipelineConfig:
         data = dict(data)
         check_keys(cls, data, "")
         if isinstance(data.get("ingest"), str):
             data["ingest"] = [data["ingest"]]
         if "windowing" in data:
             check_keys(WindowingConfig, data["windowing"], "[windowing]")
-            data["windowing"] = WindowingConfig(**{
+            windowing: dict[str, Any] = {
                 k: WindowSpec(**check_keys(WindowSpec, v, f"[windowing.{k}]")) if isinstance(v, dict) else v
-                for k, v in data["windowing"].items()})
+                for k, v in data["windowing"].items()
+            }
+            data["windowing"] = WindowingConfig(**windowing)
         for name, table in (("limits", Limits), ("connections", ConnectionLimits), ("curve", CurveSettings)):
             if name in data:
                 data[name] = table(**check_keys(table, data[name], f"[{name}]"))
@@ -157,13 +175,14 @@ class PipelineConfig:
     def validate(self) -> None:
         """ConfigError naming the first key whose value has the wrong type or is out of range."""
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+            value: Any = getattr(self, f.name)
             if f.type in SCALAR_TYPES and not (value is None and "None" in f.type):
                 wanted = SCALAR_TYPES[f.type]
                 if isinstance(value, bool) or not isinstance(value, (int, float) if wanted is float else wanted):
                     raise ConfigError(f"{f.name} must be {TYPE_WORDS[wanted]}, got {value!r}")
-                if wanted is not str and value < (1 if f.name in AT_LEAST_ONE else 0):
-                    raise ConfigError(f"{f.name} must be at least {1 if f.name in AT_LEAST_ONE else 0}, got {value}")
+                least = 1 if f.name in AT_LEAST_ONE else 0
+                if isinstance(value, (int, float)) and value < least:
+                    raise ConfigError(f"{f.name} must be at least {least}, got {value}")
         if not (isinstance(self.ingest, list) and self.ingest and all(isinstance(e, str) for e in self.ingest)):
             raise ConfigError(f"ingest must be a list of endpoints such as {DEFAULT_ENDPOINT!r}, got {self.ingest!r}")
         for name in ("ingest_resources", "embedder_resources"):
@@ -175,8 +194,9 @@ class PipelineConfig:
         if self.redis_port is not None and not 0 < self.redis_port < 65536:
             raise ConfigError(f"redis_port must be a TCP port (1-65535), got {self.redis_port}")
         if self.redis and self.redis_port:
-            raise ConfigError("redis_port (--redis-port) is the embedded redis-server's; with redis (--redis) "
-                              "there is none")
+            raise ConfigError(
+                "redis_port (--redis-port) is the embedded redis-server's; with redis (--redis) there is none"
+            )
 
 
 def running_cluster_address() -> str | None:
@@ -204,11 +224,16 @@ def connect_ray() -> bool:
     address = running_cluster_address()
     logging.getLogger(AUTH_HINT_LOGGER).setLevel(logging.ERROR)
     try:
-        ray.init(address=address, include_dashboard=None if address else False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        ray.init(
+            address=address,
+            include_dashboard=None if address else False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
     except Exception as err:  # Ray's many ways to fail: one line here, the traceback with --debug
-        raise StartupError(f"Ray did not start{' at ' + address if address else ''}: "
-                           f"{str(err).strip().splitlines()[0]}") from err
+        raise StartupError(
+            f"Ray did not start{' at ' + address if address else ''}: {str(err).strip().splitlines()[0]}"
+        ) from err
     if address:
         log.info("joined the Ray cluster at %s", address)
     else:
@@ -227,11 +252,19 @@ def check_placement(config: PipelineConfig, have: dict[str, float], gpus: float,
     """Whether a Ray cluster with resources `have` can hold the actors (embedders with `gpus` each). If not:
     StartupError for a local Ray; on a cluster, whose autoscaler may add the nodes, a warning that the
     start waits for them."""
-    asks = [("ingest_resources", config.ingest_resources, len(config.ingest)),
-            ("embedder_resources", config.embedder_resources, config.embedders),
-            ("embedder_gpus", {"GPU": gpus}, config.embedders) if gpus else ("embedders", {"CPU": 1}, config.embedders)]
-    short = {key: [f"{name} {amount * count:g} (it has {have.get(name, 0):g})" for name, amount in resources.items()
-                   if amount * count > have.get(name, 0)] for key, resources, count in asks}
+    asks = [
+        ("ingest_resources", config.ingest_resources, len(config.ingest)),
+        ("embedder_resources", config.embedder_resources, config.embedders),
+        ("embedder_gpus", {"GPU": gpus}, config.embedders) if gpus else ("embedders", {"CPU": 1}, config.embedders),
+    ]
+    short = {
+        key: [
+            f"{name} {amount * count:g} (it has {have.get(name, 0):g})"
+            for name, amount in resources.items()
+            if amount * count > have.get(name, 0)
+        ]
+        for key, resources, count in asks
+    }
     short = {key: phrases for key, phrases in short.items() if phrases}
     if not short:
         return
@@ -240,16 +273,21 @@ def check_placement(config: PipelineConfig, have: dict[str, float], gpus: float,
         log.warning("waiting for the Ray cluster to provide what %s (Ctrl-C to stop)", problem)
         return
     leave = [key for key in short if key.endswith("_resources")]
-    fixes = ([f"leave {' and '.join(leave)} out of the config (they place actors on a cluster's nodes, "
-              "deploy/README.md)"] if leave else [])
+    fixes = (
+        [f"leave {' and '.join(leave)} out of the config (they place actors on a cluster's nodes, deploy/README.md)"]
+        if leave
+        else []
+    )
     fixes += ["pass --embedder-gpus 0"] if "embedder_gpus" in short else []
     fixes += [f"pass --embedders {int(have.get('CPU', 0))}"] if "embedders" in short else []
     raise StartupError(f"this machine's Ray cannot place the actors: {problem}\nfix: {'; '.join(fixes)}")
 
 
 def endpoint_in_use(endpoint: str) -> str:
-    return (f"ingest endpoint {endpoint} is in use (is `bindstream run` already running?): stop that, or pass "
-            "--ingest with another port")
+    return (
+        f"ingest endpoint {endpoint} is in use (is `bindstream run` already running?): stop that, or pass "
+        "--ingest with another port"
+    )
 
 
 def actor_failure(stage: str, endpoint: str, err: Exception) -> str:
@@ -271,53 +309,93 @@ class Pipeline:
         names = (f"{prefix}-{i}" for i in itertools.count())
         gpus = embedder_gpus(config)
         publisher_name = next(names)
-        publisher = ray.remote(Publisher).options(name=publisher_name, num_cpus=0, max_task_retries=-1,
-                                                  **RESTART).remote(
-            PublisherSettings(redis_url, maxlen=config.stream_maxlen, retention_s=config.stream_retention_s,
-                              queue_capacity=config.publish_queue,
-                              fused_wait_s=config.fused_wait_s)
+        publisher = (
+            ray.remote(Publisher)
+            .options(name=publisher_name, num_cpus=0, max_task_retries=-1, **RESTART)
+            .remote(
+                PublisherSettings(
+                    redis_url,
+                    maxlen=config.stream_maxlen,
+                    retention_s=config.stream_retention_s,
+                    queue_capacity=config.publish_queue,
+                    fused_wait_s=config.fused_wait_s,
+                )
+            )
         )
         embedder_settings = EmbedderSettings(
-            model=model, checkpoint=config.checkpoint, device=config.device, dtype=config.dtype,
-            max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, queue_capacity=config.embed_queue,
-            torch_threads=config.torch_threads, throttle_ms=config.embedder_throttle_ms,
+            model=model,
+            checkpoint=config.checkpoint,
+            device=config.device,
+            dtype=config.dtype,
+            max_batch=config.max_batch,
+            max_wait_ms=config.max_wait_ms,
+            queue_capacity=config.embed_queue,
+            torch_threads=config.torch_threads,
+            throttle_ms=config.embedder_throttle_ms,
         )
-        self._new_embedder = lambda name=None: ray.remote(Embedder).options(
-            name=name or next(names), num_cpus=0 if gpus else 1, num_gpus=gpus,
-            resources=config.embedder_resources, scheduling_strategy="SPREAD", max_concurrency=EMBEDDER_CONCURRENCY,
-            max_task_retries=-1, **RESTART,  # calls open when it died are run again on the new one
-        ).remote(embedder_settings, [NamedActor(publisher_name)])
+        self._new_embedder = lambda name=None: (
+            ray.remote(Embedder)
+            .options(
+                name=name or next(names),
+                num_cpus=0 if gpus else 1,
+                num_gpus=gpus,
+                resources=config.embedder_resources,
+                scheduling_strategy="SPREAD",
+                max_concurrency=EMBEDDER_CONCURRENCY,
+                max_task_retries=-1,
+                **RESTART,  # calls open when it died are run again on the new one
+            )
+            .remote(embedder_settings, [NamedActor(publisher_name)])
+        )
         embedder_names = [next(names) for _ in range(config.embedders)]
         embedders = [self._new_embedder(name) for name in embedder_names]
         self._idle_since: float | None = None
         window_names = [next(names) for _ in range(config.windowers)]
         windowers = [
-            ray.remote(WindowStage).options(name=name, num_cpus=0, max_task_retries=-1, **RESTART).remote(
-                WindowStageSettings(config.windowing, overload=config.overload, backlog=config.window_backlog,
-                                    max_windows_per_call=config.max_batch),
+            ray.remote(WindowStage)
+            .options(name=name, num_cpus=0, max_task_retries=-1, **RESTART)
+            .remote(
+                WindowStageSettings(
+                    config.windowing,
+                    overload=config.overload,
+                    backlog=config.window_backlog,
+                    max_windows_per_call=config.max_batch,
+                ),
                 [NamedActor(n) for n in embedder_names],
             )
             for name in window_names
         ]
         ingests = [
-            ray.remote(Ingest).options(num_cpus=0, resources=config.ingest_resources, **RESTART).remote(
-                IngestSettings(endpoint, config.limits, windowing=config.windowing, curve=config.curve,
-                               connections=config.connections), [NamedActor(n) for n in window_names]
+            ray.remote(Ingest)
+            .options(num_cpus=0, resources=config.ingest_resources, **RESTART)
+            .remote(
+                IngestSettings(
+                    endpoint,
+                    config.limits,
+                    windowing=config.windowing,
+                    curve=config.curve,
+                    connections=config.connections,
+                ),
+                [NamedActor(n) for n in window_names],
             )
             for endpoint in config.ingest
         ]
         self.stages = {"ingest": ingests, "window": windowers, "embed": embedders, "publish": [publisher]}
         if config.matchers:
-            self.stages["match"] = start_matchers(MatcherSettings(group=config.matcher_group), redis_url,
-                                                  config.matchers)
+            self.stages["match"] = start_matchers(
+                MatcherSettings(group=config.matcher_group), redis_url, config.matchers
+            )
         self.endpoints: list[str] = []
 
     def start(self, cancel: threading.Event | None = None) -> list[str]:
         """Wait until every actor is up and the ingest sockets are bound; returns their endpoints. An actor
         that fails to start raises StartupError with its error (an ingest endpoint in use, a checkpoint
         that does not load); `cancel`, once set, StartupCancelled."""
-        calls = {actor.stats.options(max_task_retries=0).remote(): (stage, i)  # retried, its failure is printed
-                 for stage, actors in self.stages.items() for i, actor in enumerate(actors)}
+        calls = {
+            actor.stats.options(max_task_retries=0).remote(): (stage, i)  # retried, its failure is printed
+            for stage, actors in self.stages.items()
+            for i, actor in enumerate(actors)
+        }
         waiting = list(calls)
         while waiting:
             if cancel is not None and cancel.is_set():
@@ -328,8 +406,9 @@ class Pipeline:
                     ray.get(ref)
                 except ray.exceptions.RayActorError as err:
                     stage, i = calls[ref]
-                    raise StartupError(actor_failure(stage, self.config.ingest[i] if stage == "ingest" else "",
-                                                     err)) from err
+                    raise StartupError(
+                        actor_failure(stage, self.config.ingest[i] if stage == "ingest" else "", err)
+                    ) from err
         self.endpoints = ray.get([a.bound_endpoint.remote() for a in self.stages["ingest"]])
         return self.endpoints
 
@@ -353,10 +432,12 @@ class Pipeline:
         final = {"ingest": results("ingest", stop, report_by), "window": results("window", flush, report_by)}
         wait_until(embed, report_by)
         final["embed"] = results("embed", [a.stats.remote() for a in self.stages["embed"]], report_by)
-        final["publish"] = results("publish", [a.drain.remote(remaining(deadline)) for a in self.stages["publish"]],
-                                   report_by)
-        self._matchers_catch_up(Counts.of(*final["publish"]).get("out"),
-                                min(report_by, time.monotonic() + MATCH_CATCH_UP_S))
+        final["publish"] = results(
+            "publish", [a.drain.remote(remaining(deadline)) for a in self.stages["publish"]], report_by
+        )
+        self._matchers_catch_up(
+            Counts.of(*final["publish"]).get("out"), min(report_by, time.monotonic() + MATCH_CATCH_UP_S)
+        )
         final["match"] = results("match", [a.stop.remote() for a in self.stages.get("match", [])], report_by)
         return final
 
@@ -461,8 +542,10 @@ def start_redis_server(port: int | None) -> RedisServer:
     try:
         return RedisServer(port).start()
     except RedisPortInUse as err:
-        raise StartupError(f"port {port} is in use, so the embedded redis-server cannot have it: use the Redis "
-                           f"there with --redis redis://127.0.0.1:{port}/0, or pick another --redis-port") from err
+        raise StartupError(
+            f"port {port} is in use, so the embedded redis-server cannot have it: use the Redis "
+            f"there with --redis redis://127.0.0.1:{port}/0, or pick another --redis-port"
+        ) from err
 
 
 @contextmanager
@@ -487,13 +570,13 @@ def pipeline_session(config: PipelineConfig, cancel: threading.Event | None = No
         check_placement(config, {"CPU": config.embedders}, gpus=0, local=True)  # fail before starting it
     step()
     server = None if config.redis else start_redis_server(config.redis_port)
-    pipeline = None
+    redis_url = server.url if server else config.redis or ""
+    pipeline: Pipeline | None = None
     try:
         step()
         local = connect_ray()
         step()
         check_placement(config, ray.cluster_resources(), embedder_gpus(config), local)
-        redis_url = config.redis or server.url
         model = default_model_name(config.model, config.checkpoint)
         pipeline = Pipeline(config, redis_url, model)
         pipeline.start(cancel)

@@ -29,12 +29,11 @@ from .redis_layout import encode_embedding, index_key, stream_key
 from .retry import Backoff
 from .stage import StageMetrics
 
-
 # KEYS: per entry its stream and the stream's index. ARGV: maxlen, index size, index ttl (ms), stream ttl
-# (ms, 0: none), then per entry: its window key, the number of field/value items, the items. Replies per entry: 1 added, 0 already
-# there, -1 the stream key holds another type. Any other error is returned at once: an OOM refusal comes
-# at the first write, so nothing was added; after other errors the batch is sent again and what was
-# added is skipped.
+# (ms, 0: none), then per entry: its window key, the number of field/value items, the items. Replies per
+# entry: 1 added, 0 already there, -1 the stream key holds another type. Any other error is returned at
+# once: an OOM refusal comes at the first write, so nothing was added; after other errors the batch is
+# sent again and what was added is skipped.
 WRITE_ONCE = """
 local maxlen, keep, ttl, retention = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local replies, a = {}, 5
@@ -75,8 +74,20 @@ def unit_rows(rows: np.ndarray, low: float, high: float) -> tuple[np.ndarray, li
 
 # The least privilege the publisher needs (SECURITY.md): streams, and the write-once script with the
 # sorted-set index it keeps per stream. Scripts run with the caller's ACL, so they grant nothing more.
-PUBLISHER_ACL = ("resetkeys", "~bindstream:*", "resetchannels", "-@all", "+@stream", "+@connection", "+evalsha",
-                 "+script|load", "+zscore", "+zadd", "+zremrangebyrank", "+pexpire")
+PUBLISHER_ACL = (
+    "resetkeys",
+    "~bindstream:*",
+    "resetchannels",
+    "-@all",
+    "+@stream",
+    "+@connection",
+    "+evalsha",
+    "+script|load",
+    "+zscore",
+    "+zadd",
+    "+zremrangebyrank",
+    "+pexpire",
+)
 
 
 @dataclass(frozen=True)
@@ -150,11 +161,20 @@ class FusedWindows:
         if bad:
             self.metrics.count(f"rejected_{bad}", first.device)
             return []
-        return [Embedding(
-            first.device, FUSED, first.t0, first.t1, unit, first.model,
-            max(e.arrived_ns for e in members), max(e.embedded_ns for e in members),
-            members=tuple(e.modality for e in members), epoch=first.epoch,
-        )]
+        return [
+            Embedding(
+                first.device,
+                FUSED,
+                first.t0,
+                first.t1,
+                unit,
+                first.model,
+                max(e.arrived_ns for e in members),
+                max(e.embedded_ns for e in members),
+                members=tuple(e.modality for e in members),
+                epoch=first.epoch,
+            )
+        ]
 
 
 class Publisher:
@@ -162,8 +182,9 @@ class Publisher:
 
     def __init__(self, settings: PublisherSettings):
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
-                                          socket_connect_timeout=settings.redis_timeout_s)
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s
+        )
         self.write_once = self.redis.register_script(WRITE_ONCE)
         self.queue: deque = deque()
         self.cond = threading.Condition()
@@ -200,7 +221,8 @@ class Publisher:
         return depth
 
     def _run(self) -> None:
-        backoff, pending, failing = Backoff(self.settings.retry_max_s), [], False
+        backoff, failing = Backoff(self.settings.retry_max_s), False
+        pending: list[Embedding] = []
         while True:
             with self.cond:
                 if not self.queue and not pending and not self._stop.is_set():
@@ -244,7 +266,8 @@ class Publisher:
             return
         start = time.perf_counter()
         s = self.settings
-        keys, args = [], [s.maxlen, s.dedup_window, int(s.dedup_ttl_s * 1000), int(s.retention_s * 1000)]
+        keys: list[str] = []
+        args: list[int | str | bytes] = [s.maxlen, s.dedup_window, int(s.dedup_ttl_s * 1000), int(s.retention_s * 1000)]
         for e in embeddings:
             fields = encode_embedding(e)
             keys += [stream_key(e.device, e.modality), index_key(e.device, e.modality)]

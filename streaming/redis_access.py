@@ -62,7 +62,8 @@ def connect(url: str) -> redis.Redis:
         check_redis(url)
         return redis.Redis.from_url(url)
     except ValueError as err:  # the URL itself, which is not echoed: it may hold a password
-        raise click.ClickException(f"cannot use the Redis URL: {err} (write redis://[:PASSWORD@]HOST:PORT/DB)") \
-            from None
+        raise click.ClickException(
+            f"cannot use the Redis URL: {err} (write redis://[:PASSWORD@]HOST:PORT/DB)"
+        ) from None
     except (RedisAccessError, redis.RedisError) as err:
         raise click.ClickException(str(err)) from None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +122,12 @@ class EmbeddingRecord:
 def encode_embedding(e: Embedding) -> dict:
     """The fields of an embedding's stream entry."""
     fields = {
-        "t0": e.t0, "t1": e.t1, "epoch": e.epoch, "model": e.model, "dtype": EMB_DTYPE, "dim": e.emb.shape[0],
+        "t0": e.t0,
+        "t1": e.t1,
+        "epoch": e.epoch,
+        "model": e.model,
+        "dtype": EMB_DTYPE,
+        "dim": e.emb.shape[0],
         "emb": np.ascontiguousarray(e.emb, dtype="<f4").tobytes(),
     }
     if e.members:
@@ -141,8 +147,13 @@ def decode_embedding(stream: str, entry_id, fields: dict) -> EmbeddingRecord:
             raise BadRecord(f"{stream} {entry_id}: emb has {len(f['emb'])} bytes, expected {4 * dim}")
         device, modality = parse_key(stream)
         return EmbeddingRecord(
-            stream=stream, id=text(entry_id), device=device, modality=modality,
-            t0=int(f["t0"]), t1=int(f["t1"]), model=text(f["model"]),
+            stream=stream,
+            id=text(entry_id),
+            device=device,
+            modality=modality,
+            t0=int(f["t0"]),
+            t1=int(f["t1"]),
+            model=text(f["model"]),
             emb=np.frombuffer(f["emb"], dtype="<f4").astype(np.float32),
             modalities=tuple(text(f["modalities"]).split(",")) if "modalities" in f else (),
             epoch=int(f.get("epoch", 0)),
@@ -170,8 +181,14 @@ def encode_decision(d: Decision) -> dict:
 def encode_query(q: Query) -> dict:
     """The fields of a query's hash."""
     return {
-        "text": q.text, "modality": q.modality, "device": q.device, "model": q.model, "source": q.source,
-        "emb": np.ascontiguousarray(q.emb, dtype="<f4").tobytes(), "dim": q.emb.shape[0], "created": q.created,
+        "text": q.text,
+        "modality": q.modality,
+        "device": q.device,
+        "model": q.model,
+        "source": q.source,
+        "emb": np.ascontiguousarray(q.emb, dtype="<f4").tobytes(),
+        "dim": q.emb.shape[0],
+        "created": q.created,
         **encode_decision(q.decision),
     }
 
@@ -182,20 +199,33 @@ def decode_query(query_id: str, raw: dict) -> Query:
     if not f:
         raise QueryError(f"no query {query_id!r}")
     try:
-        decision = Decision(float(f["threshold"]), int(f["k"]), int(f["n"]), float(f["cooldown_s"]),
-                            float(f["hysteresis"]))
-        return Query(text=text(f["text"]), modality=text(f["modality"]), model=text(f["model"]),
-                     emb=_vectors(f["emb"], int(f["dim"]), 1, query_id)[0], device=text(f["device"]),
-                     decision=decision, source=text(f["source"]), id=query_id, created=float(f["created"]))
+        decision = Decision(
+            float(f["threshold"]), int(f["k"]), int(f["n"]), float(f["cooldown_s"]), float(f["hysteresis"])
+        )
+        return Query(
+            text=text(f["text"]),
+            modality=text(f["modality"]),
+            model=text(f["model"]),
+            emb=_vectors(f["emb"], int(f["dim"]), 1, query_id)[0],
+            device=text(f["device"]),
+            decision=decision,
+            source=text(f["source"]),
+            id=query_id,
+            created=float(f["created"]),
+        )
     except PARSE_ERRORS as err:
         raise QueryError(f"query {query_id!r} is malformed: {err}") from err
 
 
 def encode_background(bg: Background) -> dict:
     return {
-        "prompts": "\n".join(bg.prompts), "emb": np.ascontiguousarray(bg.emb, dtype="<f4").tobytes(),
-        "dim": bg.emb.shape[1], "count": len(bg.prompts), "logit_scale": bg.logit_scale,
-        "exclude_cos": bg.exclude_cos, "created": time.time(),
+        "prompts": "\n".join(bg.prompts),
+        "emb": np.ascontiguousarray(bg.emb, dtype="<f4").tobytes(),
+        "dim": bg.emb.shape[1],
+        "count": len(bg.prompts),
+        "logit_scale": bg.logit_scale,
+        "exclude_cos": bg.exclude_cos,
+        "created": time.time(),
     }
 
 
@@ -207,8 +237,14 @@ def decode_background(model: str, modality: str, raw: dict) -> Background | None
     key = background_key(model, modality)
     try:
         prompts = tuple(text(f["prompts"]).split("\n"))
-        return Background(model, modality, prompts, _vectors(f["emb"], int(f["dim"]), len(prompts), key),
-                          float(f["logit_scale"]), float(f["exclude_cos"]))
+        return Background(
+            model,
+            modality,
+            prompts,
+            _vectors(f["emb"], int(f["dim"]), len(prompts), key),
+            float(f["logit_scale"]),
+            float(f["exclude_cos"]),
+        )
     except PARSE_ERRORS as err:
         raise QueryError(f"{key} is malformed: {err}") from err
 
@@ -243,6 +279,9 @@ class Alert:
         """Decode an entry of the alerts stream; unknown fields are ignored (newer writers may add some)."""
         f = {text(k): text(v) for k, v in raw.items()}
         types = {x.name: x.type for x in fields(cls)}
-        values = {k: (float(v) if types[k] == "float" else int(v) if types[k] == "int" else v)
-                  for k, v in f.items() if k in types}
+        values: dict[str, Any] = {
+            k: (float(v) if types[k] == "float" else int(v) if types[k] == "int" else v)
+            for k, v in f.items()
+            if k in types
+        }
         return cls(**values, id=text(entry_id))

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -21,6 +22,7 @@ import redis
 START_TIMEOUT_S = 10.0
 DIR_PREFIX = "bindstream-redis-"  # data folders are DIR_PREFIX + "{owner pid}-{random}"
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+_prctl: Callable[..., int] | None
 try:
     _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the forked child only calls it
 except (OSError, AttributeError):  # not Linux
@@ -84,7 +86,7 @@ def alive(pid: int) -> bool:
 def remove_orphaned_dirs(parent: Path) -> None:
     """Remove this user's embedded-server data folders in `parent` whose owner process is gone."""
     for folder in parent.glob(f"{DIR_PREFIX}*"):
-        owner = folder.name[len(DIR_PREFIX):].split("-", 1)[0]
+        owner = folder.name[len(DIR_PREFIX) :].split("-", 1)[0]
         try:
             mine = folder.is_dir() and folder.stat().st_uid == os.getuid()
         except FileNotFoundError:  # removed meanwhile
@@ -115,17 +117,28 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         """Start the server and wait until it answers; RedisPortInUse if its port is taken."""
         if port_in_use(self.port):
             self.stop()
             raise RedisPortInUse(f"port {self.port} on 127.0.0.1 is in use")
-        args = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
-                "--save", "", *(self.extra_args or ("--appendonly", "no"))]
+        args = [
+            redis_server_binary(),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            *(self.extra_args or ("--appendonly", "no")),
+        ]
         if self.password:
             args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        preexec_fn=die_with_parent(os.getpid()))
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent(os.getpid())
+        )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -136,7 +149,7 @@ class RedisServer:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
                     self.stop()
-                    raise RuntimeError(f"redis-server did not start on port {self.port}: {err}")
+                    raise RuntimeError(f"redis-server did not start on port {self.port}: {err}") from None
                 time.sleep(0.05)
 
     def stop(self, keep_data: bool = False) -> None:
@@ -152,7 +165,7 @@ class RedisServer:
         if not keep_data:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -76,13 +76,15 @@ class StageMetrics:
         self.busy_s = 0.0
         self._lock = threading.Lock()
         self._events = metrics.Counter(
-            "bindstream_events_total", "Pipeline events per stage (in, out, drops by reason).",
+            "bindstream_events_total",
+            "Pipeline events per stage (in, out, drops by reason).",
             tag_keys=("stage", "event", "label"),
         )
         self._latency = metrics.Histogram(
             "bindstream_latency_seconds",
             "From ingest receiving the batch with a window's last message to this stage's output.",
-            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("stage",),
+            boundaries=LATENCY_BOUNDARIES_S,
+            tag_keys=("stage",),
         )
         self._queue = metrics.Gauge("bindstream_queue_depth", "Items waiting in a stage.", tag_keys=("stage",))
 

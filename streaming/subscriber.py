@@ -46,8 +46,16 @@ class Tail:
     that appear meanwhile (new devices) are found every `discover_s` and read from `start` too, as the
     matcher does, so their first window is not missed. Malformed entries are skipped and counted."""
 
-    def __init__(self, client: redis.Redis, device: str = "*", modality: str = "*", start: str = "0",
-                 block_ms: int = 1000, discover_s: float = 1.0, chunk: int = 100):
+    def __init__(
+        self,
+        client: redis.Redis,
+        device: str = "*",
+        modality: str = "*",
+        start: str = "0",
+        block_ms: int = 1000,
+        discover_s: float = 1.0,
+        chunk: int = 100,
+    ):
         self.client, self.device, self.modality = client, device, modality
         self.start, self.block_ms, self.discover_s, self.chunk = start, block_ms, discover_s, chunk
         self.after: dict[str, str] = {}  # per stream followed, the id after which to read
@@ -74,8 +82,9 @@ class Tail:
                 time.sleep(self.discover_s)
                 continue
             reply = self.client.xread(self.after, count=self.chunk, block=self.block_ms) or []
-            entries = sorted(((text(key), entry_id, fields) for key, batch in reply for entry_id, fields in batch),
-                             key=entry_order)
+            entries = sorted(
+                ((text(key), entry_id, fields) for key, batch in reply for entry_id, fields in batch), key=entry_order
+            )
             if not entries:
                 yield None
             for key, entry_id, fields in entries:
@@ -100,8 +109,9 @@ class Subscriber:
     """A consumer in a consumer group over the matching embedding streams (at-least-once: `ack` what
     you processed; unacknowledged entries are delivered again to the group after a restart)."""
 
-    def __init__(self, client: redis.Redis, group: str, consumer: str, device: str = "*", modality: str = "*",
-                 start: str = "$"):
+    def __init__(
+        self, client: redis.Redis, group: str, consumer: str, device: str = "*", modality: str = "*", start: str = "$"
+    ):
         self.client, self.group, self.consumer = client, group, consumer
         self.device, self.modality, self.start = device, modality, start
         self.keys: list[str] = []
@@ -127,8 +137,9 @@ class Subscriber:
             if not self.keys:
                 return []
         marker = "0" if pending else ">"
-        reply = self.client.xreadgroup(self.group, self.consumer, {k: marker for k in self.keys}, count=count,
-                                       block=None if pending else block_ms)
+        reply = self.client.xreadgroup(
+            self.group, self.consumer, {k: marker for k in self.keys}, count=count, block=None if pending else block_ms
+        )
         out = []
         for key, entries in reply or []:
             for entry_id, fields in entries:

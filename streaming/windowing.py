@@ -278,6 +278,7 @@ class Windower:
 
     def _has_hole(self, stream: SensorStream, msg: SensorMessage) -> bool:
         """A hole in the data, or a change of sample format (rate, channels, dtype) that chunks must not mix."""
+        assert stream.end_ns is not None and stream.last_t is not None  # asked only once the stream has data
         if stream.format is not None and _format(msg) != stream.format:
             self.drops[msg.device, "format_change"] += 1
             return True
@@ -298,6 +299,7 @@ class Windower:
 
     def _cut(self, stream: SensorStream, device: str, arrived_ns: int) -> list[Window]:
         spec, modality = stream.spec, SENSOR_MODALITY[stream.sensor]
+        assert stream.next_t0 is not None and stream.end_ns is not None  # set by `_add` before it cuts
         out = []
         while stream.next_t0 + spec.length_ns <= stream.end_ns + self.config.clock_tolerance_ns:
             t0, t1 = stream.next_t0, stream.next_t0 + spec.length_ns
@@ -375,7 +377,7 @@ class Windower:
         samples = np.concatenate([_as_float(m.payload) for m in chunks])  # (n, channels)
         first = round((t0 - chunks[0].t_ns) * rate / SECOND)
         count = round((t1 - t0) * rate / SECOND)
-        samples = samples[max(first, 0): max(first, 0) + count]
+        samples = samples[max(first, 0) : max(first, 0) + count]
         if stream.sensor == "mic":
             return transforms.audio_tensor(samples.T, rate).numpy()
         return transforms.imu_tensor(samples, rate).numpy()
@@ -456,7 +458,8 @@ class WindowStage:
         """Send the oldest waiting window, with the next ones bound for the same embedder. A device's
         windows always go to the same embedder, so they reach the publisher in order."""
         embedder = self.downstream.actor_for(self.backlog[0].device)
-        batch, rest = [], deque()
+        batch: list[Window] = []
+        rest: deque[Window] = deque()
         while self.backlog and len(batch) < self.settings.max_windows_per_call:
             window = self.backlog.popleft()
             (batch if self.downstream.actor_for(window.device) is embedder else rest).append(window)

@@ -35,8 +35,9 @@ EMPTY_AC_SCAN = SOS + b"\x00\x08\x01\x01\x00\x01\x3f\x00"
 def progressive_jpeg(side: int, seed: int = 0) -> bytes:
     """A valid progressive JPEG of side x side pixels (about 10 scans)."""
     rgb = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
-    ok, buf = cv2.imencode(".jpg", cv2.GaussianBlur(rgb, (31, 31), 0),
-                           [cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_QUALITY, 50])
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.GaussianBlur(rgb, (31, 31), 0), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_QUALITY, 50]
+    )
     assert ok
     return buf.tobytes()
 
@@ -154,6 +155,7 @@ def counted_under(stats: dict[str, list[dict]], prefix: tuple[str, ...]) -> Coun
 
 def settled_stats(pipeline, quiet_s: float = 1.0, timeout_s: float = 60.0) -> dict:
     """The pipeline's stats once no stage has counted anything for `quiet_s` (what was sent is settled)."""
+
     def total(stats):
         counts = Counts.of(*(a for actors in stats.values() for a in actors))
         return sum(map(counts.get, counts.events()))
@@ -187,11 +189,13 @@ def beside_legit(pipeline, redis_url: str, name: str, attack, seconds: float = 6
     stats = settled_stats(pipeline)
     counted = counted_under(stats, (ATTACKER, victim))
     counted.subtract(before)
-    return Outcome(name, len(expected), len(expected - set(published_keys(redis_url, victim))), watch.growth(),
-                   +counted)
+    return Outcome(
+        name, len(expected), len(expected - set(published_keys(redis_url, victim))), watch.growth(), +counted
+    )
 
 
 # ----- attacks: each is attack(endpoint, victim) -----
+
 
 def _push(endpoint: str) -> zmq.Socket:
     push = zmq.Context.instance().socket(zmq.PUSH)
@@ -213,24 +217,61 @@ def odd_rate_audio(endpoint: str, victim: str, devices: int = 2) -> None:
     for d, rate in enumerate([44_101, 191_999, 8_001][:devices] + [96_001] * max(devices - 3, 0)):
         chunk = rate // 50
         samples = np.random.default_rng(d).uniform(-1, 1, (chunk, 8)).astype(np.float32).tobytes()
-        messages += [(dict(device=f"{ATTACKER}-rate{d}", sensor="mic", seq=k, t_ns=START_NS + k * SECOND // 50,
-                           rate=rate, channels=8, dtype="float32"), samples) for k in range(150)]
+        messages += [
+            (
+                dict(
+                    device=f"{ATTACKER}-rate{d}",
+                    sensor="mic",
+                    seq=k,
+                    t_ns=START_NS + k * SECOND // 50,
+                    rate=rate,
+                    channels=8,
+                    dtype="float32",
+                ),
+                samples,
+            )
+            for k in range(150)
+        ]
     _send_all(endpoint, messages)
 
 
 def image_bombs(endpoint: str, victim: str, count: int = 4) -> None:
     """Progressive JPEGs of 30,000 empty scans and 16-bit RGBA PNGs, 4096 x 4096."""
     bombs = [("jpeg", scan_bomb_jpeg()), ("png", png_bomb())]
-    _send_all(endpoint, [(dict(device=f"{ATTACKER}-bomb", sensor="camera", seq=k, t_ns=START_NS + k * SECOND // 2,
-                               encoding=bombs[k % 2][0]), bombs[k % 2][1]) for k in range(count)])
+    _send_all(
+        endpoint,
+        [
+            (
+                dict(
+                    device=f"{ATTACKER}-bomb",
+                    sensor="camera",
+                    seq=k,
+                    t_ns=START_NS + k * SECOND // 2,
+                    encoding=bombs[k % 2][0],
+                ),
+                bombs[k % 2][1],
+            )
+            for k in range(count)
+        ],
+    )
 
 
 def padded_pngs(endpoint: str, victim: str, seconds: float = 4.0, pad_mb: int = 200) -> None:
     """A camera of 64 x 64 PNGs at 10 fps whose image data goes on with `pad_mb` MB of compressed zeros
     (ingest cannot tell: only inflating shows it; ~0.4 s per frame for 200 MB, 17 s for 8 MB on the wire)."""
     png = padded_png(64, pad_mb)
-    _send_all(endpoint, [(dict(device=f"{ATTACKER}-png", sensor="camera", seq=k, t_ns=START_NS + k * SECOND // 10,
-                               encoding="png"), png) for k in range(int(seconds * 10))])
+    _send_all(
+        endpoint,
+        [
+            (
+                dict(
+                    device=f"{ATTACKER}-png", sensor="camera", seq=k, t_ns=START_NS + k * SECOND // 10, encoding="png"
+                ),
+                png,
+            )
+            for k in range(int(seconds * 10))
+        ],
+    )
 
 
 def costly_frames(endpoint: str, victim: str, seconds: float = 6.0, speed: float = 5.0) -> None:
@@ -241,16 +282,22 @@ def costly_frames(endpoint: str, victim: str, seconds: float = 6.0, speed: float
     began = time.monotonic()
     for k in range(int(seconds * 30)):
         time.sleep(max(0.0, k / (30 * speed) - (time.monotonic() - began)))
-        push.send_multipart([encode_header(f"{ATTACKER}-4k", "camera", k, START_NS + k * SECOND // 30,
-                                           encoding="jpeg"), jpeg])
+        push.send_multipart(
+            [encode_header(f"{ATTACKER}-4k", "camera", k, START_NS + k * SECOND // 30, encoding="jpeg"), jpeg]
+        )
     push.close(linger=-1)
 
 
 def huge_imu(endpoint: str, victim: str) -> None:
     """6 s of IMU rows of +-3e38 (finite float32), which overflowed the encoder to NaN."""
     rows = np.where(np.arange(40 * 6).reshape(40, 6) % 2, 3e38, -3e38).astype(np.float32).tobytes()
-    _send_all(endpoint, [(dict(device=f"{ATTACKER}-imu", sensor="imu", seq=k, t_ns=START_NS + k * SECOND // 20,
-                               rate=800), rows) for k in range(120)])
+    _send_all(
+        endpoint,
+        [
+            (dict(device=f"{ATTACKER}-imu", sensor="imu", seq=k, t_ns=START_NS + k * SECOND // 20, rate=800), rows)
+            for k in range(120)
+        ],
+    )
 
 
 def forged_seq_and_clock(endpoint: str, victim: str) -> None:
@@ -258,15 +305,18 @@ def forged_seq_and_clock(endpoint: str, victim: str) -> None:
     time.sleep(2.5)
     audio = np.zeros((960, 1), np.int16).tobytes()
     forged = [dict(seq=2**63 - 1, t_ns=START_NS + 3 * SECOND), dict(seq=140, t_ns=START_NS + 2**62)]
-    _send_all(endpoint, [(dict(device=victim, sensor="mic", rate=48_000, channels=1, dtype="int16", **f), audio)
-                         for f in forged])
+    _send_all(
+        endpoint,
+        [(dict(device=victim, sensor="mic", rate=48_000, channels=1, dtype="int16", **f), audio) for f in forged],
+    )
 
 
 def device_id_flood(endpoint: str, victim: str, ids: int = 2000, name: str = f"{ATTACKER}-id") -> None:
     """One small IMU message from each of `ids` new device ids (`name` and a number)."""
     row = np.zeros((1, 6), np.float32).tobytes()
-    _send_all(endpoint, [(dict(device=f"{name}{k}", sensor="imu", seq=0, t_ns=START_NS, rate=800), row)
-                         for k in range(ids)])
+    _send_all(
+        endpoint, [(dict(device=f"{name}{k}", sensor="imu", seq=0, t_ns=START_NS, rate=800), row) for k in range(ids)]
+    )
 
 
 def _zmtp_push_greeting() -> bytes:
@@ -276,8 +326,15 @@ def _zmtp_push_greeting() -> bytes:
     return greeting + b"\x04" + bytes([len(body)]) + body
 
 
-def connection_flood(endpoint: str, victim: str, silent: int = 200, raw: int = 100, partial: int = 10,
-                     partial_mb: int = 4, hold_s: float = 5.0) -> None:
+def connection_flood(
+    endpoint: str,
+    victim: str,
+    silent: int = 200,
+    raw: int = 100,
+    partial: int = 10,
+    partial_mb: int = 4,
+    hold_s: float = 5.0,
+) -> None:
     """`silent` ZeroMQ peers that connect and never send, `raw` TCP connections that never greet, and
     `partial` peers that send `partial_mb` MB of a frame 1 MB longer and stall; all held `hold_s`."""
     host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)

@@ -13,9 +13,9 @@ import soundfile
 from click.testing import CliRunner
 
 from encoders.weights import default_checkpoint_path
-from streaming.alerts.records import Background, Decision, Query, QueryError
 from streaming.alerts.matcher import Matcher, MatcherSettings, start_matchers
 from streaming.alerts.queries import load_background, load_query, save_background, save_query
+from streaming.alerts.records import Background, Decision, Query, QueryError
 from streaming.alerts.scoring import ModalityIndex
 from streaming.alerts.search import search
 from streaming.alerts.tuning import confusion, fit_threshold
@@ -24,9 +24,16 @@ from streaming.cli.bench import bench_alerts
 from streaming.cli.events import watch
 from streaming.cli.search import search_command, timeline_command
 from streaming.cli.terminal import console
-from streaming.redis_layout import (ALERTS_CHANNEL, ALERTS_STREAM, Alert, encode_embedding, query_key, state_key,
-                                   stream_key)
 from streaming.records import Embedding
+from streaming.redis_layout import (
+    ALERTS_CHANNEL,
+    ALERTS_STREAM,
+    Alert,
+    encode_embedding,
+    query_key,
+    state_key,
+    stream_key,
+)
 from streaming.redis_server import RedisServer
 from streaming.stage import Counts
 
@@ -73,8 +80,9 @@ def server():
 def client_with_background(url: str) -> redis.Redis:
     """A client of the server at `url`, which gets the audio background prompts the tests' queries use."""
     c = redis.Redis.from_url(url)
-    save_background(c, Background(MODEL, "audio", tuple(f"b{i}" for i in BACKGROUND),
-                                  np.stack([basis(i) for i in BACKGROUND])))
+    save_background(
+        c, Background(MODEL, "audio", tuple(f"b{i}" for i in BACKGROUND), np.stack([basis(i) for i in BACKGROUND]))
+    )
     return c
 
 
@@ -83,8 +91,8 @@ def client(server):
     return client_with_background(server.url)
 
 
-def add_query(client, decision=Decision(), device="*", text="a dog barking", vector=MATCH) -> Query:
-    return save_query(client, Query(text, "audio", vector, MODEL, device=device, decision=decision))
+def add_query(client, decision: Decision | None = None, device="*", text="a dog barking", vector=MATCH) -> Query:
+    return save_query(client, Query(text, "audio", vector, MODEL, device=device, decision=decision or Decision()))
 
 
 def write(client, device: str, vectors, start_s: float = 0.0, model: str = MODEL) -> list[str]:
@@ -312,9 +320,33 @@ def run(command, args, ok: bool = True):
 def test_alert_add_vector_list_rm(server, tmp_path):
     client = redis.Redis.from_url(server.url)
     np.save(tmp_path / "q.npy", 3 * MATCH)
-    out = run(alert, ["add", "baby crying", "--modality", "audio", "--vector", str(tmp_path / "q.npy"),
-                      "--model", MODEL, "--threshold", "0.6", "--k", "2", "--n", "4", "--cooldown", "10",
-                      "--hysteresis", "0.1", "--device", "glasses-*", "--redis", server.url]).output
+    out = run(
+        alert,
+        [
+            "add",
+            "baby crying",
+            "--modality",
+            "audio",
+            "--vector",
+            str(tmp_path / "q.npy"),
+            "--model",
+            MODEL,
+            "--threshold",
+            "0.6",
+            "--k",
+            "2",
+            "--n",
+            "4",
+            "--cooldown",
+            "10",
+            "--hysteresis",
+            "0.1",
+            "--device",
+            "glasses-*",
+            "--redis",
+            server.url,
+        ],
+    ).output
     (query_id,) = [x.decode() for x in client.smembers("bindstream:queries")]
     assert query_id in out
     f = client.hgetall(query_key(query_id))
@@ -372,15 +404,31 @@ def test_alert_tune_reports_its_fit_and_stores_none_that_separates_nothing(serve
     (query_id,) = [x.decode() for x in client.smembers("bindstream:queries")]
     rng = np.random.default_rng(0)
     t = np.arange(32000) / 16000
-    for label, make in (("pos", lambda i: 0.5 * np.sin(2 * np.pi * (300 + 100 * i) * t)),
-                        ("neg", lambda i: 0.1 * rng.standard_normal(len(t)))):
+    for label, make in (
+        ("pos", lambda i: 0.5 * np.sin(2 * np.pi * (300 + 100 * i) * t)),
+        ("neg", lambda i: 0.1 * rng.standard_normal(len(t))),
+    ):
         (tmp_path / label).mkdir()
         for i in range(4):
             soundfile.write(tmp_path / label / f"{i}.wav", make(i).astype(np.float32), 16000)
     (tmp_path / "pos" / "notes.txt").write_text("not audio")
     before = load_query(client, query_id).decision
-    out = run(alert, ["tune", "a tone", "--positive", str(tmp_path / "pos"), "--negative", str(tmp_path / "neg"),
-                      "--holdout", "0.5", "--redis", server.url], ok=False).output
+    out = run(
+        alert,
+        [
+            "tune",
+            "a tone",
+            "--positive",
+            str(tmp_path / "pos"),
+            "--negative",
+            str(tmp_path / "neg"),
+            "--holdout",
+            "0.5",
+            "--redis",
+            server.url,
+        ],
+        ok=False,
+    ).output
     assert "held out" in out and "precision" in out and "skipped 1 file" in out
     assert "no threshold separates these clips" in out and "Traceback" not in out
     assert load_query(client, query_id).decision == before
@@ -399,11 +447,16 @@ def test_match_watch_search_timeline_commands(server, client, tmp_path):
     page = html.read_text()
     assert page.count("<svg") == 1 and "<polyline" in page and f"alert {a.id}" in page and q.id in page
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None  # not a dependency
-    png = run(timeline_command, ["--device", "dev", "-o", str(tmp_path / "t.png"), "--redis", server.url],
-              ok=has_matplotlib)
+    png = run(
+        timeline_command, ["--device", "dev", "-o", str(tmp_path / "t.png"), "--redis", server.url], ok=has_matplotlib
+    )
     assert (tmp_path / "t.png").is_file() if has_matplotlib else "matplotlib" in png.output and "t.html" in png.output
-    assert "search 'a dog' (tiny)" in run(search_command, ["a dog", "--modality", "audio", "--top", "3", "--model",
-                                                           MODEL, "--redis", server.url]).output
+    assert (
+        "search 'a dog' (tiny)"
+        in run(
+            search_command, ["a dog", "--modality", "audio", "--top", "3", "--model", MODEL, "--redis", server.url]
+        ).output
+    )
 
 
 def test_search_ranks_by_calibrated_score(client):
@@ -417,9 +470,29 @@ def test_search_ranks_by_calibrated_score(client):
 
 
 def test_bench_alerts_runs(server):
-    out = run(bench_alerts, ["--queries", "5", "--rate", "200", "--seconds", "1", "--dim", "64", "--devices", "2",
-                             "--events-per-s", "4", "--score-rows", "2000", "--search-records", "300",
-                             "--redis", server.url]).output
+    out = run(
+        bench_alerts,
+        [
+            "--queries",
+            "5",
+            "--rate",
+            "200",
+            "--seconds",
+            "1",
+            "--dim",
+            "64",
+            "--devices",
+            "2",
+            "--events-per-s",
+            "4",
+            "--score-rows",
+            "2000",
+            "--search-records",
+            "300",
+            "--redis",
+            server.url,
+        ],
+    ).output
     assert "embeddings scored/s" in out and "p99" in out and "per million" in out
 
 

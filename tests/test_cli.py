@@ -44,7 +44,7 @@ def test_demo_runs_the_whole_pipeline_and_summarises():
     done = run("demo", "--seconds", "4", "--devices", "1", timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "summary" in done.stdout and "tiny" in done.stdout
-    summary = done.stdout[done.stdout.rindex("summary"):]
+    summary = done.stdout[done.stdout.rindex("summary") :]
     published = {}
     for line in summary.splitlines():
         cells = [c.strip() for c in line.strip("│┃ ").split("│")]

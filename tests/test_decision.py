@@ -18,8 +18,9 @@ HIGH, LOW, QUIET = 0.9, 0.4, 0.1  # with the default threshold 0.5 and hysteresi
 ONE_SHOT = Decision(k=1, n=1, cooldown_s=0)  # every armed window above threshold fires
 
 
-def run(decision: Decision, scores: list[float], times: list[int] | None = None,
-        state: QueryState = INITIAL_STATE) -> tuple[list[bool], QueryState]:
+def run(
+    decision: Decision, scores: list[float], times: list[int] | None = None, state: QueryState = INITIAL_STATE
+) -> tuple[list[bool], QueryState]:
     """One query's fires over `scores` (windows one second apart unless `times` says), and its state after."""
     times = [i * SECOND for i in range(len(scores))] if times is None else times
     changed, fired = decide(Rules.of([decision]), [state], np.array(scores, dtype=np.float64)[:, None], times)
@@ -139,8 +140,12 @@ def decisions(draw) -> Decision:
     return Decision(threshold, draw(st.integers(1, n)), n, cooldown_s, hysteresis)
 
 
-states = st.builds(QueryState, st.integers(0, 2**MAX_SMOOTHING_N - 1), st.booleans(),
-                   st.none() | st.integers(0, 100 * SECOND) | st.just(INT64_MAX))
+states = st.builds(
+    QueryState,
+    st.integers(0, 2**MAX_SMOOTHING_N - 1),
+    st.booleans(),
+    st.none() | st.integers(0, 100 * SECOND) | st.just(INT64_MAX),
+)
 
 
 @st.composite
@@ -160,8 +165,10 @@ def test_decide_agrees_with_the_reference_model(data):
     size = data.draw(st.integers(0, 40), "windows")
     ds = data.draw(st.lists(decisions(), min_size=m, max_size=m), "decisions")
     before = data.draw(st.lists(states, min_size=m, max_size=m), "states")
-    scores = np.array(data.draw(st.lists(st.lists(levels, min_size=m, max_size=m), min_size=size, max_size=size),
-                                "scores"), dtype=np.float64).reshape(size, m)
+    scores = np.array(
+        data.draw(st.lists(st.lists(levels, min_size=m, max_size=m), min_size=size, max_size=size), "scores"),
+        dtype=np.float64,
+    ).reshape(size, m)
     times = data.draw(clocks(size), "times")
     changed, fired = decide(Rules.of(ds), before, scores, times)
     after = [changed.get(j, state) for j, state in enumerate(before)]

@@ -30,8 +30,14 @@ from streaming.pipeline import PipelineConfig
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 CLUSTER_FILES = ("cluster.yaml", "cluster.local.yaml")
-COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-                "head_start_ray_commands", "worker_start_ray_commands")
+COMMAND_KEYS = (
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+)
 MODALITIES = {"vision", "audio", "depth", "thermal", "imu", "fused"}
 
 
@@ -42,6 +48,7 @@ def load_cluster(name: str) -> dict:
 # --------------------------------------------------------------------------------------------------
 # a. Ray's validator
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def no_aws(monkeypatch):
@@ -277,6 +284,7 @@ def test_readme_commands_parse(monkeypatch):
 # c. The example pipeline config
 # --------------------------------------------------------------------------------------------------
 
+
 def test_example_pipeline_config_loads():
     config = PipelineConfig.from_toml(DEPLOY / "bindstream.toml")
     data = tomllib.loads((DEPLOY / "bindstream.toml").read_text())
@@ -295,8 +303,9 @@ def test_example_pipeline_config_loads():
         for key in config.embedder_resources:
             assert f'"{key}"' in worker_text, (name, key)
     aws = load_cluster("cluster.yaml")
-    gpu_slots = max(t["resources"].get("embed", 0) * t.get("max_workers", 0)
-                    for t in aws["available_node_types"].values())
+    gpu_slots = max(
+        t["resources"].get("embed", 0) * t.get("max_workers", 0) for t in aws["available_node_types"].values()
+    )
     assert config.embedders <= gpu_slots, "more embedders than the cluster can ever place"
 
 
@@ -349,18 +358,37 @@ class RayNodes:
         2-core machine: `ray start` gives up after 30 s)."""
         for attempt in range(1, attempts + 1):
             log = self.root / f"{name}-{attempt}.log"
-            ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
-                     "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-                     "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port()}
-            cmd = [shutil.which("ray"), "start", "--block", "--disable-usage-stats", "--num-gpus=0",
-                   "--object-store-memory=100000000", *args, *(f"{k}={v}" for k, v in ports.items())]
+            ports = {
+                "--node-manager-port": free_port(),
+                "--object-manager-port": free_port(),
+                "--dashboard-agent-listen-port": free_port(),
+                "--dashboard-agent-grpc-port": free_port(),
+                "--metrics-export-port": free_port(),
+                "--runtime-env-agent-port": free_port(),
+            }
+            cmd = [
+                shutil.which("ray"),
+                "start",
+                "--block",
+                "--disable-usage-stats",
+                "--num-gpus=0",
+                "--object-store-memory=100000000",
+                *args,
+                *(f"{k}={v}" for k, v in ports.items()),
+            ]
             with open(log, "wb") as out:
-                self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                                   start_new_session=True))
+                self.procs.append(
+                    subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                )
             self.logs.append(log)
             try:
-                wait_for(lambda: "Ray runtime started" in tail(log, 100_000), START_TIMEOUT_S, f"ray node {name}",
-                         self.procs[-1], log)
+                wait_for(
+                    lambda log=log: "Ray runtime started" in tail(log, 100_000),
+                    START_TIMEOUT_S,
+                    f"ray node {name}",
+                    self.procs[-1],
+                    log,
+                )
                 return log
             except AssertionError:
                 if attempt == attempts or "timed out during startup" not in tail(log, 100_000):
@@ -425,30 +453,55 @@ def test_pipeline_on_two_ray_nodes(tmp_path):
     gcs_port, ingest_port = free_port(), free_port()
     try:
         with RedisServer(password="s3cret-" + uuid.uuid4().hex[:8]) as server:
-            nodes.start("head", ["--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                                 '--resources={"ingest": 1}', "--include-dashboard=false",
-                                 f"--ray-client-server-port={free_port()}", f"--temp-dir={root}"])
+            nodes.start(
+                "head",
+                [
+                    "--head",
+                    f"--port={gcs_port}",
+                    "--node-ip-address=127.0.0.1",
+                    "--num-cpus=1",
+                    '--resources={"ingest": 1}',
+                    "--include-dashboard=false",
+                    f"--ray-client-server-port={free_port()}",
+                    f"--temp-dir={root}",
+                ],
+            )
             address = (root / "ray_current_cluster").read_text().strip()
-            nodes.start("worker", [f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                                   '--resources={"embed": 1}'])
+            nodes.start(
+                "worker",
+                [f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2", '--resources={"embed": 1}'],
+            )
             config = tmp_path / "bindstream.toml"
             config.write_text(
                 f'ingest = ["tcp://127.0.0.1:{ingest_port}"]\n'
                 f'redis = "{server.url}"\n'
                 'model = "tiny"\nembedders = 1\nwindowers = 1\nmax_wait_ms = 20.0\ntorch_threads = 1\n'
-                'fused_wait_s = 2.0\n'
+                "fused_wait_s = 2.0\n"
                 "ingest_resources = { ingest = 0.01 }\nembedder_resources = { embed = 1 }\n"
             )
             with open(run_log, "wb") as out:
-                run = subprocess.Popen([shutil.which("bindstream"), "run", "--config", str(config), "--no-live"],
-                                       env={**env, "RAY_ADDRESS": address}, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-            wait_for(lambda: f"ingest: tcp://127.0.0.1:{ingest_port}" in tail(run_log, 100_000),
-                     RUN_READY_TIMEOUT_S, "`bindstream run` to bind its ingest endpoint", run, run_log)
+                run = subprocess.Popen(
+                    [shutil.which("bindstream"), "run", "--config", str(config), "--no-live"],
+                    env={**env, "RAY_ADDRESS": address},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            wait_for(
+                lambda: f"ingest: tcp://127.0.0.1:{ingest_port}" in tail(run_log, 100_000),
+                RUN_READY_TIMEOUT_S,
+                "`bindstream run` to bind its ingest endpoint",
+                run,
+                run_log,
+            )
 
             sent = {}
-            sim = threading.Thread(target=lambda: sent.update(stats=simulate(
-                f"tcp://127.0.0.1:{ingest_port}", devices=1, seconds=SIM_SECONDS, realtime=False)), daemon=True)
+            sim = threading.Thread(
+                target=lambda: sent.update(
+                    stats=simulate(f"tcp://127.0.0.1:{ingest_port}", devices=1, seconds=SIM_SECONDS, realtime=False)
+                ),
+                daemon=True,
+            )
             sim.start()
             sim.join(60)
             assert not sim.is_alive(), "the simulated wearable could not deliver its messages"
@@ -456,15 +509,21 @@ def test_pipeline_on_two_ray_nodes(tmp_path):
 
             client = redis.Redis.from_url(server.url)
             modalities = lambda: {r.modality for r in read_all(client, "sim-000")}  # noqa: E731
-            wait_for(lambda: modalities() >= MODALITIES - {"fused"}, EMBED_TIMEOUT_S,
-                     "embeddings of every modality in Redis", run, run_log)
+            wait_for(
+                lambda: modalities() >= MODALITIES - {"fused"},
+                EMBED_TIMEOUT_S,
+                "embeddings of every modality in Redis",
+                run,
+                run_log,
+            )
 
             # where the actors run, asked of the cluster while the job is live
-            query = subprocess.run([sys.executable, "-c", QUERY_ACTORS, address], env=env, capture_output=True,
-                                   text=True, timeout=60)
-            line = [l for l in query.stdout.splitlines() if l.startswith("ACTORS ")]
+            query = subprocess.run(
+                [sys.executable, "-c", QUERY_ACTORS, address], env=env, capture_output=True, text=True, timeout=60
+            )
+            line = [x for x in query.stdout.splitlines() if x.startswith("ACTORS ")]
             assert line, query.stdout + query.stderr
-            placement = json.loads(line[0][len("ACTORS "):])
+            placement = json.loads(line[0][len("ACTORS ") :])
 
             run.send_signal(signal.SIGINT)
             assert run.wait(timeout=DRAIN_TIMEOUT_S) == 0, tail(run_log)
@@ -491,6 +550,8 @@ def test_pipeline_on_two_ray_nodes(tmp_path):
     assert placement["nodes"][ingest_node].get("ingest") == 1
     assert placement["nodes"][embed_node].get("embed") == 1
     assert len(placement["nodes"]) == 2
-    assert not Path("/tmp/ray/ray_current_cluster").exists() or \
-        Path("/tmp/ray/ray_current_cluster").read_text().strip() != address
+    assert (
+        not Path("/tmp/ray/ray_current_cluster").exists()
+        or Path("/tmp/ray/ray_current_cluster").read_text().strip() != address
+    )
     assert time.monotonic() - began < 180

@@ -27,8 +27,13 @@ def shell_lines(path: Path, folder: Path) -> list[str]:
     text, lines = (ROOT / path).read_text(), []
     for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S):
         body = re.sub(r"\\\n\s*", " ", body)
-        lines += [line for line in body.splitlines() if line.strip() and not line.lstrip().startswith("#")
-                  and (lang in SHELL or (line.startswith("bindstream ") and not SYNOPSIS.search(line)))]
+        lines += [
+            line
+            for line in body.splitlines()
+            if line.strip()
+            and not line.lstrip().startswith("#")
+            and (lang in SHELL or (line.startswith("bindstream ") and not SYNOPSIS.search(line)))
+        ]
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     lines += [span for span in re.findall(r"`(bindstream [^`]+)`", prose) if not SYNOPSIS.search(span)]
     return [re.sub(r"\bDIR\b", str(folder), line) for line in lines]
@@ -48,8 +53,9 @@ def test_the_commands_a_guide_shows_parse(guide, monkeypatch, tmp_path):
             if argv[0] == "python" and len(argv) > 1 and argv[1].startswith("bench/"):
                 script = ROOT / argv[1]
                 assert script.exists(), f"{guide} shows {argv[1]}, which does not exist"
-                result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
-                                        timeout=120, cwd=ROOT)
+                result = subprocess.run(
+                    [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT
+                )
                 assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 

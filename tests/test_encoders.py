@@ -101,8 +101,10 @@ def test_tiny_weights_identical_across_processes():
         "[h.update(v.float().numpy().tobytes()) for v in m.state_dict().values()];"
         "print(h.hexdigest())"
     )
-    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-               for _ in range(2)}
+    digests = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
     assert len(digests) == 1
 
 
@@ -181,8 +183,9 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path):
     size = path.stat().st_size
 
     def probe(dtype):
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, dtype, str(path)], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_PROBE, dtype, str(path)], capture_output=True, text=True, check=True
+        ).stdout
         return json.loads(out.strip().splitlines()[-1])
 
     fp32 = probe("float32")

@@ -116,8 +116,9 @@ def window_accounts(final: dict) -> tuple[int, int, int]:
 
 def test_overload_drops_the_oldest_windows_and_accounts_for_every_one(ray_local, redis_server):
     """Embedders slower than the input: windows are dropped (oldest first, counted), none vanish."""
-    config = PipelineConfig(ingest=["tcp://127.0.0.1:*"], max_batch=1, max_wait_ms=1, embedder_throttle_ms=150,
-                            window_backlog=8)
+    config = PipelineConfig(
+        ingest=["tcp://127.0.0.1:*"], max_batch=1, max_wait_ms=1, embedder_throttle_ms=150, window_backlog=8
+    )
     pipeline = Pipeline(config, redis_server.url, "tiny")
     (endpoint,) = pipeline.start()
     from sensors.simulator import simulate
@@ -135,8 +136,9 @@ def test_overload_drops_the_oldest_windows_and_accounts_for_every_one(ray_local,
 def test_replay_policy_blocks_instead_of_dropping(ray_local, redis_server):
     device = "replay"
     messages = list(SimulatedWearable(device, seed=10, start_ns=START_NS).messages(5))
-    config = PipelineConfig(ingest=["tcp://127.0.0.1:*"], max_batch=2, max_wait_ms=1, embedder_throttle_ms=50,
-                            overload="block")
+    config = PipelineConfig(
+        ingest=["tcp://127.0.0.1:*"], max_batch=2, max_wait_ms=1, embedder_throttle_ms=50, overload="block"
+    )
     pipeline = Pipeline(config, redis_server.url, "tiny")
     (endpoint,) = pipeline.start()
     send_paced(endpoint, messages, speed=100.0)
@@ -149,8 +151,17 @@ def test_replay_policy_blocks_instead_of_dropping(ray_local, redis_server):
 
 def test_embedders_scale_with_the_backlog_and_back(ray_local, redis_server):
     """Embedders too slow for the input: a second one is added; idle again, it is drained and removed."""
-    config = PipelineConfig(ingest=["tcp://127.0.0.1:*"], max_batch=1, max_wait_ms=1, embedder_throttle_ms=300,
-                            window_backlog=8, embedders=1, embedders_max=2, scale_down_after_s=0.5, matchers=0)
+    config = PipelineConfig(
+        ingest=["tcp://127.0.0.1:*"],
+        max_batch=1,
+        max_wait_ms=1,
+        embedder_throttle_ms=300,
+        window_backlog=8,
+        embedders=1,
+        embedders_max=2,
+        scale_down_after_s=0.5,
+        matchers=0,
+    )
     pipeline = Pipeline(config, redis_server.url, "tiny")
     (endpoint,) = pipeline.start()
     from sensors.simulator import simulate

@@ -35,7 +35,7 @@ from streaming.stage import Counts
 
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    _libc.malloc_trim
+    _libc.malloc_trim  # noqa: B018 (raises AttributeError where libc has no malloc_trim)
 except (OSError, AttributeError):
     _libc = None
 
@@ -60,7 +60,10 @@ def make_bases() -> list[tuple[dict, bytes]]:
             seen[header["sensor"]] += 1
             bases.append((header, payload))
     rng = np.random.default_rng(0)
-    common = lambda sensor, seq=0: dict(v=1, device="fuzz-base", sensor=sensor, seq=seq, t_ns=START_NS + seq)
+
+    def common(sensor, seq=0):
+        return dict(v=1, device="fuzz-base", sensor=sensor, seq=seq, t_ns=START_NS + seq)
+
     small_rgb = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
     ok, jpeg = cv2.imencode(".jpg", small_rgb)
     ok2, png = cv2.imencode(".png", small_rgb)
@@ -69,15 +72,23 @@ def make_bases() -> list[tuple[dict, bytes]]:
         (common("camera", 1) | dict(encoding="raw", shape=[4, 4, 3]), rng.integers(0, 255, 48, np.uint8).tobytes()),
         (common("camera", 2) | dict(encoding="jpeg"), jpeg.tobytes()),
         (common("camera", 3) | dict(encoding="png"), png.tobytes()),
-        (common("mic", 1) | dict(rate=16000, channels=2, dtype="float32"),
-         rng.uniform(-1, 1, (160, 2)).astype("<f4").tobytes()),
-        (common("mic", 2) | dict(rate=8000, channels=1, dtype="int16"), rng.integers(-999, 999, 80).astype("<i2").tobytes()),
+        (
+            common("mic", 1) | dict(rate=16000, channels=2, dtype="float32"),
+            rng.uniform(-1, 1, (160, 2)).astype("<f4").tobytes(),
+        ),
+        (
+            common("mic", 2) | dict(rate=8000, channels=1, dtype="int16"),
+            rng.integers(-999, 999, 80).astype("<i2").tobytes(),
+        ),
         (common("imu", 1) | dict(rate=100), rng.normal(0, 1, (5, 6)).astype("<f4").tobytes()),
         (common("depth", 1) | dict(dtype="float32", shape=[8, 8]), rng.uniform(0, 5, 64).astype("<f4").tobytes()),
         (common("depth", 2) | dict(dtype="uint16", shape=[8, 8]), rng.integers(0, 5000, 64).astype("<u2").tobytes()),
         (common("thermal", 1) | dict(dtype="float32", shape=[6, 8]), rng.uniform(20, 40, 48).astype("<f4").tobytes()),
         (common("thermal", 2) | dict(dtype="uint8", shape=[6, 8]), rng.integers(0, 255, 48, np.uint8).tobytes()),
-        (common("thermal", 3) | dict(dtype="uint16", shape=[6, 8]), rng.integers(29000, 31000, 48).astype("<u2").tobytes()),
+        (
+            common("thermal", 3) | dict(dtype="uint16", shape=[6, 8]),
+            rng.integers(29000, 31000, 48).astype("<u2").tobytes(),
+        ),
     ]
     for header, payload in bases:
         decode([_packed(header), payload])  # every base is valid
@@ -88,17 +99,81 @@ BASES = make_bases()
 SMALL = [i for i, (_, p) in enumerate(BASES) if len(p) <= 4096]
 LARGE = [i for i in range(len(BASES)) if i not in SMALL]
 HEADER_KEYS = ["v", "device", "sensor", "seq", "t_ns", "encoding", "shape", "rate", "channels", "dtype"]
-HUGE_SHAPES = [[4096, 4096, 3], [2**31, 2**31], [2**31, 2**31, 3], [4096, 4096], [4097, 1], [2**63 - 1, 2],
-               [2**64 - 1, 1], [0, 5], [-1, -1], [1, 1, 3], [], [1] * 200, [1.5, 2], [True, 1], ["4", "4"]]
-ODD_VALUES = [None, True, False, 0, -1, 1, 2, 255, 4096, 4097, 2**31, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), 0.0,
-              800.0, float("nan"), float("inf"), "", "x" * 65, "glasses\u00e9", "imu", "camera", "depth", "raw",
-              "jpeg", "png", "float32", "uint16", "int16", "uint8", "float64", b"imu", b"\x00" * 8,
-              msgpack.ExtType(1, b"\x80\x04."), msgpack.Timestamp(1, 0), [1, 2], {"a": 1}, *HUGE_SHAPES]
-RAW_BOMBS = [b"", b"\xc0", b"\x80", b"\x90", b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff",
-             b"\xc6\xff\xff\xff\xff", b"\xc9\xff\xff\xff\xff\x01", b"\x91" * 3000, b"\x81" * 2000,
-             b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94.",  # a pickle
-             b"\xd6\xff\x00\x00\x00\x01",  # msgpack timestamp ext
-             b"\x81\xa1v\x01" + b"\x00" * 5000]  # over the 4096-byte header limit
+HUGE_SHAPES = [
+    [4096, 4096, 3],
+    [2**31, 2**31],
+    [2**31, 2**31, 3],
+    [4096, 4096],
+    [4097, 1],
+    [2**63 - 1, 2],
+    [2**64 - 1, 1],
+    [0, 5],
+    [-1, -1],
+    [1, 1, 3],
+    [],
+    [1] * 200,
+    [1.5, 2],
+    [True, 1],
+    ["4", "4"],
+]
+ODD_VALUES = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2,
+    255,
+    4096,
+    4097,
+    2**31,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    -(2**63),
+    0.0,
+    800.0,
+    float("nan"),
+    float("inf"),
+    "",
+    "x" * 65,
+    "glasses\u00e9",
+    "imu",
+    "camera",
+    "depth",
+    "raw",
+    "jpeg",
+    "png",
+    "float32",
+    "uint16",
+    "int16",
+    "uint8",
+    "float64",
+    b"imu",
+    b"\x00" * 8,
+    msgpack.ExtType(1, b"\x80\x04."),
+    msgpack.Timestamp(1, 0),
+    [1, 2],
+    {"a": 1},
+    *HUGE_SHAPES,
+]
+RAW_BOMBS = [
+    b"",
+    b"\xc0",
+    b"\x80",
+    b"\x90",
+    b"\xdd\xff\xff\xff\xff",
+    b"\xdf\xff\xff\xff\xff",
+    b"\xdb\xff\xff\xff\xff",
+    b"\xc6\xff\xff\xff\xff",
+    b"\xc9\xff\xff\xff\xff\x01",
+    b"\x91" * 3000,
+    b"\x81" * 2000,
+    b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94.",  # a pickle
+    b"\xd6\xff\x00\x00\x00\x01",  # msgpack timestamp ext
+    b"\x81\xa1v\x01" + b"\x00" * 5000,
+]  # over the 4096-byte header limit
 
 
 def outcome(frames) -> tuple[str, object]:
@@ -131,8 +206,10 @@ class Storm:
         self.discard = Discard.remote()
         self.windower = ray.remote(WindowStage).options(num_cpus=0).remote(WindowStageSettings(), [self.discard])
         # every random device id admitted: this harness checks validation, not the device cap
-        self.ingest = Ingest(IngestSettings(endpoint="tcp://127.0.0.1:*", connections=ConnectionLimits(max_devices=10**7)),
-                             windowers=[self.windower])
+        self.ingest = Ingest(
+            IngestSettings(endpoint="tcp://127.0.0.1:*", connections=ConnectionLimits(max_devices=10**7)),
+            windowers=[self.windower],
+        )
         self.endpoint = self.ingest.bound_endpoint()
         self.push = zmq.Context.instance().socket(zmq.PUSH)
         self.push.setsockopt(zmq.SNDHWM, 20_000)
@@ -157,8 +234,9 @@ class Storm:
         """Ingest's counts per outcome: "in:<modality>" and "rejected_<reason>" (summed over device labels)."""
         counts = Counts.of(self.ingest.stats())
         out = Counter({f"in:{modality}": n for modality, n in counts.labels("in").items()})
-        out.update({event: counts.get(event) for event in counts.events("rejected_")
-                    if event[len("rejected_"):] in REASONS})
+        out.update(
+            {event: counts.get(event) for event in counts.events("rejected_") if event[len("rejected_") :] in REASONS}
+        )
         return out
 
     def label_count(self) -> int:
@@ -222,8 +300,15 @@ def storm(ray_local):
 # ---- hypothesis: mutation recipes -----------------------------------------------------------------------
 
 _text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
-_scalar = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), _text,
-                    st.binary(max_size=12), st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=8)))
+_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(),
+    _text,
+    st.binary(max_size=12),
+    st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=8)),
+)
 _value = st.one_of(
     st.sampled_from(ODD_VALUES),
     st.recursive(_scalar, lambda c: st.lists(c, max_size=4) | st.dictionaries(_text, c, max_size=3), max_leaves=8),
@@ -238,8 +323,7 @@ _byte_op = st.one_of(
     st.tuples(st.just("truncate"), st.integers(0, 10**6), st.none()),
     st.tuples(st.just("append"), st.binary(min_size=1, max_size=16), st.none()),
 )
-_payload_op = st.sampled_from(["keep", "keep", "keep", "truncate", "extend", "empty", "nan", "inf", "random",
-                               "double"])
+_payload_op = st.sampled_from(["keep", "keep", "keep", "truncate", "extend", "empty", "nan", "inf", "random", "double"])
 
 
 def mutate_payload(payload: bytes, op: str, rng: np.random.Generator) -> bytes:
@@ -252,7 +336,7 @@ def mutate_payload(payload: bytes, op: str, rng: np.random.Generator) -> bytes:
     if op in ("nan", "inf") and len(payload) >= 4:
         values = np.frombuffer(payload[: len(payload) // 4 * 4], "<f4").copy()
         values[int(rng.integers(0, len(values)))] = np.nan if op == "nan" else -np.inf
-        return values.tobytes() + payload[len(payload) // 4 * 4:]
+        return values.tobytes() + payload[len(payload) // 4 * 4 :]
     if op == "random":
         return rng.bytes(int(rng.integers(1, 256)))
     if op == "double":
@@ -264,7 +348,7 @@ def mutate_bytes(head: bytes, op: tuple) -> bytes:
     kind, a, b = op
     if kind == "flip" and head:
         i = a % len(head)
-        return head[:i] + bytes([head[i] ^ b]) + head[i + 1:]
+        return head[:i] + bytes([head[i] ^ b]) + head[i + 1 :]
     if kind == "truncate":
         return head[: a % (len(head) + 1)]
     if kind == "append":
@@ -297,11 +381,37 @@ def test_hypothesis_mutations_reach_ingest(storm, data):
 
 # ---- numpy RNG: bulk volume -------------------------------------------------------------------------------
 
-KINDS = ["valid", "flip", "truncate_header", "extend_header", "random_header", "set_field", "delete_key",
-         "huge_shape", "payload", "frame_count", "other_msgpack", "bomb"]
+KINDS = [
+    "valid",
+    "flip",
+    "truncate_header",
+    "extend_header",
+    "random_header",
+    "set_field",
+    "delete_key",
+    "huge_shape",
+    "payload",
+    "frame_count",
+    "other_msgpack",
+    "bomb",
+]
 WEIGHTS = np.array([5, 20, 8, 7, 8, 15, 5, 8, 12, 5, 5, 2], float)
-OTHER_MSGPACK = [msgpack.packb(v) for v in ([1, 2, 3], 7, "imu", b"bin", None, 1.5, True, {"v": [1]}, {"a": {"b": {}}},
-                                            msgpack.ExtType(5, b"x"), [{"v": 1}])] + [b"\x81\x01\x02", b"\x81\xc0\x01"]
+OTHER_MSGPACK = [
+    msgpack.packb(v)
+    for v in (
+        [1, 2, 3],
+        7,
+        "imu",
+        b"bin",
+        None,
+        1.5,
+        True,
+        {"v": [1]},
+        {"a": {"b": {}}},
+        msgpack.ExtType(5, b"x"),
+        [{"v": 1}],
+    )
+] + [b"\x81\x01\x02", b"\x81\xc0\x01"]
 
 
 def bulk_messages(rng: np.random.Generator, n: int, ids):
@@ -329,15 +439,21 @@ def bulk_messages(rng: np.random.Generator, n: int, ids):
         elif kind == "random_header":
             yield [rng.bytes(int(rng.integers(0, 100))), payload], kind
         elif kind == "set_field":
-            header[HEADER_KEYS[int(rng.integers(0, len(HEADER_KEYS)))]] = ODD_VALUES[int(rng.integers(0, len(ODD_VALUES)))]
+            header[HEADER_KEYS[int(rng.integers(0, len(HEADER_KEYS)))]] = ODD_VALUES[
+                int(rng.integers(0, len(ODD_VALUES)))
+            ]
             yield [_packed(header), payload], kind
         elif kind == "delete_key":
             header.pop(HEADER_KEYS[int(rng.integers(0, len(HEADER_KEYS)))], None)
             yield [_packed(header), payload], kind
         elif kind == "huge_shape":
             sensor = ["depth", "thermal", "camera"][int(rng.integers(0, 3))]
-            header.update(sensor=sensor, shape=HUGE_SHAPES[int(rng.integers(0, len(HUGE_SHAPES)))],
-                          dtype=["uint16", "float32", "uint8"][int(rng.integers(0, 3))], encoding="raw")
+            header.update(
+                sensor=sensor,
+                shape=HUGE_SHAPES[int(rng.integers(0, len(HUGE_SHAPES)))],
+                dtype=["uint16", "float32", "uint8"][int(rng.integers(0, 3))],
+                encoding="raw",
+            )
             yield [_packed(header), rng.bytes(int(rng.integers(1, 64)))], kind
         elif kind == "payload":
             op = ["truncate", "extend", "empty", "nan", "inf", "random", "double"][int(rng.integers(0, 7))]
@@ -395,16 +511,20 @@ def test_after_the_storm(storm):
     print(f"\nFUZZ: sent {sent} messages ({dict(storm.sources)})")
     print(f"FUZZ: rejected {sum(rejected.values())}: {rejected}")
     print(f"FUZZ: accepted {sum(accepted.values())}: {accepted}")
-    print(f"FUZZ: windower streams {window_stats.get('streams')}, window drops "
-          f"{Counts.of(window_stats).get('dropped_')}")
+    print(
+        f"FUZZ: windower streams {window_stats.get('streams')}, window drops {Counts.of(window_stats).get('dropped_')}"
+    )
     print(f"FUZZ: ingest metric series (event:label pairs): {storm.label_count()}")
     if "after" in storm.rss:
-        print(f"FUZZ: bulk phase: RSS before {storm.rss['before']:.0f} MB, after {storm.rss['after']:.0f} MB "
-              f"(+{storm.rss['after'] - storm.rss['before']:.0f} MB), {storm.rss['series_added']} metric series "
-              f"added; {N_BULK} sent and counted in {storm.rss['bulk_s']:.1f} s")
+        print(
+            f"FUZZ: bulk phase: RSS before {storm.rss['before']:.0f} MB, after {storm.rss['after']:.0f} MB "
+            f"(+{storm.rss['after'] - storm.rss['before']:.0f} MB), {storm.rss['series_added']} metric series "
+            f"added; {N_BULK} sent and counted in {storm.rss['bulk_s']:.1f} s"
+        )
 
 
 # ---- allocations ------------------------------------------------------------------------------------------
+
 
 def test_huge_declared_shapes_allocate_nothing():
     """decode() compares declared sizes with the payload before allocating: a header that declares 4096x4096x3
@@ -414,12 +534,23 @@ def test_huge_declared_shapes_allocate_nothing():
     for k in range(3000):
         shape = HUGE_SHAPES[k % len(HUGE_SHAPES)]
         sensor = ["depth", "thermal", "camera"][k % 3]
-        header = dict(v=1, device="d", sensor=sensor, seq=k, t_ns=k, shape=shape, encoding="raw",
-                      dtype=["uint16", "float32", "uint8"][k % 3])
+        header = dict(
+            v=1,
+            device="d",
+            sensor=sensor,
+            seq=k,
+            t_ns=k,
+            shape=shape,
+            encoding="raw",
+            dtype=["uint16", "float32", "uint8"][k % 3],
+        )
         messages.append([_packed(header), rng.bytes(1 + k % 64)])
-    messages += [[bomb, b"x"] for bomb in RAW_BOMBS] + [[_packed(dict(v=1, device="d", sensor="mic", seq=0, t_ns=0,
-                                                                      rate=192000, channels=8, dtype="float32")),
-                                                        bytes(8 * 1024 * 1024)]]
+    messages += [[bomb, b"x"] for bomb in RAW_BOMBS] + [
+        [
+            _packed(dict(v=1, device="d", sensor="mic", seq=0, t_ns=0, rate=192000, channels=8, dtype="float32")),
+            bytes(8 * 1024 * 1024),
+        ]
+    ]
     reasons = Counter()
     tracemalloc.start()
     try:
@@ -434,7 +565,10 @@ def test_huge_declared_shapes_allocate_nothing():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    print(f"\nHUGE SHAPES: {len(messages)} decodes, peak traced allocation {(peak - base) / 1024:.0f} KiB, {dict(reasons)}")
+    print(
+        f"\nHUGE SHAPES: {len(messages)} decodes, peak traced allocation {(peak - base) / 1024:.0f} KiB, "
+        f"{dict(reasons)}"
+    )
     assert peak - base < DECODE_PEAK_LIMIT_BYTES
     assert reasons["accepted"] == 0 and {"bad_value", "too_large", "payload_size", "malformed"} <= set(reasons)
 

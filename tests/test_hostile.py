@@ -25,16 +25,24 @@ from .conftest import wait_for
 pytestmark = pytest.mark.timeout(300)
 
 # bounds of this test's pipeline, small so that the attacks reach them quickly
-CONNECTIONS = ConnectionLimits(max_connections=64, idle_timeout_s=3.0, evict_idle_s=1.0, handshake_timeout_s=2.0,
-                               max_devices=100, device_idle_s=30.0, device_evict_idle_s=3.0)
+CONNECTIONS = ConnectionLimits(
+    max_connections=64,
+    idle_timeout_s=3.0,
+    evict_idle_s=1.0,
+    handshake_timeout_s=2.0,
+    max_devices=100,
+    device_idle_s=30.0,
+    device_evict_idle_s=3.0,
+)
 WINDOWING = WindowingConfig(device_cpu_burst_s=0.5)
 GROWTH_BOUND_MB = 400  # private memory a stage may gain under any attack here (SECURITY.md)
 
 
 @pytest.fixture(scope="module")
 def pipeline(ray_local, redis_server):
-    config = PipelineConfig(ingest=["tcp://127.0.0.1:*"], max_wait_ms=20, matchers=0, connections=CONNECTIONS,
-                            windowing=WINDOWING)
+    config = PipelineConfig(
+        ingest=["tcp://127.0.0.1:*"], max_wait_ms=20, matchers=0, connections=CONNECTIONS, windowing=WINDOWING
+    )
     pipeline = Pipeline(config, redis_server.url, "tiny")
     pipeline.start()
     yield pipeline
@@ -42,7 +50,9 @@ def pipeline(ray_local, redis_server):
 
 
 def run(pipeline, redis_server, name, attack, **kw) -> attacks.Outcome:
-    outcome = attacks.beside_legit(pipeline, redis_server.url, name, lambda endpoint, victim: attack(endpoint, victim, **kw))
+    outcome = attacks.beside_legit(
+        pipeline, redis_server.url, name, lambda endpoint, victim: attack(endpoint, victim, **kw)
+    )
     assert outcome.lost <= 1, f"{name}: the legitimate device lost {outcome.lost} of {outcome.expected} windows"
     grown = {stage: mb for stage, mb in outcome.growth_mb.items() if mb > GROWTH_BOUND_MB}
     assert not grown, f"{name}: memory grew beyond {GROWTH_BOUND_MB} MB: {grown}"
@@ -74,8 +84,9 @@ def test_a_device_over_its_cpu_share_is_throttled(pipeline, redis_server):
 
 def test_huge_imu_values_publish_finite_unit_embeddings(pipeline, redis_server):
     run(pipeline, redis_server, "imu", attacks.huge_imu)
-    records = [r for r in read_all(redis.Redis.from_url(redis_server.url), f"{attacks.ATTACKER}-imu")
-               if r.modality == "imu"]
+    records = [
+        r for r in read_all(redis.Redis.from_url(redis_server.url), f"{attacks.ATTACKER}-imu") if r.modality == "imu"
+    ]
     assert records, "the clipped IMU windows were embedded"
     for r in records:
         assert np.isfinite(r.emb).all() and abs(np.linalg.norm(r.emb) - 1) < 1e-3
@@ -93,8 +104,12 @@ def test_a_flood_of_device_ids_is_capped_and_new_devices_return_later(pipeline, 
     assert outcome.counted["ingest: rejected_device_cap"] >= 2000 - CONNECTIONS.max_devices
     (endpoint,) = pipeline.endpoints
     # once the flood's ids have been silent for device_evict_idle_s, a new device takes one's place
-    wait_for(lambda: _delivers(endpoint, pipeline), CONNECTIONS.device_evict_idle_s + 20, "a new device to be admitted",
-             poll_s=0.5)
+    wait_for(
+        lambda: _delivers(endpoint, pipeline),
+        CONNECTIONS.device_evict_idle_s + 20,
+        "a new device to be admitted",
+        poll_s=0.5,
+    )
 
 
 def _delivers(endpoint: str, pipeline) -> bool:
@@ -119,8 +134,11 @@ def test_silent_and_stalled_connections_are_bounded_and_closed(pipeline, redis_s
     assert closed >= 200 + 100 + 10 - CONNECTIONS.max_connections
     assert outcome.counted["ingest: closed_idle"] + outcome.counted["ingest: evicted_idle"] >= 1
     # after the attack, the connections it left are closed and a newcomer's message arrives
-    wait_for(lambda: pipeline.stats()["ingest"][0]["connections"] <= 2, CONNECTIONS.idle_timeout_s + 10,
-             "the attack's connections to be closed")
+    wait_for(
+        lambda: pipeline.stats()["ingest"][0]["connections"] <= 2,
+        CONNECTIONS.idle_timeout_s + 10,
+        "the attack's connections to be closed",
+    )
     before = _ingested(pipeline)
     attacks.huge_imu(pipeline.endpoints[0], "")  # on a new connection
     wait_for(lambda: _ingested(pipeline) > before, 20, "a newcomer's messages")

@@ -20,13 +20,24 @@ from streaming.alerts.queries import notify, save_query
 from streaming.alerts.records import Decision, Query
 from streaming.alerts.timeline import timeline
 from streaming.cli.alerts import alert
-from streaming.redis_layout import QUERY_SET, background_key, encode_embedding, query_key, state_key, stream_key
 from streaming.records import Embedding
+from streaming.redis_layout import QUERY_SET, background_key, encode_embedding, query_key, state_key, stream_key
 from streaming.stage import Counts
 
 from .conftest import wait_for
-from .test_alerts import (MATCH, MODEL, QUIET, SECOND, WAIT_S, WINDOW_S, add_query, alerts, client_with_background,
-                          counts, write)
+from .test_alerts import (
+    MATCH,
+    MODEL,
+    QUIET,
+    SECOND,
+    WAIT_S,
+    WINDOW_S,
+    add_query,
+    alerts,
+    client_with_background,
+    counts,
+    write,
+)
 
 ONE_SHOT = Decision(k=1, n=1, cooldown_s=0)  # every re-armed matching window fires
 MAX_STEPS = 50  # a matcher that needs more steps to read a few dozen entries is stuck
@@ -41,8 +52,6 @@ def server(redis_server):
 @pytest.fixture
 def client(server):
     return client_with_background(server.url)
-
-
 
 
 def matcher(server, **overrides) -> Matcher:
@@ -61,8 +70,9 @@ def settle(m: Matcher) -> int:
 
 
 def entry(device: str, t0: int, v=MATCH, t1: int | None = None) -> dict:
-    e = Embedding(device, "audio", t0, t0 + WINDOW_S * SECOND if t1 is None else t1, np.asarray(v, np.float32),
-                  MODEL, 0, 0)
+    e = Embedding(
+        device, "audio", t0, t0 + WINDOW_S * SECOND if t1 is None else t1, np.asarray(v, np.float32), MODEL, 0, 0
+    )
     return encode_embedding(e)
 
 
@@ -79,12 +89,17 @@ def test_bad_entries_are_acked_counted_under_the_attacker_and_do_not_block_the_b
     key = stream_key("attacker", "audio")
     good = entry("attacker", 0)
     bad = {
-        "bad_time": [entry("attacker", 2**64), entry("attacker", 2**63, t1=2**63), entry("attacker", -1),
-                     entry("attacker", 10 * SECOND, t1=SECOND)],
+        "bad_time": [
+            entry("attacker", 2**64),
+            entry("attacker", 2**63, t1=2**63),
+            entry("attacker", -1),
+            entry("attacker", 10 * SECOND, t1=SECOND),
+        ],
         "malformed": [{**good, "t0": b"abc"}, {"t0": 0}, {**good, "emb": b"\x00" * 10}],
         "not_unit": [{**good, "emb": np.full(64, np.nan, "<f4").tobytes()}, {**good, "emb": (2 * MATCH).tobytes()}],
-        "wrong_dim": [encode_embedding(Embedding("attacker", "audio", 0, SECOND, np.eye(32, dtype=np.float32)[0],
-                                              MODEL, 0, 0))],
+        "wrong_dim": [
+            encode_embedding(Embedding("attacker", "audio", 0, SECOND, np.eye(32, dtype=np.float32)[0], MODEL, 0, 0))
+        ],
     }
     for fields in (f for group in bad.values() for f in group):
         client.xadd(key, fields)
@@ -97,7 +112,10 @@ def test_bad_entries_are_acked_counted_under_the_attacker_and_do_not_block_the_b
     for reason, entries in bad.items():
         assert got.get(f"rejected_{reason}", "attacker") == len(entries), (reason, got)
     assert not got.get("rejected_", "wearable"), got
-    assert (got.get("in", "audio"), got.get("scored", "audio")) == (4 + 1 + 1, 4 + 1)  # the wrong-dim one is read, not scored
+    assert (got.get("in", "audio"), got.get("scored", "audio")) == (
+        4 + 1 + 1,
+        4 + 1,
+    )  # the wrong-dim one is read, not scored
     assert pending(client, "wearable", m) == pending(client, "attacker", m) == 0
 
 
@@ -142,8 +160,10 @@ def test_bad_queries_in_redis_are_skipped_and_counted_while_good_ones_keep_alert
     }
     for query_id, fields in bad.items():
         plant(client, query_id, fields)
-    client.hset(background_key(MODEL, "vision"), mapping={"prompts": "a", "emb": b"", "dim": 0, "logit_scale": 100,
-                                                          "exclude_cos": 0.9})
+    client.hset(
+        background_key(MODEL, "vision"),
+        mapping={"prompts": "a", "emb": b"", "dim": 0, "logit_scale": 100, "exclude_cos": 0.9},
+    )
     save_query(client, Query("a vision query", "vision", MATCH, MODEL))  # its background is broken
     ids = write(client, "wearable", [QUIET, MATCH])
     settle(m)
@@ -164,23 +184,47 @@ def test_bad_queries_in_redis_are_skipped_and_counted_while_good_ones_keep_alert
     assert {s.query.id for s in timeline(client, "wearable")} == {good.id, second.id}  # looking back works too
 
 
-@pytest.mark.parametrize("args, option", [
-    (["--cooldown", "inf"], "--cooldown"), (["--cooldown", "nan"], "--cooldown"),
-    (["--cooldown", "1e10"], "--cooldown"), (["--cooldown", "-1"], "--cooldown"),
-    (["--threshold", "nan"], "--threshold"), (["--threshold", "inf"], "--threshold"),
-    (["--hysteresis", "nan"], "--hysteresis"), (["--k", "4", "--n", "3"], "--k"), (["--n", "65"], "--n"),
-])
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--cooldown", "inf"], "--cooldown"),
+        (["--cooldown", "nan"], "--cooldown"),
+        (["--cooldown", "1e10"], "--cooldown"),
+        (["--cooldown", "-1"], "--cooldown"),
+        (["--threshold", "nan"], "--threshold"),
+        (["--threshold", "inf"], "--threshold"),
+        (["--hysteresis", "nan"], "--hysteresis"),
+        (["--k", "4", "--n", "3"], "--k"),
+        (["--n", "65"], "--n"),
+    ],
+)
 def test_alert_add_refuses_absurd_settings_with_one_line(args, option):
-    result = CliRunner().invoke(alert, ["add", "x", "--modality", "audio", "--model", MODEL, *args,
-                                        "--redis", "redis://127.0.0.1:1/0"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        alert,
+        ["add", "x", "--modality", "audio", "--model", MODEL, *args, "--redis", "redis://127.0.0.1:1/0"],
+        catch_exceptions=False,
+    )
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert result.exit_code == 2 and len(errors) == 1 and option in errors[0], result.output
     assert "Traceback" not in result.output and "cannot reach Redis" not in result.output
 
 
 def test_alert_tune_refuses_a_nan_holdout(tmp_path):
-    result = CliRunner().invoke(alert, ["tune", "x", "--positive", str(tmp_path), "--negative", str(tmp_path),
-                                        "--holdout", "nan", "--redis", "redis://127.0.0.1:1/0"])
+    result = CliRunner().invoke(
+        alert,
+        [
+            "tune",
+            "x",
+            "--positive",
+            str(tmp_path),
+            "--negative",
+            str(tmp_path),
+            "--holdout",
+            "nan",
+            "--redis",
+            "redis://127.0.0.1:1/0",
+        ],
+    )
     assert result.exit_code == 2 and "--holdout" in result.output and "Traceback" not in result.output
 
 

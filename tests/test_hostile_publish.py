@@ -19,8 +19,8 @@ from sensors.simulator import SimulatedWearable
 from streaming.embedder import Embedder, EmbedderSettings
 from streaming.pipeline import Pipeline, PipelineConfig
 from streaming.publisher import Publisher, PublisherSettings, unit_rows
-from streaming.redis_layout import stream_key
 from streaming.records import Embedding, Window
+from streaming.redis_layout import stream_key
 from streaming.redis_server import RedisServer
 from streaming.stage import Counts
 from streaming.subscriber import read_all
@@ -146,8 +146,14 @@ def test_unit_rows_renormalises_small_errors_and_names_bad_rows():
 def test_fused_sum_that_cancels_out_is_not_published(ray_local, redis_server):
     v = embedding("cancel", "vision", 0).emb
     publisher = Publisher(PublisherSettings(redis_server.url, fused_wait_s=0.1))
-    publisher.push([embedding("cancel", "vision", 0, v), embedding("cancel", "audio", 0, -v),
-                    embedding("cancel", "vision", 1, v), embedding("cancel", "audio", 1, v)])
+    publisher.push(
+        [
+            embedding("cancel", "vision", 0, v),
+            embedding("cancel", "audio", 0, -v),
+            embedding("cancel", "vision", 1, v),
+            embedding("cancel", "audio", 1, v),
+        ]
+    )
     final = publisher.drain()
     fused = [r for r in read_all(redis.Redis.from_url(redis_server.url), "cancel") if r.modality == "fused"]
     assert [r.t0 for r in fused] == [START_NS + SECOND]  # window 0 summed to zero: not published
@@ -161,8 +167,9 @@ def tiny_embedder(ray_local, redis_server):
     publisher = ray.remote(Publisher).remote(PublisherSettings(redis_server.url))
 
     def make(**settings) -> Embedder:
-        return Embedder(EmbedderSettings(**{"model": "tiny", "device": "cpu", "max_wait_ms": 1, **settings}),
-                        [publisher])
+        return Embedder(
+            EmbedderSettings(**{"model": "tiny", "device": "cpu", "max_wait_ms": 1, **settings}), [publisher]
+        )
 
     yield make
     ray.kill(publisher)
@@ -180,8 +187,14 @@ def test_non_finite_encoder_output_is_dropped_and_counted_under_the_device(tiny_
     huge = np.where(rng.random(IMU_SHAPE) < 0.5, -3e38, 3e38)
     embedder = tiny_embedder(max_batch=8)
     assert not np.isfinite(embedder.encoder.embed("imu", huge[None].astype(np.float32))).all()  # the fault is real
-    embedder.push([imu_window("calm", 0, rng.standard_normal(IMU_SHAPE)), imu_window("loud", 0, huge),
-                   imu_window("calm", 1, rng.standard_normal(IMU_SHAPE)), imu_window("loud", 1, huge)])
+    embedder.push(
+        [
+            imu_window("calm", 0, rng.standard_normal(IMU_SHAPE)),
+            imu_window("loud", 0, huge),
+            imu_window("calm", 1, rng.standard_normal(IMU_SHAPE)),
+            imu_window("loud", 1, huge),
+        ]
+    )
     final = embedder.drain()
     assert counts(final, "rejected_non_finite", "loud") == 2
     assert counts(final, "rejected_non_finite", "calm") == 0
@@ -234,8 +247,9 @@ def gone(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
 def test_embedded_redis_dies_with_its_owner_and_its_folder_goes_at_the_next_start():
-    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True,
-                             cwd=Path(__file__).resolve().parents[1])
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
     pid, folder = owner.stdout.readline().split()
     pid, folder = int(pid), Path(folder)
     assert not gone(pid) and folder.is_dir()
@@ -253,8 +267,14 @@ def test_drain_gives_up_at_its_deadline_and_counts_what_was_left(ray_local, redi
     device = "drain-deadline"
     wearable = SimulatedWearable(device, seed=21, start_ns=START_NS)
     imu = [(h, p) for h, p in wearable.messages(20) if h["sensor"] == "imu"]  # no fused entries: exact accounts
-    config = PipelineConfig(ingest=["tcp://127.0.0.1:*"], max_batch=1, max_wait_ms=1, embedder_throttle_ms=1000,
-                            drain_timeout_s=2.0, matchers=0)
+    config = PipelineConfig(
+        ingest=["tcp://127.0.0.1:*"],
+        max_batch=1,
+        max_wait_ms=1,
+        embedder_throttle_ms=1000,
+        drain_timeout_s=2.0,
+        matchers=0,
+    )
     pipeline = Pipeline(config, redis_server.url, "tiny")
     (endpoint,) = pipeline.start()
     sent = send_all(endpoint, imu)
@@ -267,8 +287,12 @@ def test_drain_gives_up_at_its_deadline_and_counts_what_was_left(ray_local, redi
     cut = sum(counts(a, "out") for a in final["window"])
     embed_dropped = counts(final["embed"][0], "dropped_drain_timeout", device)
     assert embed_dropped > 0
-    dropped = sum(counts(a, e) for s in ("window", "embed", "publish") for a in final[s]
-                  for e in ("dropped_overload", "dropped_queue_full", "dropped_drain_timeout"))
+    dropped = sum(
+        counts(a, e)
+        for s in ("window", "embed", "publish")
+        for a in final[s]
+        for e in ("dropped_overload", "dropped_queue_full", "dropped_drain_timeout")
+    )
     published = len(read_all(redis.Redis.from_url(redis_server.url), device))
     assert published == counts(final["publish"][0], "out")
     assert published + dropped == cut, (published, dropped, cut)

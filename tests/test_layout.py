@@ -10,15 +10,27 @@ import pytest
 
 from streaming.alerts.records import Background, Decision, Query, QueryError
 from streaming.records import Embedding
-from streaming.redis_layout import (Alert, BadRecord, decode_background, decode_embedding, decode_query,
-                                    encode_background, encode_embedding, encode_query, parse_key, stream_key)
+from streaming.redis_layout import (
+    Alert,
+    BadRecord,
+    decode_background,
+    decode_embedding,
+    decode_query,
+    encode_background,
+    encode_embedding,
+    encode_query,
+    parse_key,
+    stream_key,
+)
 
 
 def test_the_subscriber_imports_without_ray_or_torch():
     """REDIS.md's Python reader: `ray` and `torch` made unimportable, the subscriber API still loads."""
-    code = ("import sys; sys.modules['ray'] = None; sys.modules['torch'] = None\n"
-            "import streaming.subscriber, streaming.redis_layout\n"
-            "assert 'ray' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n")
+    code = (
+        "import sys; sys.modules['ray'] = None; sys.modules['torch'] = None\n"
+        "import streaming.subscriber, streaming.redis_layout\n"
+        "assert 'ray' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
 
@@ -34,11 +46,29 @@ def wire(fields: dict) -> dict:
 
 
 def test_an_embedding_entry_decodes_to_what_was_written():
-    e = Embedding("glasses-1", "fused", 3_000_000_000, 5_000_000_000, unit_vector(16), "tiny", 0, 0,
-                  members=("vision", "audio"), epoch=2)
+    e = Embedding(
+        "glasses-1",
+        "fused",
+        3_000_000_000,
+        5_000_000_000,
+        unit_vector(16),
+        "tiny",
+        0,
+        0,
+        members=("vision", "audio"),
+        epoch=2,
+    )
     r = decode_embedding(stream_key(e.device, e.modality), b"17-0", wire(encode_embedding(e)))
     assert (r.device, r.modality, r.t0, r.t1, r.model, r.epoch, r.modalities, r.id) == (
-        "glasses-1", "fused", e.t0, e.t1, "tiny", 2, ("vision", "audio"), "17-0")
+        "glasses-1",
+        "fused",
+        e.t0,
+        e.t1,
+        "tiny",
+        2,
+        ("vision", "audio"),
+        "17-0",
+    )
     np.testing.assert_array_equal(r.emb, e.emb)
 
 
@@ -52,11 +82,17 @@ def test_a_truncated_vector_or_foreign_key_is_a_bad_record():
 
 
 def test_queries_and_backgrounds_decode_to_what_was_written():
-    q = Query("a baby crying", "audio", unit_vector(8), "tiny", device="monitor-*",
-              decision=Decision(0.6, 3, 5, 10.0, 0.1))
+    q = Query(
+        "a baby crying", "audio", unit_vector(8), "tiny", device="monitor-*", decision=Decision(0.6, 3, 5, 10.0, 0.1)
+    )
     back = decode_query(q.id, wire(encode_query(q)))
     assert (back.text, back.modality, back.device, back.decision, back.created) == (
-        q.text, q.modality, q.device, q.decision, q.created)
+        q.text,
+        q.modality,
+        q.device,
+        q.decision,
+        q.created,
+    )
     bg = Background("tiny", "audio", ("silence", "speech"), np.stack([unit_vector(8, 1), unit_vector(8, 2)]))
     assert decode_background("tiny", "audio", wire(encode_background(bg))).prompts == ("silence", "speech")
     assert decode_background("tiny", "audio", {}) is None

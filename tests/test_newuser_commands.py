@@ -20,12 +20,12 @@ import soundfile
 import zmq
 from click.testing import CliRunner
 
+from streaming.alerts.queries import save_background, save_query
+from streaming.alerts.records import Background, Query
 from streaming.cli import main
 from streaming.cli.terminal import console
-from streaming.alerts.records import Background, Query
-from streaming.alerts.queries import save_background, save_query
-from streaming.redis_layout import QUERY_SET, encode_embedding, stream_key
 from streaming.records import Embedding
+from streaming.redis_layout import QUERY_SET, encode_embedding, stream_key
 from streaming.redis_server import RedisServer, free_port
 
 from .conftest import ASSETS, shared_file, wait_for
@@ -105,23 +105,43 @@ def test_tail_since_start_prints_the_history_in_order_and_exits_after_count(redi
     write(client, f"{tag}-b", 2)
     write(client, f"{tag}-a", 1, "vision")  # another modality: filtered out
     write(client, f"{tag}x-a", 1)  # outside the glob
-    done = run("tail", "--redis", redis_server.url, "--device", f"{tag}-*", "--modality", "audio", "--since",
-               "start", "--count", "3")
+    done = run(
+        "tail",
+        "--redis",
+        redis_server.url,
+        "--device",
+        f"{tag}-*",
+        "--modality",
+        "audio",
+        "--since",
+        "start",
+        "--count",
+        "3",
+    )
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     lines = done.stdout.splitlines()
     assert [line.split()[:3] for line in lines] == [
-        [f"{tag}-a", "audio", "t0=0"], [f"{tag}-a", "audio", "t0=2000000000"], [f"{tag}-b", "audio", "t0=0"]], lines
+        [f"{tag}-a", "audio", "t0=0"],
+        [f"{tag}-a", "audio", "t0=2000000000"],
+        [f"{tag}-b", "audio", "t0=0"],
+    ], lines
     assert "waiting" not in done.stderr
 
 
 def test_tail_waits_then_prints_the_first_window_of_a_device_that_appears_later(redis_server):
     tag = uuid.uuid4().hex[:8]
-    proc = subprocess.Popen([*BINDSTREAM, "tail", "--redis", redis_server.url, "--device", f"{tag}-*", "--count",
-                             "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*BINDSTREAM, "tail", "--redis", redis_server.url, "--device", f"{tag}-*", "--count", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         err = Lines(proc.stderr)
-        assert err.wait("waiting for records of") == \
-            f"waiting for records of {tag}-*/* at {redis_server.url} (Ctrl-C to stop)\n"
+        assert (
+            err.wait("waiting for records of")
+            == f"waiting for records of {tag}-*/* at {redis_server.url} (Ctrl-C to stop)\n"
+        )
         write(redis.Redis.from_url(redis_server.url), f"{tag}-new", 3)  # a device that appears after the start
         proc.wait(timeout=TIMEOUT_S)
     finally:
@@ -131,8 +151,12 @@ def test_tail_waits_then_prints_the_first_window_of_a_device_that_appears_later(
 
 
 def test_tail_ctrl_c_exits_quietly(redis_server):
-    proc = subprocess.Popen([*BINDSTREAM, "tail", "--redis", redis_server.url, "--device", uuid.uuid4().hex],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*BINDSTREAM, "tail", "--redis", redis_server.url, "--device", uuid.uuid4().hex],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         err = Lines(proc.stderr)
         err.wait("Ctrl-C to stop")
@@ -180,8 +204,10 @@ def test_embed_says_random_weights_once(tmp_path):
 
 def add_queries(client) -> None:
     """Three audio queries of the tiny model, with their background."""
-    save_background(client, Background("tiny", "audio", tuple(f"b{i}" for i in range(1, 9)),
-                                       np.stack([unit(i) for i in range(1, 9)])))
+    save_background(
+        client,
+        Background("tiny", "audio", tuple(f"b{i}" for i in range(1, 9)), np.stack([unit(i) for i in range(1, 9)])),
+    )
     for query_id, text in (("aa11aa11", "a dog barking"), ("aa22aa22", "a car horn"), ("bb33bb33", "a baby crying")):
         save_query(client, Query(text, "audio", unit(0), "tiny", id=query_id))
 
@@ -194,8 +220,11 @@ def test_alert_rm_takes_a_unique_id_prefix_or_the_text(server):
     client = redis.Redis.from_url(server.url)
     add_queries(client)
     listed = json.loads(cli("alert", "list", "--json", "--redis", server.url).stdout)
-    assert {q["id"]: q["text"] for q in listed} == {"aa11aa11": "a dog barking", "aa22aa22": "a car horn",
-                                                    "bb33bb33": "a baby crying"}
+    assert {q["id"]: q["text"] for q in listed} == {
+        "aa11aa11": "a dog barking",
+        "aa22aa22": "a car horn",
+        "bb33bb33": "a baby crying",
+    }
     assert listed[0]["threshold"] == 0.5 and listed[0]["modality"] == "audio"
     line = one_error_line(cli("alert", "rm", "aa", "--redis", server.url))
     assert "aa11aa11 ('a dog barking')" in line and "aa22aa22 ('a car horn')" in line and len(ids(client)) == 3
@@ -208,8 +237,18 @@ def test_alert_rm_takes_a_unique_id_prefix_or_the_text(server):
 def test_alert_list_keeps_full_ids_in_a_narrow_table(server, monkeypatch):
     monkeypatch.setattr(console, "width", 60)
     source = "example:/home/someone/clips/a/long/path/clip.wav"
-    save_query(redis.Redis.from_url(server.url), Query("a very long query text " * 4, "audio", unit(0), "tiny",
-                                                       device="glasses-kitchen-*", source=source, id="cd44cd44"))
+    save_query(
+        redis.Redis.from_url(server.url),
+        Query(
+            "a very long query text " * 4,
+            "audio",
+            unit(0),
+            "tiny",
+            device="glasses-kitchen-*",
+            source=source,
+            id="cd44cd44",
+        ),
+    )
     out = cli("alert", "list", "--redis", server.url).stdout
     rows = [line.split("│") for line in out.splitlines() if line.startswith("│")]
     assert max(len(line) for line in out.splitlines()) <= 60 and "…" not in out
@@ -229,15 +268,29 @@ def test_alert_tune_dry_run_says_what_it_would_set(server, tmp_path):
     client = redis.Redis.from_url(server.url)
     assert cli("alert", "add", "a tone", "--modality", "audio", "--model", "tiny", "--redis", server.url).exit_code == 0
     t = np.arange(32000) / 16000
-    for label, make in (("pos", lambda i: 0.5 * np.sin(2 * np.pi * (300 + 100 * i) * t)),
-                        ("neg", lambda i: 0.1 * np.random.default_rng(i).standard_normal(len(t)))):
+    for label, make in (
+        ("pos", lambda i: 0.5 * np.sin(2 * np.pi * (300 + 100 * i) * t)),
+        ("neg", lambda i: 0.1 * np.random.default_rng(i).standard_normal(len(t))),
+    ):
         (tmp_path / label).mkdir()
         for i in range(2):
             soundfile.write(tmp_path / label / f"{i}.wav", make(i).astype(np.float32), 16000)
     (query_id,) = ids(client)
     before = client.hget(f"bindstream:query:{query_id}", "threshold")
-    result = cli("alert", "tune", query_id[:3], "--positive", str(tmp_path / "pos"), "--negative",
-                 str(tmp_path / "neg"), "--holdout", "0", "--dry-run", "--redis", server.url)
+    result = cli(
+        "alert",
+        "tune",
+        query_id[:3],
+        "--positive",
+        str(tmp_path / "pos"),
+        "--negative",
+        str(tmp_path / "neg"),
+        "--holdout",
+        "0",
+        "--dry-run",
+        "--redis",
+        server.url,
+    )
     assert result.exit_code == 0, result.output
     assert "would set" in result.stdout and "set to" not in result.stdout.replace("would set to", "")
     assert client.hget(f"bindstream:query:{query_id}", "threshold") == before
@@ -259,8 +312,13 @@ def test_timeline_of_an_unknown_device_says_so(server, tmp_path):
 
 def test_bench_encoders_shows_defaults_notice_and_one_line_errors():
     help_text = " ".join(cli("bench", "encoders", "--help").stdout.split())
-    for default in ("[default: tiny]", "[default: float32]", "[default: 1,8,32]", "[default: 1.0;",
-                    "[default: vision,text,audio,depth,thermal,imu]"):
+    for default in (
+        "[default: tiny]",
+        "[default: float32]",
+        "[default: 1,8,32]",
+        "[default: 1.0;",
+        "[default: vision,text,audio,depth,thermal,imu]",
+    ):
         assert default in help_text, help_text
     result = cli("bench", "encoders", "--modalities", "text", "--batch", "1,2", "--min-seconds", "0")
     assert result.exit_code == 0, result.output
@@ -275,8 +333,9 @@ def test_device_record_binds_loopback_by_default_and_says_when_the_port_is_taken
     taken = zmq.Context.instance().socket(zmq.PULL)
     port = taken.bind_to_random_port("tcp://127.0.0.1")
     try:
-        line = one_error_line(cli("device", "record", str(tmp_path / "s.bin"), "--bind", f"tcp://127.0.0.1:{port}",
-                                  "--seconds", "0.1"))
+        line = one_error_line(
+            cli("device", "record", str(tmp_path / "s.bin"), "--bind", f"tcp://127.0.0.1:{port}", "--seconds", "0.1")
+        )
     finally:
         taken.close(linger=0)
     assert f"cannot bind tcp://127.0.0.1:{port}" in line
@@ -285,8 +344,11 @@ def test_device_record_binds_loopback_by_default_and_says_when_the_port_is_taken
 def test_alerts_md_synopsis_names_existing_commands_and_options():
     text = (ROOT / "ALERTS.md").read_text()
     synopsis = re.search(r"```\n(bindstream .*?)```", text, flags=re.S)[1]
-    commands = [part.strip() for line in synopsis.replace("\n  ", " ").splitlines()
-                for part in re.split(r" \| (?=[a-z])", line.removeprefix("bindstream "))]
+    commands = [
+        part.strip()
+        for line in synopsis.replace("\n  ", " ").splitlines()
+        for part in re.split(r" \| (?=[a-z])", line.removeprefix("bindstream "))
+    ]
     assert len(commands) >= 9, commands
     for shown in commands:
         command, words = main, shown.split()

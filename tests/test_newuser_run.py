@@ -59,12 +59,18 @@ def assert_one_clear_line(result, seconds: float, *phrases: str) -> None:
     assert seconds < FAST_S, seconds
 
 
-@pytest.mark.parametrize("content, phrases", [
-    ("embeders = 2\n", ["unknown pipeline config keys: 'embeders' (did you mean 'embedders'?)"]),
-    ("embedders = \n", ["is not valid TOML", "line 1"]),
-    ('embedders = "two"\n', ["embedders must be an integer, got 'two'"]),
-    ("[limits]\nmax_sides = 4\n", ["unknown pipeline config keys in [limits]: 'max_sides' (did you mean 'max_side'?)"]),
-])
+@pytest.mark.parametrize(
+    "content, phrases",
+    [
+        ("embeders = 2\n", ["unknown pipeline config keys: 'embeders' (did you mean 'embedders'?)"]),
+        ("embedders = \n", ["is not valid TOML", "line 1"]),
+        ('embedders = "two"\n', ["embedders must be an integer, got 'two'"]),
+        (
+            "[limits]\nmax_sides = 4\n",
+            ["unknown pipeline config keys in [limits]: 'max_sides' (did you mean 'max_side'?)"],
+        ),
+    ],
+)
 def test_a_malformed_config_file_is_named_in_one_line(cli, tmp_path, content, phrases):
     config = tmp_path / "bad.toml"
     config.write_text(content)
@@ -85,8 +91,13 @@ def test_redis_mistakes_are_named_with_their_fix(cli):
         assert "not-it" not in result.output  # the password is never printed
 
         result, seconds = cli("run", "--redis-port", str(server.port), *ANY_PORT)
-        assert_one_clear_line(result, seconds, f"port {server.port} is in use",
-                              f"--redis redis://127.0.0.1:{server.port}/0", "another --redis-port")
+        assert_one_clear_line(
+            result,
+            seconds,
+            f"port {server.port} is in use",
+            f"--redis redis://127.0.0.1:{server.port}/0",
+            "another --redis-port",
+        )
 
 
 def test_a_busy_ingest_endpoint_is_named(cli):
@@ -103,8 +114,13 @@ def test_a_busy_ingest_endpoint_is_named(cli):
 
 def test_cluster_placement_on_one_machine_is_explained_not_waited_for(cli):
     result, seconds = cli("run", "--config", str(DEPLOY_CONFIG))
-    assert_one_clear_line(result, seconds, "ingest_resources asks for ingest", "embedder_resources asks for embed",
-                          "leave ingest_resources and embedder_resources out")
+    assert_one_clear_line(
+        result,
+        seconds,
+        "ingest_resources asks for ingest",
+        "embedder_resources asks for embed",
+        "leave ingest_resources and embedder_resources out",
+    )
 
 
 def test_debug_adds_the_traceback(cli):
@@ -119,12 +135,20 @@ class Run:
 
     def __init__(self, *args: str):
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([*BINDSTREAM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True, env={**os.environ, "COLUMNS": "200"})
+        self.proc = subprocess.Popen(
+            [*BINDSTREAM, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "COLUMNS": "200"},
+        )
         self.out: list[str] = []
         self.err: list[str] = []
-        self._readers = [threading.Thread(target=self._read, args=(s, lines), daemon=True)
-                         for s, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        self._readers = [
+            threading.Thread(target=self._read, args=(s, lines), daemon=True)
+            for s, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))
+        ]
         for reader in self._readers:
             reader.start()
 
@@ -134,8 +158,11 @@ class Run:
             lines.append(line)
 
     def wait_for_line(self, text: str, timeout_s: float) -> str:
-        return wait_for(lambda: next((line for line in self.out if text in line), None) or self._ended(text),
-                        timeout_s, f"{text!r} from bindstream")
+        return wait_for(
+            lambda: next((line for line in self.out if text in line), None) or self._ended(text),
+            timeout_s,
+            f"{text!r} from bindstream",
+        )
 
     def _ended(self, text: str) -> None:
         if self.proc.poll() is not None:
@@ -155,12 +182,14 @@ class Run:
 
     def assert_nothing_left(self) -> None:
         """No process of its session outlives it (Ray's, redis-server)."""
+
         def gone():
             try:
                 os.killpg(self.proc.pid, 0)
             except ProcessLookupError:
                 return True
             return False
+
         wait_for(gone, 15, "every process of the run to end")
 
     def kill(self) -> None:
@@ -209,7 +238,8 @@ def test_an_actor_that_cannot_start_is_named(bindstream):
     assert run.wait(RAY_S) == 1, run.output()
     assert [line for line in run.err if line.startswith("Error: ")] == [
         "Error: the embed actor failed to start: encoders.weights.CheckpointMissing: checkpoint /nonexistent/tiny.pth "
-        "does not exist\n"], run.output()
+        "does not exist\n"
+    ], run.output()
     assert not any(noise in run.output() for noise in RAY_NOISE), run.output()  # nor Ray's report of the retry
     run.assert_nothing_left()
 
@@ -228,8 +258,9 @@ def test_run_pins_its_redis_stops_on_ctrl_c_and_its_summary_adds_up(bindstream):
     redis_port, ingest_port = free_port(), free_port()
     endpoint = f"tcp://127.0.0.1:{ingest_port}"
     run = bindstream("run", "--no-live", "--redis-port", str(redis_port), "--ingest", endpoint)
-    run.wait_for_line(f"redis: embedded redis-server at redis://127.0.0.1:{redis_port}/0, gone when this command "
-                      "ends", RAY_S)
+    run.wait_for_line(
+        f"redis: embedded redis-server at redis://127.0.0.1:{redis_port}/0, gone when this command ends", RAY_S
+    )
     client = redis.Redis(port=redis_port)
     assert client.ping()
 
@@ -249,9 +280,11 @@ def test_run_pins_its_redis_stops_on_ctrl_c_and_its_summary_adds_up(bindstream):
     out = "".join(run.out)
     assert not any(noise in run.output() for noise in RAY_NOISE), run.output()
     assert out.count("RANDOM weights") == 1
-    summary = out[out.index("bindstream: final"):]
-    stage = {name: (int(cells[1]), cells[2]) for name, cells in
-             table_rows(summary, ("ingest", "window", "embed", "publish", "match")).items()}
+    summary = out[out.index("bindstream: final") :]
+    stage = {
+        name: (int(cells[1]), cells[2])
+        for name, cells in table_rows(summary, ("ingest", "window", "embed", "publish", "match")).items()
+    }
     modality = table_rows(summary, ("vision", "audio", "depth", "thermal", "imu", "fused"))
     fused = int(modality["fused"][2])
     published, formed = map(int, re.fullmatch(r"(\d+) \+(\d+) fused", stage["publish"][1]).groups())

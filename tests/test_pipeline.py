@@ -40,8 +40,17 @@ def pipeline_run(ray_local, redis_server):
     pipeline = Pipeline(config, redis_server.url, "tiny")
     (endpoint,) = pipeline.start()
     sent = send_all(endpoint, messages)
-    wait_for(lambda: sum(Counts.of(pipeline.stats()["ingest"][0]).get("in", m)
-                         for m in ("vision", "audio", "depth", "thermal", "imu")) == sent, 60, "ingest to take all")
+    wait_for(
+        lambda: (
+            sum(
+                Counts.of(pipeline.stats()["ingest"][0]).get("in", m)
+                for m in ("vision", "audio", "depth", "thermal", "imu")
+            )
+            == sent
+        ),
+        60,
+        "ingest to take all",
+    )
     final = pipeline.drain()
     pipeline.kill()
     client = redis.Redis.from_url(redis_server.url)
@@ -112,8 +121,20 @@ def bad_messages(device: str, good: list) -> list[list[bytes]]:
         [pack({**imu, "v": 2}), b"x" * 24],
         [pack({k: v for k, v in imu.items() if k != "t_ns"}), b"x" * 24],
         [pack({**imu, "seq": 10**6}), b"x" * 25],  # not a whole number of rows
-        [pack({"v": 1, "device": device, "sensor": "depth", "seq": 0, "t_ns": 1, "dtype": "uint16",
-               "shape": [4096, 4096]}), b"xx"],  # declares 32 MiB, carries 2 bytes
+        [
+            pack(
+                {
+                    "v": 1,
+                    "device": device,
+                    "sensor": "depth",
+                    "seq": 0,
+                    "t_ns": 1,
+                    "dtype": "uint16",
+                    "shape": [4096, 4096],
+                }
+            ),
+            b"xx",
+        ],  # declares 32 MiB, carries 2 bytes
         [pack({**imu, "seq": 10**6 + 1}), nan_imu],
         [pack(mic_header), mic_payload],  # a duplicate of a message already sent
     ]
@@ -136,8 +157,11 @@ def test_bad_input_is_dropped_counted_and_loses_nothing(ray_local, redis_server)
     for message in frames:
         push.send_multipart(message)
     push.close(linger=-1)
-    wait_for(lambda: Counts.of(*pipeline.stats()["window"]).get("in") == len(good) + 2, 60,
-             "the valid messages to reach windowing")
+    wait_for(
+        lambda: Counts.of(*pipeline.stats()["window"]).get("in") == len(good) + 2,
+        60,
+        "the valid messages to reach windowing",
+    )
     final = pipeline.drain()
     pipeline.kill()
     ingest = Counts.of(final["ingest"][0])
@@ -154,6 +178,7 @@ def test_bad_input_is_dropped_counted_and_loses_nothing(ray_local, redis_server)
     expected = set()
     for header, payload in good:
         expected |= {(w.modality, w.t0) for w in windower.add(decode([msgpack.packb(header), payload]))}
-    published = {(r.modality, r.t0) for r in read_all(redis.Redis.from_url(redis_server.url), device)
-                 if r.modality != "fused"}
+    published = {
+        (r.modality, r.t0) for r in read_all(redis.Redis.from_url(redis_server.url), device) if r.modality != "fused"
+    }
     assert published == expected

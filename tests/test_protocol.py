@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import zmq
 
-from sensors import protocol as p
 from sensors import DevicePublisher, Limits, Rejected, decode, decode_image, encode_header
+from sensors import protocol as p
 from sensors.images import encode_jpeg
 
 from .attacks import padded_png, png_bomb, progressive_jpeg, scan_bomb_jpeg
@@ -116,18 +116,28 @@ def test_unknown_header_keys_are_ignored():
 
 def test_encode_header_is_plain_msgpack():
     raw = encode_header(DEVICE, "depth", np.int64(3), T0, dtype=np.dtype(np.uint16), shape=(np.int64(2), 2), x=None)
-    assert msgpack.unpackb(raw) == {"v": 1, "device": DEVICE, "sensor": "depth", "seq": 3, "t_ns": T0,
-                                    "dtype": "uint16", "shape": [2, 2]}
+    assert msgpack.unpackb(raw) == {
+        "v": 1,
+        "device": DEVICE,
+        "sensor": "depth",
+        "seq": 3,
+        "t_ns": T0,
+        "dtype": "uint16",
+        "shape": [2, 2],
+    }
     with pytest.raises(ValueError, match="header"):
         encode_header(DEVICE, "imu", 0, 0, rate=800, note="x" * 5000)
 
 
 def test_protocol_md_byte_example():
     """The byte-level example in PROTOCOL.md section 7 is what the reference encoder produces."""
-    header = bytes.fromhex("86 a1 76 01 a6 64 65 76 69 63 65 aa 67 6c 61 73 73 65 73 2d 30 31 a6 73 65 6e 73 6f 72"
-                           " a3 69 6d 75 a3 73 65 71 07 a4 74 5f 6e 73 cf 00 00 01 1f 71 fb 04 cb a4 72 61 74 65 cd 03 20")
-    payload = bytes.fromhex("00000000 00000000 c3f51c41 00000000 00000000 0000003f"
-                            "0000803e 00000000 00001c41 00000000 00000000 0000003f")
+    header = bytes.fromhex(
+        "86 a1 76 01 a6 64 65 76 69 63 65 aa 67 6c 61 73 73 65 73 2d 30 31 a6 73 65 6e 73 6f 72"
+        " a3 69 6d 75 a3 73 65 71 07 a4 74 5f 6e 73 cf 00 00 01 1f 71 fb 04 cb a4 72 61 74 65 cd 03 20"
+    )
+    payload = bytes.fromhex(
+        "00000000 00000000 c3f51c41 00000000 00000000 0000003f0000803e 00000000 00001c41 00000000 00000000 0000003f"
+    )
     assert encode_header("glasses-01", "imu", 7, 1234567890123, rate=800) == header
     msg = decode([header, payload])
     assert (msg.device, msg.sensor, msg.seq, msg.t_ns, msg.rate) == ("glasses-01", "imu", 7, 1234567890123, 800)
@@ -137,9 +147,10 @@ def test_protocol_md_byte_example():
 
 # --- rejects -----------------------------------------------------------------------------------
 
+
 def _sof_patched(jpeg: bytes, h: int, w: int) -> bytes:
     i = jpeg.index(b"\xff\xc0") + 5
-    return jpeg[:i] + h.to_bytes(2, "big") + w.to_bytes(2, "big") + jpeg[i + 4:]
+    return jpeg[:i] + h.to_bytes(2, "big") + w.to_bytes(2, "big") + jpeg[i + 4 :]
 
 
 CAMERA_RAW = {"sensor": "camera", "rate": None, "encoding": "raw"}
@@ -167,10 +178,14 @@ REJECTS = {
     "version-0": (frames(header(v=0)), "bad_version"),
     "unknown-sensor": (frames(header(sensor="lidar")), "unknown_sensor"),
     # missing keys
-    **{f"missing-{key}": (frames(header({key: None})), "missing_key")
-       for key in ("v", "device", "sensor", "seq", "t_ns", "rate")},
-    **{f"missing-mic-{key}": (frames(header(MIC, {key: None}), bytes(2)), "missing_key")
-       for key in ("channels", "dtype")},
+    **{
+        f"missing-{key}": (frames(header({key: None})), "missing_key")
+        for key in ("v", "device", "sensor", "seq", "t_ns", "rate")
+    },
+    **{
+        f"missing-mic-{key}": (frames(header(MIC, {key: None}), bytes(2)), "missing_key")
+        for key in ("channels", "dtype")
+    },
     "missing-encoding": (frames(header(sensor="camera", rate=None), JPEG), "missing_key"),
     "missing-shape": (frames(header(DEPTH, shape=None), bytes(8)), "missing_key"),
     # wrong types
@@ -192,7 +207,10 @@ REJECTS = {
     "device-65-chars": (frames(header(device="d" * 65)), "bad_value"),
     "device-colon": (frames(header(device="a:vision")), "bad_value"),  # ":" separates Redis key fields
     # images whose decoding costs far more than their size
-    "jpeg-scan-bomb": (frames(header(sensor="camera", rate=None, encoding="jpeg"), scan_bomb_jpeg(64, 40)), "too_costly"),
+    "jpeg-scan-bomb": (
+        frames(header(sensor="camera", rate=None, encoding="jpeg"), scan_bomb_jpeg(64, 40)),
+        "too_costly",
+    ),
     "png-16-bit-rgba-4096": (frames(header(sensor="camera", rate=None, encoding="png"), png_bomb(4096)), "too_costly"),
     "imu-rate-0": (frames(header(rate=0)), "bad_value"),
     "imu-rate-4001": (frames(header(rate=4001)), "bad_value"),
@@ -221,8 +239,10 @@ REJECTS = {
     "payload-9-mib": (frames(header(), bytes(9 * 1024 * 1024 // 24 * 24)), "too_large"),
     "mic-over-1s": (frames(header(MIC), bytes(2 * 8001)), "too_large"),
     "imu-4001-rows": (frames(header(), bytes(24 * 4001)), "too_large"),
-    "jpeg-5000x5000": (frames(header(sensor="camera", rate=None, encoding="jpeg"), _sof_patched(JPEG, 5000, 5000)),
-                       "too_large"),
+    "jpeg-5000x5000": (
+        frames(header(sensor="camera", rate=None, encoding="jpeg"), _sof_patched(JPEG, 5000, 5000)),
+        "too_large",
+    ),
     # non-finite
     "imu-nan": (frames(header(), floats(0, 0, 9.8, 0, 0, np.nan)), "non_finite"),
     "imu-inf": (frames(header(), floats(0, 0, np.inf, 0, 0, 0)), "non_finite"),
@@ -234,8 +254,10 @@ REJECTS = {
     "jpeg-garbage": (frames(header(sensor="camera", rate=None, encoding="jpeg"), b"not a jpeg"), "bad_image"),
     "jpeg-labelled-png": (frames(header(sensor="camera", rate=None, encoding="png"), JPEG), "bad_image"),
     "jpeg-truncated": (frames(header(sensor="camera", rate=None, encoding="jpeg"), JPEG[:20]), "bad_image"),
-    "jpeg-zero-height": (frames(header(sensor="camera", rate=None, encoding="jpeg"), _sof_patched(JPEG, 0, 64)),
-                         "bad_value"),
+    "jpeg-zero-height": (
+        frames(header(sensor="camera", rate=None, encoding="jpeg"), _sof_patched(JPEG, 0, 64)),
+        "bad_value",
+    ),
 }
 
 
@@ -250,11 +272,17 @@ def test_every_reason_is_exercised():
 
 
 def test_costly_image_limits_let_ordinary_images_through():
-    assert decode(frames(header(sensor="camera", rate=None, encoding="jpeg"), progressive_jpeg(64))).shape == (64, 64, 3)
+    assert decode(frames(header(sensor="camera", rate=None, encoding="jpeg"), progressive_jpeg(64))).shape == (
+        64,
+        64,
+        3,
+    )
     rgb_png = png_bomb(4096, bit_depth=8, colour_type=2)  # 8-bit RGB at the largest side: at the limit, accepted
     assert decode(frames(header(sensor="camera", rate=None, encoding="png"), rgb_png)).shape == (4096, 4096, 3)
     with pytest.raises(Rejected, match="scans"):
-        decode(frames(header(sensor="camera", rate=None, encoding="jpeg"), progressive_jpeg(64)), Limits(max_jpeg_scans=4))
+        decode(
+            frames(header(sensor="camera", rate=None, encoding="jpeg"), progressive_jpeg(64)), Limits(max_jpeg_scans=4)
+        )
 
 
 def test_png_with_more_data_than_its_size_is_too_costly_to_decode():
@@ -263,7 +291,10 @@ def test_png_with_more_data_than_its_size_is_too_costly_to_decode():
         decode_image(msg)  # libpng would inflate all 200 MB for a 64 x 64 image
     assert err.value.reason == "too_costly"
     ok, png = cv2.imencode(".png", RGB)
-    assert decode_image(decode(frames(header(sensor="camera", rate=None, encoding="png"), png.tobytes()))).shape == RGB.shape
+    assert (
+        decode_image(decode(frames(header(sensor="camera", rate=None, encoding="png"), png.tobytes()))).shape
+        == RGB.shape
+    )
 
 
 def test_limits_are_configurable():
@@ -283,8 +314,14 @@ def test_depth_nan_means_no_reading():
     assert np.isnan(msg.payload[0, 1]) and msg.payload[1, 1] == 2.25
 
 
-@pytest.mark.parametrize("shape, sensor", [([4096, 4096, 3], CAMERA_RAW), ([4096, 4096], {**DEPTH, "dtype": "float32"}),
-                                          ([4096, 4096], {**THERMAL, "dtype": "uint16"})])
+@pytest.mark.parametrize(
+    "shape, sensor",
+    [
+        ([4096, 4096, 3], CAMERA_RAW),
+        ([4096, 4096], {**DEPTH, "dtype": "float32"}),
+        ([4096, 4096], {**THERMAL, "dtype": "uint16"}),
+    ],
+)
 def test_oversized_shape_is_refused_without_allocating(shape, sensor):
     msg_frames = frames(header(sensor, shape=shape), b"0123456789")
     tracemalloc.start()
@@ -297,7 +334,7 @@ def test_oversized_shape_is_refused_without_allocating(shape, sensor):
 
 
 def test_decode_image_rejects_undecodable_jpeg():
-    no_scan = JPEG[:JPEG.index(b"\xff\xda")] + b"\xff\xd9"  # headers (with a valid size) but no image data
+    no_scan = JPEG[: JPEG.index(b"\xff\xda")] + b"\xff\xd9"  # headers (with a valid size) but no image data
     msg = decode(frames(header(sensor="camera", rate=None, encoding="jpeg"), no_scan))
     assert msg.shape == RGB.shape
     with pytest.raises(Rejected) as err:
@@ -307,8 +344,12 @@ def test_decode_image_rejects_undecodable_jpeg():
 
 def test_fuzzed_messages_only_raise_rejected():
     rng = np.random.default_rng(1)
-    good = [frames(header()), frames(header(MIC), bytes(4)), frames(header(DEPTH), bytes(8)),
-            frames(header(sensor="camera", rate=None, encoding="jpeg"), JPEG)]
+    good = [
+        frames(header()),
+        frames(header(MIC), bytes(4)),
+        frames(header(DEPTH), bytes(8)),
+        frames(header(sensor="camera", rate=None, encoding="jpeg"), JPEG),
+    ]
     accepted = 0
     for _ in range(3000):
         head, payload = (bytearray(f) for f in good[rng.integers(len(good))])
@@ -316,7 +357,7 @@ def test_fuzzed_messages_only_raise_rejected():
         for _ in range(rng.integers(1, 4)):
             target[rng.integers(len(target))] = rng.integers(256)
         if rng.random() < 0.2:
-            del target[rng.integers(len(target)):]
+            del target[rng.integers(len(target)) :]
         try:
             decode([bytes(head), bytes(payload)])
             accepted += 1

@@ -34,8 +34,9 @@ def query(emb, device: str = "*", modality: str = "audio", model: str = MODEL) -
 
 
 def background(emb, logit_scale: float = 100.0, exclude_cos: float = 0.9, modality: str = "audio") -> Background:
-    return Background(MODEL, modality, tuple(f"p{i}" for i in range(len(emb))), np.asarray(emb), logit_scale,
-                      exclude_cos)
+    return Background(
+        MODEL, modality, tuple(f"p{i}" for i in range(len(emb))), np.asarray(emb), logit_scale, exclude_cos
+    )
 
 
 def softmax_share(x: np.ndarray, q: np.ndarray, prompts: np.ndarray, scale: float) -> float:
@@ -91,11 +92,17 @@ def test_indexes_group_by_model_and_modality_and_leave_out_what_cannot_score():
     swamped_bg = background(np.stack([basis(1), basis(1) + 0.1 * basis(2)]))
     other_dim = query(np.ones(DIM + 1, np.float32), model="other")
     no_background = query(basis(0), model="unknown")
-    backgrounds = {(MODEL, "audio"): background(prompts), (MODEL, "vision"): background(prompts, modality="vision"),
-                   ("other", "audio"): background(prompts), ("unknown", "audio"): None}
+    backgrounds = {
+        (MODEL, "audio"): background(prompts),
+        (MODEL, "vision"): background(prompts, modality="vision"),
+        ("other", "audio"): background(prompts),
+        ("unknown", "audio"): None,
+    }
     indexes = build_indexes([scorable, vision, other_dim, no_background], backgrounds)
     assert {key: [q.id for q in index.queries] for key, index in indexes.items()} == {
-        (MODEL, "audio"): [scorable.id], (MODEL, "vision"): [vision.id]}
+        (MODEL, "audio"): [scorable.id],
+        (MODEL, "vision"): [vision.id],
+    }
     assert build_indexes([swamped], {(MODEL, "audio"): swamped_bg}) == {}
 
 
@@ -103,13 +110,16 @@ def record(t0: int, t1: int, emb: np.ndarray) -> EmbeddingRecord:
     return EmbeddingRecord("bindstream:emb:dev:audio", "1-0", "dev", "audio", t0, t1, MODEL, emb)
 
 
-@pytest.mark.parametrize(("t0", "t1", "emb", "problem"), [
-    (0, INT64_MAX, basis(0), None),
-    (5, 4, basis(0), "bad_time"),
-    (-1, 4, basis(0), "bad_time"),
-    (0, INT64_MAX + 1, basis(0), "bad_time"),
-    (0, 1, 2 * basis(0), "not_unit"),
-    (0, 1, np.full(DIM, np.nan, np.float32), "not_unit"),
-])
+@pytest.mark.parametrize(
+    ("t0", "t1", "emb", "problem"),
+    [
+        (0, INT64_MAX, basis(0), None),
+        (5, 4, basis(0), "bad_time"),
+        (-1, 4, basis(0), "bad_time"),
+        (0, INT64_MAX + 1, basis(0), "bad_time"),
+        (0, 1, 2 * basis(0), "not_unit"),
+        (0, 1, np.full(DIM, np.nan, np.float32), "not_unit"),
+    ],
+)
 def test_records_the_matcher_refuses_are_named(t0, t1, emb, problem):
     assert entry_problem(record(t0, t1, emb)) == problem

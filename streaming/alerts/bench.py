@@ -16,8 +16,16 @@ import numpy as np
 import redis
 
 from ..records import Embedding
-from ..redis_layout import (ALERTS_STREAM, Alert, background_key, decode_embedding, encode_embedding, id_tuple,
-                            state_key, stream_key)
+from ..redis_layout import (
+    ALERTS_STREAM,
+    Alert,
+    background_key,
+    decode_embedding,
+    encode_embedding,
+    id_tuple,
+    state_key,
+    stream_key,
+)
 from ..redis_server import RedisServer
 from ..stage import Counts
 from .matcher import ONE_BLAS_THREAD, Matcher, MatcherSettings
@@ -79,8 +87,9 @@ def run_bench(bench: AlertBench, url: str | None = None) -> AlertFigures:
         written, alerts, stats = alert_run(client, url, bench)
         search_s = search_cost(client, bench.search_records, bench.dim, bench.seed) if bench.search_records else None
     latency = np.array([id_tuple(a.id)[0] - id_tuple(a.source_id)[0] for a in alerts], dtype=float)
-    return AlertFigures(score_per_s, batch, written["sent"], written["seconds"], written["events"], latency,
-                        Counts.of(stats), search_s)
+    return AlertFigures(
+        score_per_s, batch, written["sent"], written["seconds"], written["events"], latency, Counts.of(stats), search_s
+    )
 
 
 def random_units(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -89,8 +98,12 @@ def random_units(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 
 
 def bench_background(rng: np.random.Generator, dim: int) -> Background:
-    return Background(BENCH_MODEL, BENCH_MODALITY, tuple(f"b{i}" for i in range(BENCH_BACKGROUND)),
-                      random_units(rng, BENCH_BACKGROUND, dim))
+    return Background(
+        BENCH_MODEL,
+        BENCH_MODALITY,
+        tuple(f"b{i}" for i in range(BENCH_BACKGROUND)),
+        random_units(rng, BENCH_BACKGROUND, dim),
+    )
 
 
 def scoring_rate(queries: int, dim: int, batch: int, rows: int, seed: int) -> float:
@@ -133,8 +146,16 @@ def match_until_done(settings: MatcherSettings, url: str, ready_key: str, done_k
     return matcher.stop()
 
 
-def write_stream(client: redis.Redis, devices: list[str], query_vectors: np.ndarray, background: np.ndarray,
-                 rate: float, seconds: float, events_per_s: float, seed: int) -> dict:
+def write_stream(
+    client: redis.Redis,
+    devices: list[str],
+    query_vectors: np.ndarray,
+    background: np.ndarray,
+    rate: float,
+    seconds: float,
+    events_per_s: float,
+    seed: int,
+) -> dict:
     """XADD embeddings round robin over `devices` at `rate`/s for `seconds`: background windows (a random
     background vector plus as much random noise), and every 1/`events_per_s` s, on the next device,
     EVENT_WINDOWS windows equal to a query's vector. Returns {sent, events (those whose k-th window was
@@ -180,12 +201,15 @@ def alert_run(client: redis.Redis, url: str, bench: AlertBench) -> tuple[dict, l
     query_vectors, background = basis[: bench.queries], basis[bench.queries :]
     settings = MatcherSettings(group=tag, devices=f"{tag}-*", start_id="0")
     ready, done = f"{tag}:ready", f"{tag}:done"
-    save_background(client, Background(BENCH_MODEL, BENCH_MODALITY, tuple(f"b{i}" for i in range(len(background))),
-                                       background))
+    save_background(
+        client, Background(BENCH_MODEL, BENCH_MODALITY, tuple(f"b{i}" for i in range(len(background))), background)
+    )
     for n in names:  # the streams exist before the run: stream discovery is not part of the latency
         client.xgroup_create(stream_key(n, BENCH_MODALITY), settings.group, id="0", mkstream=True)
-    added = [save_query(client, Query(f"q{i}", BENCH_MODALITY, v, BENCH_MODEL, device=f"{tag}-*",
-                                      decision=BENCH_DECISION)) for i, v in enumerate(query_vectors)]
+    added = [
+        save_query(client, Query(f"q{i}", BENCH_MODALITY, v, BENCH_MODEL, device=f"{tag}-*", decision=BENCH_DECISION))
+        for i, v in enumerate(query_vectors)
+    ]
     try:
         with one_thread_pool() as pool:
             matcher = pool.submit(match_until_done, settings, url, ready, done)
@@ -197,19 +221,28 @@ def alert_run(client: redis.Redis, url: str, bench: AlertBench) -> tuple[dict, l
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"the matcher process did not start in {READY_TIMEOUT_S} s")
                     time.sleep(WRITER_TICK_S)
-                written = write_stream(client, names, query_vectors, background, bench.rate, bench.seconds,
-                                       bench.events_per_s, bench.seed)
+                written = write_stream(
+                    client, names, query_vectors, background, bench.rate, bench.seconds, bench.events_per_s, bench.seed
+                )
             finally:
                 client.set(done, 1)  # the matcher drains and returns
             stats = matcher.result()
-        alerts = [a for a in (Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM))
-                  if a.device.startswith(tag)]
+        alerts = [
+            a for a in (Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM)) if a.device.startswith(tag)
+        ]
     finally:
         for q in added:
             delete_query(client, q.id)
-        client.delete(background_key(BENCH_MODEL, BENCH_MODALITY), ready, done,
-                      *[k for n in names for k in (stream_key(n, BENCH_MODALITY),
-                                                   state_key(settings.group, stream_key(n, BENCH_MODALITY)))])
+        client.delete(
+            background_key(BENCH_MODEL, BENCH_MODALITY),
+            ready,
+            done,
+            *[
+                k
+                for n in names
+                for k in (stream_key(n, BENCH_MODALITY), state_key(settings.group, stream_key(n, BENCH_MODALITY)))
+            ],
+        )
     return written, alerts, stats
 
 
@@ -223,8 +256,9 @@ def search_cost(client: redis.Redis, records: int, dim: int, seed: int) -> dict[
             e = Embedding("bench-search", BENCH_MODALITY, 0, WINDOW_NS, v, BENCH_MODEL, 0, 0)
             pipe.xadd(key, encode_embedding(e))
         pipe.execute()
-    index = ModalityIndex([Query("search", BENCH_MODALITY, random_units(rng, 1, dim)[0], BENCH_MODEL)],
-                          bench_background(rng, dim))
+    index = ModalityIndex(
+        [Query("search", BENCH_MODALITY, random_units(rng, 1, dim)[0], BENCH_MODEL)], bench_background(rng, dim)
+    )
     cost = {"xrange": 0.0, "decode": 0.0, "score": 0.0}
     start = "-"
     try:

@@ -33,8 +33,8 @@ class QueryState:
     def decode(cls, text: str) -> QueryState:
         """What `encode` wrote (a negative last alert, as older versions also wrote, is none); ValueError
         for anything else."""
-        hist, armed, last_alert = text.split(":")
-        hist, last_alert = int(hist), int(last_alert)
+        hist_text, armed, last_text = text.split(":")
+        hist, last_alert = int(hist_text), int(last_text)
         if not 0 <= hist < 1 << MAX_SMOOTHING_N or armed not in ("0", "1") or last_alert > INT64_MAX:
             raise ValueError(f"not a query state: {text!r}")
         return cls(hist, armed == "1", last_alert if last_alert >= 0 else None)
@@ -56,18 +56,22 @@ class Rules:
     @classmethod
     def of(cls, decisions: Sequence[Decision]) -> Rules:
         threshold = np.array([d.threshold for d in decisions], dtype=np.float64)
-        return cls(threshold, threshold - np.array([d.hysteresis for d in decisions], dtype=np.float64),
-                   np.array([d.k for d in decisions], dtype=np.int64),
-                   np.array([(1 << d.n) - 1 for d in decisions], dtype=np.uint64),
-                   np.array([int(d.cooldown_s * NS_PER_S) for d in decisions], dtype=np.int64))
+        return cls(
+            threshold,
+            threshold - np.array([d.hysteresis for d in decisions], dtype=np.float64),
+            np.array([d.k for d in decisions], dtype=np.int64),
+            np.array([(1 << d.n) - 1 for d in decisions], dtype=np.uint64),
+            np.array([int(d.cooldown_s * NS_PER_S) for d in decisions], dtype=np.int64),
+        )
 
     def __getitem__(self, cols) -> Rules:
         """The rules of the queries `cols` selects."""
         return Rules(*(getattr(self, f.name)[cols] for f in fields(self)))
 
 
-def decide(rules: Rules, states: Sequence[QueryState], scores: np.ndarray,
-           t0: Sequence[int]) -> tuple[dict[int, QueryState], np.ndarray]:
+def decide(
+    rules: Rules, states: Sequence[QueryState], scores: np.ndarray, t0: Sequence[int]
+) -> tuple[dict[int, QueryState], np.ndarray]:
     """Run m queries over N windows of one stream, in stream order: `scores` (N, m) their calibrated scores,
     `t0` (N,) the windows' starts (device clock, ns, in [0, 2^63 - 1]). Returns ({column: state after the last
     window} of the queries whose state changed, which (window, query) fired: (N, m) bool). Only changes come
@@ -95,5 +99,6 @@ def decide(rules: Rules, states: Sequence[QueryState], scores: np.ndarray,
         alerted = alerted | fire
         last_alert = np.where(fire, t, last_alert)
     changed = np.flatnonzero((hist != hist0) | (armed != armed0) | (alerted != alerted0) | (last_alert != last0))
-    return {int(j): QueryState(int(hist[j]), bool(armed[j]), int(last_alert[j]) if alerted[j] else None)
-            for j in changed}, fired
+    return {
+        int(j): QueryState(int(hist[j]), bool(armed[j]), int(last_alert[j]) if alerted[j] else None) for j in changed
+    }, fired

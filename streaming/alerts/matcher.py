@@ -14,6 +14,7 @@ import threading
 import time
 import zlib
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 
@@ -22,9 +23,23 @@ import ray
 import redis
 
 from ..records import QUERY_MODALITIES, text
-from ..redis_layout import (ALERTS_CHANNEL, ALERTS_STREAM, LAST_ID_FIELD, QUERY_CHANNEL, QUERY_VERSION, Alert,
-                            BadRecord, EmbeddingRecord, decode_embedding, dedup_key, id_tuple, now_id, parse_key,
-                            state_key, stream_key)
+from ..redis_layout import (
+    ALERTS_CHANNEL,
+    ALERTS_STREAM,
+    LAST_ID_FIELD,
+    QUERY_CHANNEL,
+    QUERY_VERSION,
+    Alert,
+    BadRecord,
+    EmbeddingRecord,
+    decode_embedding,
+    dedup_key,
+    id_tuple,
+    now_id,
+    parse_key,
+    state_key,
+    stream_key,
+)
 from ..retry import Backoff
 from ..stage import StageMetrics
 from .decision import INITIAL_STATE, QueryState, Rules, decide
@@ -163,8 +178,9 @@ class Matcher:
         queries, bad = read_queries(self.client)
         backgrounds, bad_backgrounds = read_backgrounds(self.client, {(q.model, q.modality) for q in queries})
         rejected = {("rejected_query", query_id): why for query_id, why in bad.items()}
-        rejected |= {("rejected_background", f"{model}/{modality}"): why
-                     for (model, modality), why in bad_backgrounds.items()}
+        rejected |= {
+            ("rejected_background", f"{model}/{modality}"): why for (model, modality), why in bad_backgrounds.items()
+        }
         for (event, label), why in rejected.items():
             if (event, label) not in self.rejected:
                 self.metrics.count(event, label)
@@ -179,7 +195,7 @@ class Matcher:
         for stream, state in self.states.items():
             self._drop_fields(stream, state)
 
-    def _drop_fields(self, stream: str, state: StreamState, unreadable: list = ()) -> None:
+    def _drop_fields(self, stream: str, state: StreamState, unreadable: Sequence = ()) -> None:
         """Forget the states of queries no longer active and HDEL them, with the `unreadable` fields."""
         gone = [query_id for query_id in state.queries if query_id not in self.query_ids]
         for query_id in gone:
@@ -206,8 +222,11 @@ class Matcher:
             device, modality = parse_key(key)
         except BadRecord:
             return False
-        return (modality in QUERY_MODALITIES and fnmatchcase(device, s.devices)
-                and zlib.crc32(key.encode()) % s.shards == s.shard)
+        return (
+            modality in QUERY_MODALITIES
+            and fnmatchcase(device, s.devices)
+            and zlib.crc32(key.encode()) % s.shards == s.shard
+        )
 
     def discover(self) -> None:
         """Stop polling the streams without a new entry for `idle_s` (once nothing is pending), then poll
@@ -341,8 +360,9 @@ class Matcher:
 
     def _xreadgroup(self, marker: str, block_ms: int | None) -> list[tuple[str, str, dict | None]]:
         s = self.settings
-        reply = self.client.xreadgroup(s.group, s.consumer, {k: marker for k in self.active}, count=s.read_count,
-                                       block=block_ms)
+        reply = self.client.xreadgroup(
+            s.group, s.consumer, {k: marker for k in self.active}, count=s.read_count, block=block_ms
+        )
         return [(text(key), text(entry_id), f) for key, items in reply or [] for entry_id, f in items]
 
     def _process(self, entries: list[tuple[str, str, dict | None]]) -> None:
@@ -373,8 +393,11 @@ class Matcher:
                     fit.append(r)
                 else:
                     tally["rejected_wrong_dim", r.device] += 1
-                    self._warn_once("rejected_wrong_dim", r.device, f"{r.stream} {r.id}: dim {r.emb.shape[0]}, "
-                                    f"the {model} queries have {index.dim}")
+                    self._warn_once(
+                        "rejected_wrong_dim",
+                        r.device,
+                        f"{r.stream} {r.id}: dim {r.emb.shape[0]}, the {model} queries have {index.dim}",
+                    )
             if not fit:
                 continue
             scores = index.shares(np.stack([r.emb for r in fit]))
@@ -384,8 +407,9 @@ class Matcher:
                 rows[r.stream].append(i)
             for stream, idx in rows.items():
                 try:  # the stream states were loaded by _record: no Redis call here
-                    new_alerts, new_states = self._decide(index, self.rules[model, modality],
-                                                          [fit[i] for i in idx], scores[idx])
+                    new_alerts, new_states = self._decide(
+                        index, self.rules[model, modality], [fit[i] for i in idx], scores[idx]
+                    )
                 except Exception as err:
                     device = fit[idx[0]].device
                     tally["rejected_error", device] += len(idx)
@@ -435,8 +459,9 @@ class Matcher:
             self.states[stream] = state
         return self.states[stream]
 
-    def _decide(self, index: ModalityIndex, rules: Rules, records: list[EmbeddingRecord],
-                scores: np.ndarray) -> tuple[list[Alert], dict[str, QueryState]]:
+    def _decide(
+        self, index: ModalityIndex, rules: Rules, records: list[EmbeddingRecord], scores: np.ndarray
+    ) -> tuple[list[Alert], dict[str, QueryState]]:
         """Run one stream's new records (in stream order) through the decision of every query watching its
         device; returns the alerts and the states that changed."""
         device = records[0].device
@@ -448,13 +473,32 @@ class Matcher:
         before = [known.get(q.id, INITIAL_STATE) for q in queries]
         rules, scores = rules[cols], scores[:, cols]
         changed, fired = decide(rules, before, scores, [r.t0 for r in records])
-        alerts = [Alert(device, queries[j].id, queries[j].text, queries[j].modality, float(scores[i, j]),
-                        float(rules.threshold[j]), records[i].t0, records[i].t1, records[i].stream, records[i].id,
-                        records[i].model, time.time_ns()) for i, j in zip(*np.nonzero(fired))]
+        alerts = [
+            Alert(
+                device,
+                queries[j].id,
+                queries[j].text,
+                queries[j].modality,
+                float(scores[i, j]),
+                float(rules.threshold[j]),
+                records[i].t0,
+                records[i].t1,
+                records[i].stream,
+                records[i].id,
+                records[i].model,
+                time.time_ns(),
+            )
+            for i, j in zip(*np.nonzero(fired))
+        ]
         return alerts, {queries[j].id: state for j, state in changed.items()}
 
-    def _commit(self, alerts: list[Alert], changed: dict[str, dict[str, QueryState]], last_ids: dict[str, str],
-                acks: dict[str, list[str]]) -> None:
+    def _commit(
+        self,
+        alerts: list[Alert],
+        changed: dict[str, dict[str, QueryState]],
+        last_ids: dict[str, str],
+        acks: dict[str, list[str]],
+    ) -> None:
         """Decision state (its hash's TTL renewed), alerts and acknowledgements in one MULTI/EXEC: all of a
         batch's effects or none."""
         s = self.settings
@@ -514,18 +558,25 @@ class Matcher:
         return self.stats()
 
     def stats(self) -> dict:
-        return self.metrics.snapshot(streams=len(self.active), queries=sum(i.m for i in self.indexes.values()),
-                                     pending=self.pending, last_error=self.last_error)
+        return self.metrics.snapshot(
+            streams=len(self.active),
+            queries=sum(i.m for i in self.indexes.values()),
+            pending=self.pending,
+            last_error=self.last_error,
+        )
 
 
-def start_matchers(settings: MatcherSettings, redis_url: str, count: int = 1, max_restarts: int = -1,
-                   num_cpus: float = 0) -> list:
+def start_matchers(
+    settings: MatcherSettings, redis_url: str, count: int = 1, max_restarts: int = -1, num_cpus: float = 0
+) -> list:
     """`count` matcher actors, each owning a shard of the streams (consumer `{settings.consumer}-{i}`),
     running from construction and restarted by Ray (up to `max_restarts`, -1: always) with the same
     settings after a crash. Each scores on one core: its BLAS runs one thread (more only add latency)."""
     return [
-        ray.remote(Matcher).options(max_restarts=max_restarts, num_cpus=num_cpus,
-                                    runtime_env={"env_vars": ONE_BLAS_THREAD}).remote(
-            replace(settings, shard=i, shards=count, consumer=f"{settings.consumer}-{i}", autostart=True), redis_url)
+        ray.remote(Matcher)
+        .options(max_restarts=max_restarts, num_cpus=num_cpus, runtime_env={"env_vars": ONE_BLAS_THREAD})
+        .remote(
+            replace(settings, shard=i, shards=count, consumer=f"{settings.consumer}-{i}", autostart=True), redis_url
+        )
         for i in range(count)
     ]

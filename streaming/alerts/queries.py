@@ -15,8 +15,18 @@ from __future__ import annotations
 import redis
 
 from ..records import text
-from ..redis_layout import (QUERY_CHANNEL, QUERY_SET, QUERY_VERSION, background_key, decode_background, decode_query,
-                            encode_background, encode_decision, encode_query, query_key)
+from ..redis_layout import (
+    QUERY_CHANNEL,
+    QUERY_SET,
+    QUERY_VERSION,
+    background_key,
+    decode_background,
+    decode_query,
+    encode_background,
+    encode_decision,
+    encode_query,
+    query_key,
+)
 from .prompts import BACKGROUND_PROMPTS, ensemble
 from .records import Background, Decision, Query, QueryError
 
@@ -66,8 +76,9 @@ def find_query_id(client: redis.Redis, ref: str) -> str:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise QueryError(f"no query {ref!r}: neither an id, the start of one, nor a query's text "
-                         f"(see `bindstream alert list`)")
+        raise QueryError(
+            f"no query {ref!r}: neither an id, the start of one, nor a query's text (see `bindstream alert list`)"
+        )
     named = ", ".join(f"{i} ({texts[i]!r})" if i in texts else i for i in found)
     raise QueryError(f"{ref!r} names {len(found)} queries: {named}; give more of the id")
 
@@ -96,8 +107,9 @@ def load_background(client: redis.Redis, model: str, modality: str) -> Backgroun
     return decode_background(model, modality, client.hgetall(background_key(model, modality)))
 
 
-def read_backgrounds(client: redis.Redis, keys) -> tuple[dict[tuple[str, str], Background | None],
-                                                         dict[tuple[str, str], str]]:
+def read_backgrounds(
+    client: redis.Redis, keys
+) -> tuple[dict[tuple[str, str], Background | None], dict[tuple[str, str], str]]:
     """(the background of each (model, modality) of `keys`, None where none loads; {key: why} of the
     malformed ones)."""
     found, bad = {}, {}
@@ -115,5 +127,6 @@ def ensure_background(client: redis.Redis, encoder, modality: str) -> Background
     if found is not None:
         return found
     prompts = BACKGROUND_PROMPTS[modality]
-    return save_background(client, Background(encoder.name, modality, prompts, ensemble(encoder, list(prompts),
-                                                                                         modality)))
+    return save_background(
+        client, Background(encoder.name, modality, prompts, ensemble(encoder, list(prompts), modality))
+    )

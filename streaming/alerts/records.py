@@ -49,24 +49,35 @@ class Decision:
     def __post_init__(self):
         """The one place where decision settings are checked (alert add / tune, and every query loaded from
         Redis): numbers of the right kind, finite, in range; NaN fails every range test."""
-        for name, kind in (("threshold", Real), ("k", Integral), ("n", Integral), ("cooldown_s", Real),
-                           ("hysteresis", Real)):
+        for name, kind in (
+            ("threshold", Real),
+            ("k", Integral),
+            ("n", Integral),
+            ("cooldown_s", Real),
+            ("hysteresis", Real),
+        ):
             value = getattr(self, name)
             if not isinstance(value, kind) or isinstance(value, bool):
-                raise QueryError(f"{name} must be {'an integer' if kind is Integral else 'a number'}, got {value!r}",
-                                 name)
+                raise QueryError(
+                    f"{name} must be {'an integer' if kind is Integral else 'a number'}, got {value!r}", name
+                )
         if not 0.0 < self.threshold < 1.0:
-            raise QueryError(f"threshold {self.threshold} must lie strictly between 0 and 1 (a softmax share)",
-                             "threshold")
+            raise QueryError(
+                f"threshold {self.threshold} must lie strictly between 0 and 1 (a softmax share)", "threshold"
+            )
         if not 1 <= self.k <= self.n <= MAX_SMOOTHING_N:
-            raise QueryError(f"smoothing needs 1 <= k <= n <= {MAX_SMOOTHING_N}; got k={self.k} n={self.n}",
-                             "k" if self.k > self.n or self.k < 1 else "n")
+            raise QueryError(
+                f"smoothing needs 1 <= k <= n <= {MAX_SMOOTHING_N}; got k={self.k} n={self.n}",
+                "k" if self.k > self.n or self.k < 1 else "n",
+            )
         if not 0.0 <= self.cooldown_s <= MAX_COOLDOWN_S:
-            raise QueryError(f"cooldown_s {self.cooldown_s} must lie in [0, {MAX_COOLDOWN_S:g}] seconds",
-                             "cooldown_s")
+            raise QueryError(f"cooldown_s {self.cooldown_s} must lie in [0, {MAX_COOLDOWN_S:g}] seconds", "cooldown_s")
         if not 0.0 <= self.hysteresis < self.threshold:
-            raise QueryError(f"hysteresis {self.hysteresis} must lie in [0, threshold={self.threshold}) "
-                             f"(the score re-arms below threshold - hysteresis)", "hysteresis")
+            raise QueryError(
+                f"hysteresis {self.hysteresis} must lie in [0, threshold={self.threshold}) "
+                f"(the score re-arms below threshold - hysteresis)",
+                "hysteresis",
+            )
 
 
 @dataclass
@@ -106,8 +117,9 @@ class Background:
 
     def __post_init__(self):
         if len(self.prompts) != len(self.emb) or not self.prompts:
-            raise QueryError(f"background {self.model}/{self.modality}: {len(self.prompts)} prompts, "
-                             f"{len(self.emb)} vectors")
+            raise QueryError(
+                f"background {self.model}/{self.modality}: {len(self.prompts)} prompts, {len(self.emb)} vectors"
+            )
         if not 0.0 < self.logit_scale <= MAX_LOGIT_SCALE:
             raise QueryError(f"logit_scale {self.logit_scale} must lie in (0, {MAX_LOGIT_SCALE}]")
         if not -1.0 <= self.exclude_cos <= 1.0:

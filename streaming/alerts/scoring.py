@@ -64,15 +64,17 @@ class ModalityIndex:
         """Indices of the queries that watch `device`."""
         if device not in self._columns:
             self._columns[device] = np.array(
-                [i for i, q in enumerate(self.queries) if fnmatchcase(device, q.device)], dtype=np.intp)
+                [i for i, q in enumerate(self.queries) if fnmatchcase(device, q.device)], dtype=np.intp
+            )
         return self._columns[device]
 
     def forget(self, device: str) -> None:
         self._columns.pop(device, None)
 
 
-def build_indexes(queries: list[Query],
-                  backgrounds: dict[tuple[str, str], Background | None]) -> dict[tuple[str, str], ModalityIndex]:
+def build_indexes(
+    queries: list[Query], backgrounds: dict[tuple[str, str], Background | None]
+) -> dict[tuple[str, str], ModalityIndex]:
     """One ModalityIndex per (model, modality) that has queries and a background of their dimension; a
     query that every background prompt is too close to (it would always score 1) is left out too."""
     groups: dict[tuple[str, str], list[Query]] = defaultdict(list)
@@ -81,8 +83,9 @@ def build_indexes(queries: list[Query],
     out = {}
     for key, qs in groups.items():
         bg = backgrounds.get(key)
-        usable = [q for q in qs if bg is not None and q.emb.shape[0] == bg.emb.shape[1]
-                  and (bg.emb @ q.emb < bg.exclude_cos).any()]
+        if bg is None:
+            continue
+        usable = [q for q in qs if q.emb.shape[0] == bg.emb.shape[1] and (bg.emb @ q.emb < bg.exclude_cos).any()]
         if usable:
             out[key] = ModalityIndex(usable, bg)
     return out

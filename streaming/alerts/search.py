@@ -41,8 +41,9 @@ def since_id(client: redis.Redis, since_ms: int | None) -> str:
     return f"{max(seconds * 1000 + micros // 1000 - since_ms, 0)}-0"
 
 
-def read_chunks(client: redis.Redis, key: str, start: str = "-",
-                chunk: int = XRANGE_CHUNK) -> Iterator[tuple[list[EmbeddingRecord], int]]:
+def read_chunks(
+    client: redis.Redis, key: str, start: str = "-", chunk: int = XRANGE_CHUNK
+) -> Iterator[tuple[list[EmbeddingRecord], int]]:
     """(records, malformed entries skipped) per XRANGE chunk of one stream, from `start` on; a record
     the matcher would not score (entry_problem: times out of range, not a finite unit vector) counts as
     malformed."""
@@ -76,8 +77,15 @@ class Hit:
     record: EmbeddingRecord
 
 
-def search(client: redis.Redis, vectors: dict[str, np.ndarray], model: str, device: str = "*",
-           since_ms: int | None = None, top: int = 20, chunk: int = XRANGE_CHUNK) -> tuple[list[Hit], int]:
+def search(
+    client: redis.Redis,
+    vectors: dict[str, np.ndarray],
+    model: str,
+    device: str = "*",
+    since_ms: int | None = None,
+    top: int = 20,
+    chunk: int = XRANGE_CHUNK,
+) -> tuple[list[Hit], int]:
     """The `top` stored windows most like the query, over the modalities of `vectors` (modality -> the
     query's unit vector for it) and the devices matching `device`. Ranked by calibrated score, so that
     modalities compare, then by cosine (the share saturates at 1). Returns (hits, records skipped:

@@ -31,14 +31,14 @@ class Series:
     alerts: list[Alert] = field(default_factory=list)
 
 
-def timeline(client: redis.Redis, device: str, since_ms: int | None = None,
-             chunk: int = XRANGE_CHUNK) -> list[Series]:
+def timeline(client: redis.Redis, device: str, since_ms: int | None = None, chunk: int = XRANGE_CHUNK) -> list[Series]:
     """Every query watching `device`, scored over the device's stored windows of its modality."""
     queries = [q for q in load_queries(client) if fnmatchcase(device, q.device)]
     indexes = build_indexes(queries, read_backgrounds(client, {(q.model, q.modality) for q in queries})[0])
     start = since_id(client, since_ms)
-    alerts = [a for a in (Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM, min=start))
-              if a.device == device]
+    alerts = [
+        a for a in (Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM, min=start)) if a.device == device
+    ]
     out = []
     for (model, modality), index in indexes.items():
         cols = index.columns(device)
@@ -81,18 +81,20 @@ def _svg(s: Series, t_min: int, span_s: float) -> str:
         f'stroke-dasharray="6,4"><title>threshold {d.threshold:.3f}</title></line>',
         f'<line x1="{m}" x2="{w - m}" y1="{y(d.threshold - d.hysteresis):.1f}" '
         f'y2="{y(d.threshold - d.hysteresis):.1f}" stroke="#ff9896" stroke-dasharray="2,4">'
-        f'<title>re-arm below {d.threshold - d.hysteresis:.3f}</title></line>',
+        f"<title>re-arm below {d.threshold - d.hysteresis:.3f}</title></line>",
         f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{points}"/>',
         f'<text x="{m}" y="{m / 2 - 6}">{html.escape(s.query.text)} — {s.query.modality}, query {s.query.id}, '
-        f'{len(s.alerts)} alert(s)</text>',
+        f"{len(s.alerts)} alert(s)</text>",
         f'<text x="{m - 4}" y="{y(1) + 4:.1f}" text-anchor="end">1</text>',
         f'<text x="{m - 4}" y="{y(0) + 4:.1f}" text-anchor="end">0</text>',
         f'<text x="{m}" y="{h - 4}">0 s</text>',
         f'<text x="{w - m}" y="{h - 4}" text-anchor="end">{span_s:.0f} s (device time)</text>',
     ]
     for a in s.alerts:
-        parts.append(f'<circle cx="{x(a.t0):.1f}" cy="{y(a.score):.1f}" r="5" fill="#d62728">'
-                     f'<title>alert {a.id}: score {a.score:.3f}</title></circle>')
+        parts.append(
+            f'<circle cx="{x(a.t0):.1f}" cy="{y(a.score):.1f}" r="5" fill="#d62728">'
+            f"<title>alert {a.id}: score {a.score:.3f}</title></circle>"
+        )
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -108,9 +110,11 @@ def timeline_html(series: list[Series], device: str) -> str:
     t_min, span_s = _time_span(series)
     body = "\n".join(f"<div>{_svg(s, t_min, span_s)}</div>" for s in series)
     title = f"bindstream timeline: {html.escape(device)}"
-    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\n"
-            f"<body style=\"font-family: sans-serif\"><h2>{title}</h2>\n<p>Calibrated score per window (blue), "
-            f"threshold (red dashes), re-arm level (pink dots), alerts (red dots).</p>\n{body}\n</body></html>\n")
+    return (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>\n'
+        f'<body style="font-family: sans-serif"><h2>{title}</h2>\n<p>Calibrated score per window (blue), '
+        f"threshold (red dashes), re-arm level (pink dots), alerts (red dots).</p>\n{body}\n</body></html>\n"
+    )
 
 
 def timeline_png(series: list[Series], device: str, path: str) -> None:

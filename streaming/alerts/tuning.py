@@ -34,8 +34,12 @@ class Confusion:
 
 def confusion(scores: np.ndarray, labels: np.ndarray, threshold: float) -> Confusion:
     pred, labels = scores >= threshold, labels.astype(bool)
-    return Confusion(int((pred & labels).sum()), int((pred & ~labels).sum()), int((~pred & labels).sum()),
-                     int((~pred & ~labels).sum()))
+    return Confusion(
+        int((pred & labels).sum()),
+        int((pred & ~labels).sum()),
+        int((~pred & labels).sum()),
+        int((~pred & ~labels).sum()),
+    )
 
 
 def fit_threshold(scores: np.ndarray, labels: np.ndarray) -> float:

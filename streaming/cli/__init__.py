@@ -28,8 +28,18 @@ def main(verbose: bool, debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
-for _command in (embed.embed, pipeline.run, pipeline.demo, events.tail, events.watch, alerts.alert, alerts.match,
-                 search.search_command, search.timeline_command, bench.bench):
+for _command in (
+    embed.embed,
+    pipeline.run,
+    pipeline.demo,
+    events.tail,
+    events.watch,
+    alerts.alert,
+    alerts.match,
+    search.search_command,
+    search.timeline_command,
+    bench.bench,
+):
     main.add_command(_command)
 main.add_command(device_commands, name="device")
 main.add_command(device_commands.commands["simulate"], name="simulate")

@@ -16,8 +16,16 @@ from rich.table import Table
 
 from streaming.alerts.matcher import DEFAULT_GROUP, Matcher, MatcherSettings, start_matchers
 from streaming.alerts.prompts import check_modality, ensemble
-from streaming.alerts.queries import (delete_query, ensure_background, find_query_id, load_background, load_queries,
-                                      load_query, save_query, set_decision)
+from streaming.alerts.queries import (
+    delete_query,
+    ensure_background,
+    find_query_id,
+    load_background,
+    load_queries,
+    load_query,
+    save_query,
+    set_decision,
+)
 from streaming.alerts.records import Decision, Query, QueryError, unit
 from streaming.alerts.scoring import ModalityIndex
 from streaming.alerts.tuning import confusion, fit_threshold
@@ -35,8 +43,13 @@ MAX_HOLDOUT = 0.9  # `alert tune` keeps at least a tenth of each folder to fit o
 REFRESH_S = 0.5  # live tables
 
 # `alert add` option of each Decision field, named in the one-line error when Decision refuses a value
-DECISION_OPTIONS = {"threshold": "--threshold", "k": "--k", "n": "--n", "cooldown_s": "--cooldown",
-                    "hysteresis": "--hysteresis"}
+DECISION_OPTIONS = {
+    "threshold": "--threshold",
+    "k": "--k",
+    "n": "--n",
+    "cooldown_s": "--cooldown",
+    "hysteresis": "--hysteresis",
+}
 
 
 @click.group()
@@ -48,23 +61,44 @@ def alert() -> None:
 @click.argument("text")
 @click.option("--modality", type=click.Choice(QUERY_MODALITIES), required=True, help="Streams to watch.")
 @click.option("--device", default="*", help="Device id or glob ('*': every device).")
-@click.option("--threshold", type=float, default=Decision.threshold,
-              help="Calibrated score (softmax share against the background prompts) that fires.")
+@click.option(
+    "--threshold",
+    type=float,
+    default=Decision.threshold,
+    help="Calibrated score (softmax share against the background prompts) that fires.",
+)
 @click.option("--k", "k", type=int, default=Decision.k, help="Windows above threshold ...")
 @click.option("--n", "n", type=int, default=Decision.n, help="... among the last n.")
-@click.option("--cooldown", type=float, default=Decision.cooldown_s,
-              help="Seconds of device time between two alerts of this query on one device.")
-@click.option("--hysteresis", type=float, default=Decision.hysteresis,
-              help="Re-arm only once the score falls below threshold - hysteresis.")
-@click.option("--example", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Use this clip or image's embedding (same encoder) instead of the text's.")
-@click.option("--vector", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Use this .npy vector (normalised) instead of the text's.")
+@click.option(
+    "--cooldown",
+    type=float,
+    default=Decision.cooldown_s,
+    help="Seconds of device time between two alerts of this query on one device.",
+)
+@click.option(
+    "--hysteresis",
+    type=float,
+    default=Decision.hysteresis,
+    help="Re-arm only once the score falls below threshold - hysteresis.",
+)
+@click.option(
+    "--example",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Use this clip or image's embedding (same encoder) instead of the text's.",
+)
+@click.option(
+    "--vector",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Use this .npy vector (normalised) instead of the text's.",
+)
 @redis_option()
 @MODEL_OPTION
 @CHECKPOINT_OPTION
-def alert_add(text, modality, device, threshold, k, n, cooldown, hysteresis, example, vector, redis_url, model,
-              checkpoint):
+def alert_add(
+    text, modality, device, threshold, k, n, cooldown, hysteresis, example, vector, redis_url, model, checkpoint
+):
     """Add a query: TEXT (also the label of an --example or --vector query) to watch for."""
     if not text.strip():
         raise click.BadParameter("the query text is empty", param_hint="TEXT")
@@ -97,13 +131,17 @@ def alert_add(text, modality, device, threshold, k, n, cooldown, hysteresis, exa
         q = save_query(client, Query(text, modality, emb, name, device=device, decision=decision, source=source))
     except QueryError as err:
         raise click.UsageError(str(err)) from err
-    console.print(f"added query [bold]{q.id}[/]: {text!r} on {modality} of {device} ({name}, {source}), "
-                  f"threshold {decision.threshold}, {decision.k} of {decision.n}, cooldown {decision.cooldown_s} s, "
-                  f"hysteresis {decision.hysteresis}")
+    console.print(
+        f"added query [bold]{q.id}[/]: {text!r} on {modality} of {device} ({name}, {source}), "
+        f"threshold {decision.threshold}, {decision.k} of {decision.n}, cooldown {decision.cooldown_s} s, "
+        f"hysteresis {decision.hysteresis}"
+    )
     if source != "text":
-        console.print("[yellow]note: the score is calibrated against text prompts, and a clip's embedding is closer "
-                      "to clips of its modality than any text is, so this query's scores run high: fit its "
-                      "threshold with `alert tune` (ALERTS.md)[/]")
+        console.print(
+            "[yellow]note: the score is calibrated against text prompts, and a clip's embedding is closer "
+            "to clips of its modality than any text is, so this query's scores run high: fit its "
+            "threshold with `alert tune` (ALERTS.md)[/]"
+        )
 
 
 def _load_vector(path: str, name: str) -> np.ndarray:
@@ -115,8 +153,9 @@ def _load_vector(path: str, name: str) -> np.ndarray:
         raise click.BadParameter(str(err), param_hint="--vector") from err
     dim = resolve_config(name).out_embed_dim
     if v.shape[0] != dim:
-        raise click.BadParameter(f"{path} has {v.shape[0]} dimensions; model {name} embeds in {dim}",
-                                 param_hint="--vector")
+        raise click.BadParameter(
+            f"{path} has {v.shape[0]} dimensions; model {name} embeds in {dim}", param_hint="--vector"
+        )
     return v
 
 
@@ -137,19 +176,61 @@ def alert_list(redis_url, as_json):
     """The active queries."""
     queries = load_queries(connect(redis_url))
     if as_json:
-        click.echo(json.dumps([{"id": q.id, "text": q.text, "modality": q.modality, "device": q.device,
-                                "model": q.model, "source": q.source, "threshold": q.decision.threshold,
-                                "k": q.decision.k, "n": q.decision.n, "cooldown_s": q.decision.cooldown_s,
-                                "hysteresis": q.decision.hysteresis, "created": q.created} for q in queries],
-                              indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "id": q.id,
+                        "text": q.text,
+                        "modality": q.modality,
+                        "device": q.device,
+                        "model": q.model,
+                        "source": q.source,
+                        "threshold": q.decision.threshold,
+                        "k": q.decision.k,
+                        "n": q.decision.n,
+                        "cooldown_s": q.decision.cooldown_s,
+                        "hysteresis": q.decision.hysteresis,
+                        "created": q.created,
+                    }
+                    for q in queries
+                ],
+                indent=2,
+            )
+        )
         return
-    out = table("bindstream queries", ("id", "text", "modality", "device", "model", "source", "threshold", "k/n",
-                                       "cooldown s", "hysteresis", "created"), whole=("id",))
+    out = table(
+        "bindstream queries",
+        (
+            "id",
+            "text",
+            "modality",
+            "device",
+            "model",
+            "source",
+            "threshold",
+            "k/n",
+            "cooldown s",
+            "hysteresis",
+            "created",
+        ),
+        whole=("id",),
+    )
     for q in queries:
         d = q.decision
-        out.add_row(q.id, q.text, q.modality, q.device, q.model, q.source, f"{d.threshold:.4g}", f"{d.k}/{d.n}",
-                    f"{d.cooldown_s:g}", f"{d.hysteresis:g}",
-                    datetime.fromtimestamp(q.created).strftime("%Y-%m-%d %H:%M:%S"))
+        out.add_row(
+            q.id,
+            q.text,
+            q.modality,
+            q.device,
+            q.model,
+            q.source,
+            f"{d.threshold:.4g}",
+            f"{d.k}/{d.n}",
+            f"{d.cooldown_s:g}",
+            f"{d.hysteresis:g}",
+            datetime.fromtimestamp(q.created).strftime("%Y-%m-%d %H:%M:%S"),
+        )
     console.print(out)
 
 
@@ -210,12 +291,24 @@ def _split(n: int, holdout: float, rng: np.random.Generator) -> tuple[np.ndarray
 
 @alert.command("tune")
 @click.argument("query")
-@click.option("--positive", type=click.Path(exists=True, file_okay=False), required=True,
-              help="Folder of clips where the query should fire.")
-@click.option("--negative", type=click.Path(exists=True, file_okay=False), required=True,
-              help="Folder of clips where it should not.")
-@click.option("--holdout", type=click.FloatRange(0.0, MAX_HOLDOUT), default=0.3,
-              help="Share of each folder kept out of the fit to report precision and recall on.")
+@click.option(
+    "--positive",
+    type=click.Path(exists=True, file_okay=False),
+    required=True,
+    help="Folder of clips where the query should fire.",
+)
+@click.option(
+    "--negative",
+    type=click.Path(exists=True, file_okay=False),
+    required=True,
+    help="Folder of clips where it should not.",
+)
+@click.option(
+    "--holdout",
+    type=click.FloatRange(0.0, MAX_HOLDOUT),
+    default=0.3,
+    help="Share of each folder kept out of the fit to report precision and recall on.",
+)
 @click.option("--seed", type=int, default=0, help="Of the train / held-out split.")
 @click.option("--dry-run", is_flag=True, help="Report only; keep the stored threshold.")
 @redis_option()
@@ -239,11 +332,14 @@ def alert_tune(query, positive, negative, holdout, seed, dry_run, redis_url, che
     neg, neg_skipped = _labelled_clips(negative, q.modality)
     for folder, clips, skipped in ((positive, pos, pos_skipped), (negative, neg, neg_skipped)):
         if skipped:
-            console.print(f"[yellow]{folder}: skipped {len(skipped)} file(s) that are not {q.modality}: "
-                          f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}[/]")
+            console.print(
+                f"[yellow]{folder}: skipped {len(skipped)} file(s) that are not {q.modality}: "
+                f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}[/]"
+            )
         if len(clips) < MIN_CLIPS_PER_CLASS:
-            raise click.ClickException(f"{folder}: {len(clips)} {q.modality} clip(s); at least "
-                                       f"{MIN_CLIPS_PER_CLASS} are needed")
+            raise click.ClickException(
+                f"{folder}: {len(clips)} {q.modality} clip(s); at least {MIN_CLIPS_PER_CLASS} are needed"
+            )
     emb = _embed_all(load_encoder(q.model, checkpoint), q.modality, pos + neg)
     scores = ModalityIndex([q], background).shares(emb)[:, 0]
     labels = np.array([1] * len(pos) + [0] * len(neg))
@@ -259,12 +355,21 @@ def alert_tune(query, positive, negative, holdout, seed, dry_run, redis_url, che
     rows += [("held out", held, threshold), ("held out, old threshold", held, old)] if len(held) else []
     for split, idx, t in rows:
         c = confusion(scores[idx], labels[idx], t)
-        out.add_row(split, f"{t:.4g}", str(int(labels[idx].sum())), str(int((1 - labels[idx]).sum())),
-                    f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}")
+        out.add_row(
+            split,
+            f"{t:.4g}",
+            str(int(labels[idx].sum())),
+            str(int((1 - labels[idx]).sum())),
+            f"{c.precision:.3f}",
+            f"{c.recall:.3f}",
+            f"{c.f1:.3f}",
+        )
     console.print(out)
     if confusion(scores[train], labels[train], threshold).f1 == 0:
-        raise click.ClickException(f"no threshold separates these clips for query {q.id} (F1 0 on them): "
-                                   "threshold not changed; check the folders, or add clips")
+        raise click.ClickException(
+            f"no threshold separates these clips for query {q.id} (F1 0 on them): "
+            "threshold not changed; check the folders, or add clips"
+        )
     verb = "would set" if dry_run else "set"
     hysteresis = q.decision.hysteresis if q.decision.hysteresis < threshold else threshold / 2
     if hysteresis != q.decision.hysteresis:
@@ -282,10 +387,14 @@ def matcher_table(stats: list[dict], title: str = "bindstream matchers") -> Tabl
     out = table(title, columns, right=columns[1:])
     for i, s in enumerate(stats):
         counts = Counts.of(s)
-        out.add_row(str(i), str(s["streams"]), str(s["queries"]),
-                    *(str(counts.get(e)) for e in ("in", "scored", "alert", "duplicate_alert", "rejected_")),
-                    f"{s['latency_p50_ms']:.0f}" if "latency_p50_ms" in s else "-",
-                    f"{s['latency_p99_ms']:.0f}" if "latency_p99_ms" in s else "-")
+        out.add_row(
+            str(i),
+            str(s["streams"]),
+            str(s["queries"]),
+            *(str(counts.get(e)) for e in ("in", "scored", "alert", "duplicate_alert", "rejected_")),
+            f"{s['latency_p50_ms']:.0f}" if "latency_p50_ms" in s else "-",
+            f"{s['latency_p99_ms']:.0f}" if "latency_p99_ms" in s else "-",
+        )
     return out
 
 
@@ -293,8 +402,7 @@ def matcher_table(stats: list[dict], title: str = "bindstream matchers") -> Tabl
 @redis_option()
 @click.option("--group", default=DEFAULT_GROUP, help="Consumer group on the embedding streams.")
 @click.option("--devices", default="*", help="Glob of the devices to match.")
-@click.option("--matchers", type=click.IntRange(1), default=1,
-              help="Matcher actors; the streams are split among them.")
+@click.option("--matchers", type=click.IntRange(1), default=1, help="Matcher actors; the streams are split among them.")
 @click.option("--from-start", is_flag=True, help="Also match windows stored before now (streams new to the group).")
 @click.option("--in-process", is_flag=True, help="One matcher in this process instead of Ray actors.")
 @click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")

@@ -44,13 +44,26 @@ def comma_list(kind=int, choices: tuple[str, ...] | None = None):
 @click.option("--model", type=click.Choice(["imagebind_huge", "tiny"]), default="tiny")
 @CHECKPOINT_OPTION
 @DEVICE_OPTION
-@click.option("--dtype", "dtypes", default="float32", callback=comma_list(str, DTYPES),
-              help="Comma-separated dtypes, timed side by side.")
+@click.option(
+    "--dtype",
+    "dtypes",
+    default="float32",
+    callback=comma_list(str, DTYPES),
+    help="Comma-separated dtypes, timed side by side.",
+)
 @click.option("--batch", "batches", default="1,8,32", callback=comma_list(), help="Comma-separated batch sizes.")
-@click.option("--modalities", default=",".join(MODALITIES), callback=comma_list(str, MODALITIES),
-              help="Comma-separated modalities.")
-@click.option("--min-seconds", type=click.FloatRange(min=0), default=1.0,
-              help="Time each point for at least this long (after its warm-up).")
+@click.option(
+    "--modalities",
+    default=",".join(MODALITIES),
+    callback=comma_list(str, MODALITIES),
+    help="Comma-separated modalities.",
+)
+@click.option(
+    "--min-seconds",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    help="Time each point for at least this long (after its warm-up).",
+)
 def bench_encoders_command(model, checkpoint, device, dtypes, batches, modalities, min_seconds):
     """Clips per second per modality, batch size and dtype, each point timed after a warm-up."""
     from rich.console import Console
@@ -62,8 +75,14 @@ def bench_encoders_command(model, checkpoint, device, dtypes, batches, modalitie
     if not checkpoint:
         console.print(f"[bold red]{random_weights_warning(model)} (speed does not depend on the values)[/]")
     points = len(dtypes) * len(batches) * len(modalities)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
         task = progress.add_task(f"loading {model}", total=points)
 
         def on_point(done: int, modality: str, dtype: str, batch: int) -> None:
@@ -73,8 +92,12 @@ def bench_encoders_command(model, checkpoint, device, dtypes, batches, modalitie
             rows = bench_encoders(model, device, dtypes, batches, modalities, checkpoint, min_seconds, on_point)
         except (FileNotFoundError, ValueError, RuntimeError) as err:
             raise click.ClickException(f"bench encoders: {err}") from None
-    columns = ("modality", "batch", *[c for d in dtypes for c in (d, f"{d} ms/batch")],
-               *([f"{dtypes[1]} / {dtypes[0]}"] if len(dtypes) > 1 else []))
+    columns = (
+        "modality",
+        "batch",
+        *[c for d in dtypes for c in (d, f"{d} ms/batch")],
+        *([f"{dtypes[1]} / {dtypes[0]}"] if len(dtypes) > 1 else []),
+    )
     out = table(f"{model} encoders, clips/s (device {device or 'auto'})", columns, right=columns[1:])
     by_point = {(r.modality, r.batch, r.dtype): r for r in rows}
     for modality in modalities:
@@ -99,8 +122,12 @@ def bench_pipeline_command(devices, seconds, config_file, redis_url, **flags):
     config.model = config.model or "tiny"
     with user_errors():
         f = bench_pipeline(devices, seconds, config)
-    out = table(f"pipeline, {devices} device{'s' * (devices != 1)} x {seconds:g} s, model {config.model}, "
-                f"CPU cores: {os.cpu_count()}", ("figure", "value", "target"), right=("value", "target"))
+    out = table(
+        f"pipeline, {devices} device{'s' * (devices != 1)} x {seconds:g} s, model {config.model}, "
+        f"CPU cores: {os.cpu_count()}",
+        ("figure", "value", "target"),
+        right=("value", "target"),
+    )
     rows = [
         ("messages / payload", f"{f.messages} / {f.payload_mb:.0f} MB", ""),
         ("windows", str(f.windows), ""),
@@ -109,11 +136,17 @@ def bench_pipeline_command(devices, seconds, config_file, redis_url, **flags):
         ("offline: windowing + encoder, 1 process", f"{f.offline_windows_per_s:.1f} windows/s", ""),
         ("pipeline end to end (ZeroMQ, Ray, Redis)", f"{f.pipeline_windows_per_s:.1f} windows/s", ""),
         ("pipeline efficiency (pipeline / offline)", f"{f.efficiency:.2f}", ">= 0.9"),
-        ("publish latency p50 / p99 (burst: queueing included)",
-         f"{f.latency_p50_ms:.0f} / {f.latency_p99_ms:.0f} ms", ""),
-        ("stage busy s (ingest / window / embed / publish)",
-         " / ".join(f"{f.busy_s[s]:.1f}" for s in ("ingest", "window", "embed", "publish")) + f" of {f.elapsed_s:.1f}",
-         ""),
+        (
+            "publish latency p50 / p99 (burst: queueing included)",
+            f"{f.latency_p50_ms:.0f} / {f.latency_p99_ms:.0f} ms",
+            "",
+        ),
+        (
+            "stage busy s (ingest / window / embed / publish)",
+            " / ".join(f"{f.busy_s[s]:.1f}" for s in ("ingest", "window", "embed", "publish"))
+            + f" of {f.elapsed_s:.1f}",
+            "",
+        ),
     ]
     for row in rows:
         out.add_row(*row)
@@ -126,16 +159,32 @@ def bench_pipeline_command(devices, seconds, config_file, redis_url, **flags):
 @click.option("--seconds", type=click.FloatRange(min=1), default=AlertBench.seconds)
 @click.option("--dim", type=click.IntRange(2), default=AlertBench.dim, help="1024: imagebind_huge.")
 @click.option("--devices", type=click.IntRange(1), default=AlertBench.devices)
-@click.option("--events-per-s", type=click.FloatRange(min=0.01), default=AlertBench.events_per_s,
-              help="Matching events started per second (one alert each).")
-@click.option("--score-rows", type=click.IntRange(1), default=AlertBench.score_rows,
-              help="Embeddings scored for the throughput figure.")
-@click.option("--search-records", type=click.IntRange(0), default=AlertBench.search_records,
-              help="Stored windows for the search cost figure (0: skip).")
+@click.option(
+    "--events-per-s",
+    type=click.FloatRange(min=0.01),
+    default=AlertBench.events_per_s,
+    help="Matching events started per second (one alert each).",
+)
+@click.option(
+    "--score-rows",
+    type=click.IntRange(1),
+    default=AlertBench.score_rows,
+    help="Embeddings scored for the throughput figure.",
+)
+@click.option(
+    "--search-records",
+    type=click.IntRange(0),
+    default=AlertBench.search_records,
+    help="Stored windows for the search cost figure (0: skip).",
+)
 @click.option("--seed", type=int, default=AlertBench.seed)
-@click.option("--redis", "scratch_url", default=None,
-              help="A scratch Redis for the benchmark's streams and queries, deleted after (never "
-                   "$BINDSTREAM_REDIS_URL); default: an embedded redis-server.")
+@click.option(
+    "--redis",
+    "scratch_url",
+    default=None,
+    help="A scratch Redis for the benchmark's streams and queries, deleted after (never "
+    "$BINDSTREAM_REDIS_URL); default: an embedded redis-server.",
+)
 def bench_alerts(scratch_url, **settings):
     """Matcher throughput and alert latency against a real redis-server (the matcher in a process of its
     own with one BLAS thread, this process writing the embeddings)."""
@@ -146,22 +195,40 @@ def bench_alerts(scratch_url, **settings):
         f = run_bench(b, scratch_url)
     except TimeoutError as err:
         raise click.ClickException(str(err)) from None
-    out = table(f"bench alerts: {b.queries} queries, {b.dim}-d, {f.sent} embeddings at {f.sent / f.write_s:.0f}/s "
-                f"from {b.devices} devices", ("figure", "measured", "target"), right=("measured", "target"))
-    out.add_row(f"embeddings scored/s, one core (matrix product + shares, batches of {f.score_batch})",
-                f"{f.score_per_s:,.0f}", f">= {TARGET_SCORE_RATE:,} (100 queries)")
+    out = table(
+        f"bench alerts: {b.queries} queries, {b.dim}-d, {f.sent} embeddings at {f.sent / f.write_s:.0f}/s "
+        f"from {b.devices} devices",
+        ("figure", "measured", "target"),
+        right=("measured", "target"),
+    )
+    out.add_row(
+        f"embeddings scored/s, one core (matrix product + shares, batches of {f.score_batch})",
+        f"{f.score_per_s:,.0f}",
+        f">= {TARGET_SCORE_RATE:,} (100 queries)",
+    )
     out.add_row("events written / alerts", f"{f.events} / {len(f.latency_ms)}", "equal")
     if len(f.latency_ms):
-        out.add_row("alert latency p50, XADD embedding -> XADD alert (ms)", f"{np.percentile(f.latency_ms, 50):.1f}",
-                    "")
-        out.add_row("alert latency p99 (ms)", f"{np.percentile(f.latency_ms, 99):.1f}",
-                    f"<= {TARGET_P99_MS:.0f} at 1,000/s")
-    out.add_row("rejected entries / duplicate alerts",
-                f"{f.matcher.get('rejected_')} / {f.matcher.get('duplicate_alert')}", "0 / 0")
+        out.add_row(
+            "alert latency p50, XADD embedding -> XADD alert (ms)", f"{np.percentile(f.latency_ms, 50):.1f}", ""
+        )
+        out.add_row(
+            "alert latency p99 (ms)", f"{np.percentile(f.latency_ms, 99):.1f}", f"<= {TARGET_P99_MS:.0f} at 1,000/s"
+        )
+    out.add_row(
+        "rejected entries / duplicate alerts",
+        f"{f.matcher.get('rejected_')} / {f.matcher.get('duplicate_alert')}",
+        "0 / 0",
+    )
     if f.search_s:
         per_million = {k: v * 1e6 / b.search_records for k, v in f.search_s.items()}
-        out.add_row(f"search: XRANGE / decode / score of {b.search_records:,} windows (s)",
-                    " / ".join(f"{v:.2f}" for v in f.search_s.values()), "")
-        out.add_row("search: per million windows, extrapolated (s)",
-                    f"{sum(per_million.values()):.1f} ({' / '.join(f'{v:.1f}' for v in per_million.values())})", "")
+        out.add_row(
+            f"search: XRANGE / decode / score of {b.search_records:,} windows (s)",
+            " / ".join(f"{v:.2f}" for v in f.search_s.values()),
+            "",
+        )
+        out.add_row(
+            "search: per million windows, extrapolated (s)",
+            f"{sum(per_million.values()):.1f} ({' / '.join(f'{v:.1f}' for v in per_million.values())})",
+            "",
+        )
     console.print(out)

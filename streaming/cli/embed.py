@@ -14,11 +14,20 @@ from .terminal import console, table
 
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--modality", type=click.Choice(MEDIA_MODALITIES), default=None,
-              help="Modality of every file (default: from each file's extension).")
+@click.option(
+    "--modality",
+    type=click.Choice(MEDIA_MODALITIES),
+    default=None,
+    help="Modality of every file (default: from each file's extension).",
+)
 @click.option("--text", "texts", multiple=True, help="Also embed this text and print its similarity to each file.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Write the (files, D) float32 embeddings to this .npy file.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the (files, D) float32 embeddings to this .npy file.",
+)
 @MODEL_OPTION
 @CHECKPOINT_OPTION
 @DEVICE_OPTION
@@ -38,8 +47,11 @@ def embed(files, modality, texts, output, model, checkpoint, device, dtype):
     text_embeddings = enc.embed_text(list(texts)) if texts else np.zeros((0, enc.embed_dim), np.float32)
 
     similarity = [f"cos({text!r})" for text in texts]
-    out = table(f"embeddings ({enc.name}, {enc.dtype} on {enc.device})", ("file", "modality", "first values",
-                                                                          *similarity), right=tuple(similarity))
+    out = table(
+        f"embeddings ({enc.name}, {enc.dtype} on {enc.device})",
+        ("file", "modality", "first values", *similarity),
+        right=tuple(similarity),
+    )
     for (path, file_modality, _), emb, sims in zip(loaded, embeddings, embeddings @ text_embeddings.T, strict=True):
         out.add_row(path, file_modality, np.array2string(emb[:4], precision=3), *[f"{s:.3f}" for s in sims])
     console.print(out)

@@ -25,14 +25,23 @@ WATCH_BLOCK_MS = 500
 
 @click.command()
 @redis_option()
-@click.option("--device", default="*",
-              help="Device id or glob; devices that appear later are included from their first window.")
+@click.option(
+    "--device", default="*", help="Device id or glob; devices that appear later are included from their first window."
+)
 @click.option("--modality", default="*", help="vision, audio, depth, thermal, imu, fused, or a glob.")
-@click.option("--since", type=Duration({"start": None}), default="0",
-              help="First print the records stored in this last while (30s, 10m, 2h, 1d), or all of them (start); "
-                   "0: only new ones.")
-@click.option("--count", type=click.IntRange(min=1), default=None,
-              help="Exit after this many records (default: run until Ctrl-C).")
+@click.option(
+    "--since",
+    type=Duration({"start": None}),
+    default="0",
+    help="First print the records stored in this last while (30s, 10m, 2h, 1d), or all of them (start); "
+    "0: only new ones.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Exit after this many records (default: run until Ctrl-C).",
+)
 def tail(redis_url, device, modality, since, count):
     """Print embedding records as they are published (with --since, the stored ones first), until Ctrl-C."""
     try:
@@ -47,9 +56,11 @@ def tail(redis_url, device, modality, since, count):
                     said_waiting = True
                 continue
             printed += 1
-            click.echo(f"{r.device} {r.modality:8s} t0={r.t0} t1={r.t1} {r.model} "
-                       f"emb[:4]={np.array2string(r.emb[:4], precision=3)}"
-                       + (f" ({','.join(r.modalities)})" if r.modalities else ""))
+            click.echo(
+                f"{r.device} {r.modality:8s} t0={r.t0} t1={r.t1} {r.model} "
+                f"emb[:4]={np.array2string(r.emb[:4], precision=3)}"
+                + (f" ({','.join(r.modalities)})" if r.modalities else "")
+            )
             if printed == count:
                 break
         if follow.skipped:
@@ -65,8 +76,17 @@ def alerts_table(alerts, title: str = "bindstream alerts") -> Table:
     out = table(title, columns, right=columns[5:], whole=("query id",))
     for a in alerts:
         latency = id_tuple(a.id)[0] - id_tuple(a.source_id)[0]
-        out.add_row(clock_time(a.id), a.device, a.query_text, a.query, a.modality, f"{a.score:.3f}",
-                    f"{a.threshold:.3g}", f"{a.t0 / 1e9:.1f}", str(latency))
+        out.add_row(
+            clock_time(a.id),
+            a.device,
+            a.query_text,
+            a.query,
+            a.modality,
+            f"{a.score:.3f}",
+            f"{a.threshold:.3g}",
+            f"{a.t0 / 1e9:.1f}",
+            str(latency),
+        )
     return out
 
 

@@ -14,14 +14,21 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 MODEL_OPTION = click.option(
-    "--model", type=click.Choice(sorted(PRESETS)), default=None,
+    "--model",
+    type=click.Choice(sorted(PRESETS)),
+    default=None,
     help="Encoder weights; default: imagebind_huge when its checkpoint is on disk, else tiny (random weights).",
 )
-CHECKPOINT_OPTION = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                                 help="Path of the model's checkpoint file.")
+CHECKPOINT_OPTION = click.option(
+    "--checkpoint", type=click.Path(dir_okay=False), default=None, help="Path of the model's checkpoint file."
+)
 DEVICE_OPTION = click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
-DTYPE_OPTION = click.option("--dtype", type=click.Choice(DTYPES), default=None,
-                            help="Weights dtype (default: bfloat16 on GPU, float32 on CPU; int8 is CPU only).")
+DTYPE_OPTION = click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default=None,
+    help="Weights dtype (default: bfloat16 on GPU, float32 on CPU; int8 is CPU only).",
+)
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
@@ -32,8 +39,14 @@ def redis_option(embedded: bool = False):
         default, otherwise = None, "; default: an embedded redis-server, gone when the command ends"
     else:
         default, otherwise = DEFAULT_REDIS, ""
-    return click.option("--redis", "redis_url", default=default, envvar=REDIS_ENV, show_envvar=True,
-                        help=f"Redis URL (redis://, rediss://) of the embeddings, queries and alerts{otherwise}.")
+    return click.option(
+        "--redis",
+        "redis_url",
+        default=default,
+        envvar=REDIS_ENV,
+        show_envvar=True,
+        help=f"Redis URL (redis://, rediss://) of the embeddings, queries and alerts{otherwise}.",
+    )
 
 
 class Duration(click.ParamType):

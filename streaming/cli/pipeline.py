@@ -13,8 +13,16 @@ from contextlib import contextmanager
 
 import click
 
-from streaming.pipeline import (LIVE, REPLAY, SCALAR_TYPES, ConfigError, PipelineConfig, StartupCancelled,
-                                StartupError, pipeline_session)
+from streaming.pipeline import (
+    LIVE,
+    REPLAY,
+    SCALAR_TYPES,
+    ConfigError,
+    PipelineConfig,
+    StartupCancelled,
+    StartupError,
+    pipeline_session,
+)
 from streaming.redis_access import redact_url
 
 from .options import CHECKPOINT_OPTION, DEVICE_OPTION, DTYPE_OPTION, MODEL_OPTION, redis_option
@@ -50,21 +58,37 @@ def pipeline_options(command):
     """Flags shared by `run`, `demo` and `bench pipeline`: one per scalar key of PipelineConfig, each
     overriding the config file's value (the nested tables, such as [windowing], come from the file)."""
     options = [
-        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="TOML file with PipelineConfig keys (see deploy/bindstream.toml)."),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="TOML file with PipelineConfig keys (see deploy/bindstream.toml).",
+        ),
         redis_option(embedded=True),
-        click.option("--ingest", multiple=True, help="Endpoint to bind for devices (repeatable); "
-                                                     "default tcp://127.0.0.1:5555."),
-        MODEL_OPTION, CHECKPOINT_OPTION, DEVICE_OPTION, DTYPE_OPTION,
+        click.option(
+            "--ingest", multiple=True, help="Endpoint to bind for devices (repeatable); default tcp://127.0.0.1:5555."
+        ),
+        MODEL_OPTION,
+        CHECKPOINT_OPTION,
+        DEVICE_OPTION,
+        DTYPE_OPTION,
     ]
     covered = {"redis", "ingest", "model", "checkpoint", "device", "dtype"}
     types = {"overload": click.Choice([LIVE, REPLAY])}
     for f in dataclasses.fields(PipelineConfig):
         if f.name not in covered and f.type in SCALAR_TYPES:
             help_text = FLAG_HELP.get(f.name, f"PipelineConfig.{f.name}")
-            options.append(click.option(f"--{f.name.replace('_', '-')}", f.name,
-                                        type=types.get(f.name, SCALAR_TYPES[f.type]), default=None,
-                                        hidden=f.name in TEST_FLAGS, help=f"{help_text} [config default: {f.default}]"))
+            options.append(
+                click.option(
+                    f"--{f.name.replace('_', '-')}",
+                    f.name,
+                    type=types.get(f.name, SCALAR_TYPES[f.type]),
+                    default=None,
+                    hidden=f.name in TEST_FLAGS,
+                    help=f"{help_text} [config default: {f.default}]",
+                )
+            )
     for option in reversed(options):
         command = option(command)
     return command
@@ -104,8 +128,10 @@ def say_model(model: str) -> None:
     if model == "tiny":
         from encoders.api import random_weights_warning
 
-        console.print(f"[bold red]model: tiny — {random_weights_warning('tiny')}[/] "
-                      f"(put imagebind_huge.pth in $BINDSTREAM_HOME or pass --checkpoint for real embeddings)")
+        console.print(
+            f"[bold red]model: tiny — {random_weights_warning('tiny')}[/] "
+            f"(put imagebind_huge.pth in $BINDSTREAM_HOME or pass --checkpoint for real embeddings)"
+        )
     else:
         console.print(f"model: {model}")
 
@@ -115,8 +141,11 @@ def say_ingest(endpoints: list[str], config: PipelineConfig) -> None:
     console.print(f"ingest: {', '.join(endpoints)}", soft_wrap=True)
     exposed = [e for e in endpoints if not re.match(r"tcp://(127\.|localhost|\[::1\])", e)]
     if exposed and config.curve is None:
-        console.print(f"[yellow]warning: {', '.join(exposed)} accepts devices without keys, and their ids are "
-                      "only claims: give devices CurveZMQ keys ([curve], SECURITY.md section 2)[/]", soft_wrap=True)
+        console.print(
+            f"[yellow]warning: {', '.join(exposed)} accepts devices without keys, and their ids are "
+            "only claims: give devices CurveZMQ keys ([curve], SECURITY.md section 2)[/]",
+            soft_wrap=True,
+        )
 
 
 def say_redis(redis_url: str, config: PipelineConfig) -> None:
@@ -124,8 +153,11 @@ def say_redis(redis_url: str, config: PipelineConfig) -> None:
     if config.redis:
         console.print(f"redis: {redact_url(redis_url)}", soft_wrap=True)
     else:
-        console.print(f"redis: embedded redis-server at {redis_url}, gone when this command ends"
-                      + ("" if config.redis_port else "; --redis-port to pin it"), soft_wrap=True)
+        console.print(
+            f"redis: embedded redis-server at {redis_url}, gone when this command ends"
+            + ("" if config.redis_port else "; --redis-port to pin it"),
+            soft_wrap=True,
+        )
 
 
 @click.command()
@@ -192,10 +224,13 @@ def demo(seconds, devices, seed, config_file, redis_url, **flags):
             while sim.is_alive() and not stop.is_set():
                 pipeline.autoscale()
                 stats = pipeline.stats()
-                view.update(Group(stats_table(stats, f"bindstream demo: {devices} wearables"),
-                                  per_modality_table(stats)))
+                view.update(
+                    Group(stats_table(stats, f"bindstream demo: {devices} wearables"), per_modality_table(stats))
+                )
                 sim.join(0.5)
         final = pipeline.drain()
     console.print(summary(final, "bindstream demo: summary"))
-    console.print(f"embeddings were in Redis at {redact_url(url)}"
-                  + ("" if config.redis else " (an embedded server, now stopped; use --redis URL to keep them)"))
+    console.print(
+        f"embeddings were in Redis at {redact_url(url)}"
+        + ("" if config.redis else " (an embedded server, now stopped; use --redis URL to keep them)")
+    )

@@ -18,8 +18,16 @@ from streaming.redis_access import connect, redact_url
 from streaming.redis_layout import parse_key
 from streaming.subscriber import stream_keys
 
-from .options import (CHECKPOINT_OPTION, JSON_OPTION, MODEL_OPTION, Duration, duration_text, load_encoder, model_name,
-                      redis_option)
+from .options import (
+    CHECKPOINT_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
+    Duration,
+    duration_text,
+    load_encoder,
+    model_name,
+    redis_option,
+)
 from .terminal import clock_time, console, table
 
 MAX_TOP = 10_000
@@ -44,8 +52,9 @@ def search_command(text, modality, device, since, top, redis_url, model, checkpo
     present = {parse_key(k)[1] for k in stream_keys(client, device)} & set(QUERY_MODALITIES)
     modalities = sorted(present) if modality == "all" else [m for m in (modality,) if m in present]
     if not modalities:
-        click.echo(f"no {'' if modality == 'all' else modality + ' '}embedding streams for device {device!r}",
-                   err=as_json)
+        click.echo(
+            f"no {'' if modality == 'all' else modality + ' '}embedding streams for device {device!r}", err=as_json
+        )
         if as_json:
             click.echo("[]")
         return
@@ -59,17 +68,42 @@ def search_command(text, modality, device, since, top, redis_url, model, checkpo
     if as_json:
         if note:
             click.echo(note, err=True)
-        click.echo(json.dumps([{"rank": rank, "score": h.score, "cosine": h.cosine, "device": h.record.device,
-                                "modality": h.record.modality, "t0_ns": h.record.t0, "t1_ns": h.record.t1,
-                                "model": h.record.model, "stream": h.record.stream, "id": h.record.id}
-                               for rank, h in enumerate(hits, 1)], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "rank": rank,
+                        "score": h.score,
+                        "cosine": h.cosine,
+                        "device": h.record.device,
+                        "modality": h.record.modality,
+                        "t0_ns": h.record.t0,
+                        "t1_ns": h.record.t1,
+                        "model": h.record.model,
+                        "stream": h.record.stream,
+                        "id": h.record.id,
+                    }
+                    for rank, h in enumerate(hits, 1)
+                ],
+                indent=2,
+            )
+        )
         return
     columns = ("rank", "score", "cosine", "device", "modality", "t0 s", "t1 s", "stored", "stream id")
     out = table(f"search {text!r} ({encoder.name})", columns, right=columns[:3] + columns[5:7], whole=("stream id",))
     for rank, h in enumerate(hits, 1):
         r = h.record
-        out.add_row(str(rank), f"{h.score:.3f}", f"{h.cosine:.3f}", r.device, r.modality, f"{r.t0 / 1e9:.1f}",
-                    f"{r.t1 / 1e9:.1f}", clock_time(r.id), r.id)
+        out.add_row(
+            str(rank),
+            f"{h.score:.3f}",
+            f"{h.cosine:.3f}",
+            r.device,
+            r.modality,
+            f"{r.t0 / 1e9:.1f}",
+            f"{r.t1 / 1e9:.1f}",
+            clock_time(r.id),
+            r.id,
+        )
     out.caption = note
     console.print(out)
 
@@ -85,23 +119,31 @@ def timeline_command(device, since, output, redis_url):
     if suffix not in (".html", ".htm", ".png"):
         raise click.BadParameter(f"{output}: write .html (or .png with matplotlib)", param_hint="--output")
     if suffix == ".png" and importlib.util.find_spec("matplotlib") is None:
-        raise click.ClickException(f"PNG output needs matplotlib, which is not installed; write HTML instead: "
-                                   f"-o {Path(output).with_suffix('.html')}")
+        raise click.ClickException(
+            f"PNG output needs matplotlib, which is not installed; write HTML instead: "
+            f"-o {Path(output).with_suffix('.html')}"
+        )
     client = connect(redis_url)
     if not stream_keys(client, device):
         devices = sorted({parse_key(k)[0] for k in stream_keys(client)})
         listed = ", ".join(devices[:MAX_NAMED]) + (" ..." if len(devices) > MAX_NAMED else "")
-        raise click.ClickException(f"no device {device!r} at {redact_url(redis_url)}: it has no embedding streams "
-                                   f"there ({'devices: ' + listed if devices else 'no device has'})")
+        raise click.ClickException(
+            f"no device {device!r} at {redact_url(redis_url)}: it has no embedding streams "
+            f"there ({'devices: ' + listed if devices else 'no device has'})"
+        )
     series = timeline(client, device, since)
     if not series:
         raise click.ClickException(f"no query watches device {device!r} (see `alert list`)")
     if not any(len(s.scores) for s in series):
-        raise click.ClickException(f"device {device!r} has no window stored in the last {duration_text(since)} of a "
-                                   f"modality that a query watches; try a longer --since")
+        raise click.ClickException(
+            f"device {device!r} has no window stored in the last {duration_text(since)} of a "
+            f"modality that a query watches; try a longer --since"
+        )
     if suffix == ".png":
         timeline_png(series, device, output)
     else:
         Path(output).write_text(timeline_html(series, device))
-    console.print(f"wrote {output}: {len(series)} queries, {sum(len(s.scores) for s in series)} scores, "
-                  f"{sum(len(s.alerts) for s in series)} alerts")
+    console.print(
+        f"wrote {output}: {len(series)} queries, {sum(len(s.scores) for s in series)} scores, "
+        f"{sum(len(s.alerts) for s in series)} alerts"
+    )

@@ -24,8 +24,7 @@ def table(title: str, columns: tuple[str, ...], right: tuple[str, ...] = (), who
     console's width; the `right` columns are right-aligned."""
     t = Table(title=title)
     for column in columns:
-        t.add_column(column, justify="right" if column in right else "left", no_wrap=column in whole,
-                     overflow="fold")
+        t.add_column(column, justify="right" if column in right else "left", no_wrap=column in whole, overflow="fold")
     return t
 
 
