@@ -29,7 +29,7 @@ import zmq
 from encoders.weights import default_model_name
 from sensors.protocol import DEFAULT_ENDPOINT, Limits
 
-from .alerts.matcher import MatcherSettings, start_matchers
+from .alerts.matcher import DEFAULT_GROUP, MatcherSettings, start_matchers
 from .connections import ConnectionLimits
 from .curve import CurveSettings
 from .embedder import Embedder, EmbedderSettings
@@ -120,8 +120,8 @@ class PipelineConfig:
     max_wait_ms: float = 50.0
     embed_queue: int = 256
     matchers: int = 1  # text-query alert matchers started with the pipeline (0: none); see ALERTS.md
-    matcher_group: str = "bindstream-matchers"
-    overload: str = "drop_oldest"  # live input; "block" for replays (see WindowStageSettings)
+    matcher_group: str = DEFAULT_GROUP
+    overload: str = LIVE  # "drop_oldest" for live input; REPLAY ("block") for replays (see WindowStageSettings)
     window_backlog: int = 256
     embedder_throttle_ms: float = 0.0  # tests only: make embedders slower than the input
     publish_queue: int = 4096

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-import click
 import redis
 
 
@@ -53,17 +52,3 @@ def check_redis(url: str, timeout_s: float = 5.0) -> None:
         raise RedisAccessError(f"cannot reach Redis at {where}: {text}") from None
     finally:
         client.close()
-
-
-def connect(url: str) -> redis.Redis:
-    """For command lines: a client of the Redis at `url` once it answers; a one-line ClickException naming
-    the cause (a URL it cannot use, unreachable, refused credentials; never the password) when it does not."""
-    try:
-        check_redis(url)
-        return redis.Redis.from_url(url)
-    except ValueError as err:  # the URL itself, which is not echoed: it may hold a password
-        raise click.ClickException(
-            f"cannot use the Redis URL: {err} (write redis://[:PASSWORD@]HOST:PORT/DB)"
-        ) from None
-    except (RedisAccessError, redis.RedisError) as err:
-        raise click.ClickException(str(err)) from None

@@ -104,3 +104,12 @@ def test_an_alert_entry_decodes_to_what_was_written():
     a = Alert("d", "q1", "glass breaking", "audio", 0.75, 0.5, 1, 2, stream_key("d", "audio"), "5-0", "tiny", 9)
     back = Alert.from_entry(b"6-0", wire(a.fields()) | {b"added_later": b"x"})
     assert back == Alert(**{**a.__dict__, "id": "6-0"})
+
+
+def test_every_streamed_modality_is_one_the_encoder_embeds():
+    """The pipeline's table (no torch) and the encoder's are two tables: they must agree."""
+    from encoders.modalities import MODALITIES
+    from streaming.records import QUERY_MODALITIES, SENSOR_MODALITY, STREAM_MODALITIES
+
+    assert set(STREAM_MODALITIES) <= set(MODALITIES) and set(SENSOR_MODALITY.values()) == set(STREAM_MODALITIES)
+    assert set(QUERY_MODALITIES) - set(STREAM_MODALITIES) == {"fused"}

@@ -30,11 +30,10 @@ from streaming.alerts.records import Decision, Query, QueryError, unit
 from streaming.alerts.scoring import ModalityIndex
 from streaming.alerts.tuning import confusion, fit_threshold
 from streaming.records import QUERY_MODALITIES
-from streaming.redis_access import connect
 from streaming.redis_layout import now_id
 from streaming.stage import Counts
 
-from .options import CHECKPOINT_OPTION, JSON_OPTION, MODEL_OPTION, load_encoder, model_name, redis_option
+from .options import CHECKPOINT_OPTION, JSON_OPTION, MODEL_OPTION, connect, load_encoder, model_name, redis_option
 from .terminal import console, table, until_stopped
 
 EMBED_BATCH = 8  # clips per encoder call in `alert tune`

@@ -10,9 +10,8 @@ import numpy as np
 
 from encoders.modalities import MODALITIES
 from streaming.alerts.bench import TARGET_P99_MS, TARGET_SCORE_RATE, AlertBench, run_bench
-from streaming.redis_access import connect
 
-from .options import CHECKPOINT_OPTION, DEVICE_OPTION, DTYPES
+from .options import CHECKPOINT_OPTION, DEVICE_OPTION, DTYPES, connect
 from .pipeline import build_config, pipeline_options, user_errors
 from .terminal import console, table
 

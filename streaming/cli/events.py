@@ -13,11 +13,11 @@ from rich.live import Live
 from rich.table import Table
 
 from streaming.alerts.search import since_id
-from streaming.redis_access import connect, redact_url
+from streaming.redis_access import redact_url
 from streaming.redis_layout import ALERTS_STREAM, Alert, id_tuple
 from streaming.subscriber import Tail
 
-from .options import Duration, redis_option
+from .options import Duration, connect, redis_option
 from .terminal import clock_time, console, table, until_stopped
 
 WATCH_BLOCK_MS = 500

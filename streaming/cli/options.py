@@ -5,9 +5,11 @@ Redis of the embedding streams, queries and alerts, also read from $BINDSTREAM_R
 from __future__ import annotations
 
 import click
+import redis
 
 from encoders.config import PRESETS
 from streaming.alerts.search import DURATION_UNITS_MS, parse_duration_ms
+from streaming.redis_access import RedisAccessError, check_redis
 
 REDIS_ENV = "BINDSTREAM_REDIS_URL"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -93,3 +95,17 @@ def load_encoder(model: str, checkpoint: str | None, device: str | None = None, 
         return encoders.load(model, checkpoint=checkpoint, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise click.ClickException(f"cannot load model {model}: {err}") from None
+
+
+def connect(url: str) -> redis.Redis:
+    """For command lines: a client of the Redis at `url` once it answers; a one-line ClickException naming
+    the cause (a URL it cannot use, unreachable, refused credentials; never the password) when it does not."""
+    try:
+        check_redis(url)
+        return redis.Redis.from_url(url)
+    except ValueError as err:  # the URL itself, which is not echoed: it may hold a password
+        raise click.ClickException(
+            f"cannot use the Redis URL: {err} (write redis://[:PASSWORD@]HOST:PORT/DB)"
+        ) from None
+    except (RedisAccessError, redis.RedisError) as err:
+        raise click.ClickException(str(err)) from None

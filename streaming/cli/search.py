@@ -14,7 +14,7 @@ from streaming.alerts.queries import ensure_background
 from streaming.alerts.search import search
 from streaming.alerts.timeline import timeline, timeline_html, timeline_png
 from streaming.records import QUERY_MODALITIES
-from streaming.redis_access import connect, redact_url
+from streaming.redis_access import redact_url
 from streaming.redis_layout import parse_key
 from streaming.subscriber import stream_keys
 
@@ -23,6 +23,7 @@ from .options import (
     JSON_OPTION,
     MODEL_OPTION,
     Duration,
+    connect,
     duration_text,
     load_encoder,
     model_name,
