@@ -15,7 +15,12 @@ streams needs only redis-py and numpy.
                                                   prompts emb dim count logit_scale exclude_cos created
     HASH   bindstream:alertstate:{group}:{stream} last_id, and per query id its decision state
     STRING bindstream:alerted:{query}:{stream}:{entry}  an alert was emitted for this entry (dedup)
-    STREAM bindstream:alerts                      the alerts; also PUBLISHed as JSON on channel bindstream:alerts
+    STREAM bindstream:alerts                      one entry per event state change (start, update, end); also
+                                                  PUBLISHed as JSON on channel bindstream:alerts
+    HASH   bindstream:event:{id}                  one event: what fired, when, its peak, its state, its review
+    ZSET   bindstream:events                      event ids by their start (wall clock, ms): listing by time
+    HASH   bindstream:evidence:{event}            what the device sent around the event (audio, frames, IMU rows)
+    STREAM bindstream:outbox:{sink}               notifications waiting for one sink (at-least-once delivery)
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ STATE_PREFIX = "bindstream:alertstate"
 DEDUP_PREFIX = "bindstream:alerted"
 ALERTS_STREAM = "bindstream:alerts"
 ALERTS_CHANNEL = "bindstream:alerts"
+EVENT_PREFIX = "bindstream:event"
+EVENTS_INDEX = "bindstream:events"
+EVIDENCE_PREFIX = "bindstream:evidence"
+OUTBOX_PREFIX = "bindstream:outbox"
 LAST_ID_FIELD = "last_id"  # in a stream's state hash; every other field is a query id
 EMB_DTYPE = "float32"  # the one dtype of v1; stored little-endian ("<f4")
 
@@ -74,6 +83,18 @@ def state_key(group: str, stream: str) -> str:
 
 def dedup_key(query_id: str, stream: str, entry_id: str) -> str:
     return f"{DEDUP_PREFIX}:{query_id}:{stream}:{entry_id}"
+
+
+def event_key(event_id: str) -> str:
+    return f"{EVENT_PREFIX}:{event_id}"
+
+
+def evidence_key(event_id: str) -> str:
+    return f"{EVIDENCE_PREFIX}:{event_id}"
+
+
+def outbox_key(sink_id: str) -> str:
+    return f"{OUTBOX_PREFIX}:{sink_id}"
 
 
 class BadRecord(ValueError):
@@ -252,9 +273,15 @@ def decode_background(model: str, modality: str, raw: dict) -> Background | None
 # ----- alerts --------------------------------------------------------------------------------------------
 
 
+START, UPDATE, END = "start", "update", "end"  # an event's state changes, one alerts entry each
+QUERY_EVENT, HEALTH_EVENT = "query", "health"  # a standing query fired; a device's sensor went silent (or back)
+
+
 @dataclass
 class Alert:
-    """One entry of `bindstream:alerts`: a query's decision fired on a window."""
+    """One entry of `bindstream:alerts`: an event opened (`start`: the window that fired), reached a new peak
+    (`update`: that window), or closed (`end`: t0..t1 the whole event, score its peak). Entries written
+    before events existed decode as `start` entries without an event id."""
 
     device: str
     query: str  # query id
@@ -268,6 +295,9 @@ class Alert:
     source_id: str  # entry id in it
     model: str
     detected_ns: int  # wall clock when the matcher decided
+    state: str = START  # START | UPDATE | END
+    event: str = ""  # the event's id (bindstream:event:{event})
+    kind: str = QUERY_EVENT  # QUERY_EVENT | HEALTH_EVENT
     id: str = ""  # entry id in the alerts stream, once read back
 
     def fields(self) -> dict[str, str]:
