@@ -209,7 +209,18 @@ class Embedder:
                 self.metrics.count(f"rejected_{reason}", w.device)
             else:
                 out.append(
-                    Embedding(w.device, w.modality, w.t0, w.t1, v, self.encoder.name, w.arrived_ns, done, epoch=w.epoch)
+                    Embedding(
+                        w.device,
+                        w.modality,
+                        w.t0,
+                        w.t1,
+                        v,
+                        self.encoder.name,
+                        w.arrived_ns,
+                        done,
+                        epoch=w.epoch,
+                        dbfs=w.dbfs,
+                    )
                 )
         self.metrics.count("out", modality, len(out))
         self.metrics.count("batches", modality)

@@ -30,9 +30,11 @@ from encoders.weights import default_model_name
 from sensors.protocol import DEFAULT_ENDPOINT, Limits
 
 from .alerts.matcher import DEFAULT_GROUP, MatcherSettings, start_matchers
+from .alerts.notify import NotifySettings, start_notifier
 from .connections import ConnectionLimits
 from .curve import CurveSettings
 from .embedder import Embedder, EmbedderSettings
+from .evidence import EvidenceSettings
 from .ingest import Ingest, IngestSettings
 from .publisher import Publisher, PublisherSettings
 from .redis_access import RedisAccessError, check_redis, redact_url
@@ -121,6 +123,7 @@ class PipelineConfig:
     embed_queue: int = 256
     matchers: int = 1  # text-query alert matchers started with the pipeline (0: none); see ALERTS.md
     matcher_group: str = DEFAULT_GROUP
+    notify: NotifySettings = field(default_factory=NotifySettings)  # [notify]: global sinks; with the matchers
     overload: str = LIVE  # "drop_oldest" for live input; REPLAY ("block") for replays (see WindowStageSettings)
     window_backlog: int = 256
     embedder_throttle_ms: float = 0.0  # tests only: make embedders slower than the input
@@ -141,6 +144,7 @@ class PipelineConfig:
     limits: Limits = field(default_factory=Limits)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # per ingest socket, and devices
     curve: CurveSettings | None = None  # CurveZMQ for devices, [curve] table in TOML (SECURITY.md)
+    evidence: EvidenceSettings = field(default_factory=EvidenceSettings)  # [evidence]: raw buffer, evidence writer
 
     @classmethod
     def from_toml(cls, path: str | Path) -> PipelineConfig:
@@ -168,6 +172,18 @@ class PipelineConfig:
         for name, table in (("limits", Limits), ("connections", ConnectionLimits), ("curve", CurveSettings)):
             if name in data:
                 data[name] = table(**check_keys(table, data[name], f"[{name}]"))
+        if "notify" in data:
+            notify = check_keys(NotifySettings, data["notify"], "[notify]")
+            try:
+                data["notify"] = NotifySettings(**notify)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"[notify]: {err}") from err
+        if "evidence" in data:
+            evidence = check_keys(EvidenceSettings, data["evidence"], "[evidence]")
+            try:
+                data["evidence"] = EvidenceSettings(**evidence)
+            except ValueError as err:
+                raise ConfigError(f"[evidence]: {err}") from err
         config = cls(**data)
         config.validate()
         return config
@@ -360,6 +376,8 @@ class Pipeline:
                     overload=config.overload,
                     backlog=config.window_backlog,
                     max_windows_per_call=config.max_batch,
+                    redis_url=redis_url,
+                    evidence=config.evidence,
                 ),
                 [NamedActor(n) for n in embedder_names],
             )
@@ -385,6 +403,7 @@ class Pipeline:
             self.stages["match"] = start_matchers(
                 MatcherSettings(group=config.matcher_group), redis_url, config.matchers
             )
+            self.stages["notify"] = [start_notifier(config.notify, redis_url)]
         self.endpoints: list[str] = []
 
     def start(self, cancel: threading.Event | None = None) -> list[str]:
@@ -439,6 +458,7 @@ class Pipeline:
             Counts.of(*final["publish"]).get("out"), min(report_by, time.monotonic() + MATCH_CATCH_UP_S)
         )
         final["match"] = results("match", [a.stop.remote() for a in self.stages.get("match", [])], report_by)
+        final["notify"] = results("notify", [a.stop.remote() for a in self.stages.get("notify", [])], report_by)
         return final
 
     def _matchers_catch_up(self, published: int, deadline: float) -> None:

@@ -1,7 +1,7 @@
 """Publisher stage: writes embeddings to Redis Streams and forms the `fused` embedding of each moment.
 
 Layout (`redis_layout.py`; REDIS.md has the full description for consumers):
-    XADD bindstream:emb:{device}:{modality} MAXLEN ~ N * t0 t1 epoch model dtype dim emb [modalities]
+    XADD bindstream:emb:{device}:{modality} MAXLEN ~ N * t0 t1 epoch model dtype dim emb [modalities] [dbfs]
 
 Each batch is one EVALSHA of `WRITE_ONCE`: an entry is added only if its window key (run, epoch, t0) is
 not in the stream's index (`bindstream:embidx:{device}:{modality}`, the newest `dedup_window` keys). So

@@ -32,6 +32,7 @@ SENSOR_MODALITY = {s.sensor: m for m, s in STREAMS.items()}  # sensor on the wir
 FRAME_SENSORS = tuple(s.sensor for s in STREAMS.values() if s.frames)
 FUSED_MODALITIES = tuple(m for m, s in STREAMS.items() if s.fused)
 QUERY_MODALITIES = STREAM_MODALITIES + (FUSED,)  # every embedding stream a query can watch
+MIN_DBFS = -120.0  # an audio window's loudness floor (digital silence has no finite RMS dBFS); int16 LSB is -96
 
 
 def text(value) -> str:
@@ -50,6 +51,7 @@ class Window:
     data: np.ndarray  # float32 model input without batch axis, e.g. (3, 2, 224, 224) for vision
     arrived_ns: int  # wall clock at which ingest received the batch holding the window's last message
     epoch: int = 0  # the device's session (+1 at each restart): windows of two sessions may share t0
+    dbfs: float | None = None  # audio windows: RMS loudness of the samples in dBFS (full scale 1), >= MIN_DBFS
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Embedding:
     embedded_ns: int  # wall clock when the encoder returned
     members: tuple[str, ...] = ()  # for fused embeddings: the modalities summed
     epoch: int = 0
+    dbfs: float | None = None  # audio embeddings: their window's loudness (Window.dbfs)
 
     @property
     def key(self) -> tuple[str, str, int, int]:

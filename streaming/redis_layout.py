@@ -4,35 +4,47 @@ The one home of the layout; REDIS.md (embedding streams) and ALERTS.md (queries,
 describe it for clients in any language. It imports neither Ray nor any pipeline stage, so a reader of the
 streams needs only redis-py and numpy.
 
-    STREAM bindstream:emb:{device}:{modality}     t0 t1 epoch model dtype dim emb [modalities]
+    STREAM bindstream:emb:{device}:{modality}     t0 t1 epoch model dtype dim emb [modalities] [dbfs]
     ZSET   bindstream:embidx:{device}:{modality}  the publisher's write index (window keys of the newest entries)
     HASH   bindstream:query:{id}                  text modality device emb dim model source created
-                                                  threshold k n cooldown_s hysteresis
+                                                  threshold k n cooldown_s hysteresis notify min_dbfs
+                                                  example_min_cos example_z example_min_sd example_memory
+                                                  example_warmup
     SET    bindstream:queries                     the ids of the active queries
     INT    bindstream:queries:version             bumped on every change of queries or backgrounds
     PUB    bindstream:queries                     "{add|rm|update} {id}" on every change of a query
     HASH   bindstream:background:{model}:{modality}
                                                   prompts emb dim count logit_scale exclude_cos created
-    HASH   bindstream:alertstate:{group}:{stream} last_id, and per query id its decision state
-    STRING bindstream:alerted:{query}:{stream}:{entry}  an alert was emitted for this entry (dedup)
+    HASH   bindstream:alertstate:{group}:{stream} last_id, and per query id its decision state (and open event)
+    STRING bindstream:alerted:{query}:{stream}:{entry}[:{state}]  an alerts entry was emitted for this entry
+                                                  (dedup; starts without the suffix, as before events existed)
+    HASH   bindstream:health:{group}              per silent stream of the group's shards: its open health event
     STREAM bindstream:alerts                      one entry per event state change (start, update, end); also
                                                   PUBLISHed as JSON on channel bindstream:alerts
-    HASH   bindstream:event:{id}                  one event: what fired, when, its peak, its state, its review
+    HASH   bindstream:event:{id}                  one event (class Event): id kind device query query_text modality
+                                                  model source start_ns end_ns peak peak_source_id windows state
+                                                  detected_ns ended_ns review reviewed_ns notify
     ZSET   bindstream:events                      event ids by their start (wall clock, ms): listing by time
     HASH   bindstream:evidence:{event}            what the device sent around the event (audio, frames, IMU rows)
     STREAM bindstream:outbox:{sink}               notifications waiting for one sink (at-least-once delivery)
+    HASH   bindstream:sinks                       sink id -> its URL, for every sink that was ever queued to
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import math
 import time
+import wave
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from .alerts.records import Background, Decision, Query, QueryError
-from .records import Embedding, text
+from .alerts.records import Background, Calibration, Decision, Query, QueryError
+from .records import FRAME_SENSORS, SENSOR_MODALITY, Embedding, text
 
 EMB_PREFIX = "bindstream:emb"
 INDEX_PREFIX = "bindstream:embidx"
@@ -49,8 +61,13 @@ EVENT_PREFIX = "bindstream:event"
 EVENTS_INDEX = "bindstream:events"
 EVIDENCE_PREFIX = "bindstream:evidence"
 OUTBOX_PREFIX = "bindstream:outbox"
+HEALTH_PREFIX = "bindstream:health"
+SINKS = "bindstream:sinks"
+NOTIFY_FIELD = "notify"  # of a query's hash and an event's: its sink URLs, one a line (absent or "": none)
+SINK_ID_CHARS = 12  # hex characters of a sink id: 48 bits, no collision among any realistic number of URLs
 LAST_ID_FIELD = "last_id"  # in a stream's state hash; every other field is a query id
 EMB_DTYPE = "float32"  # the one dtype of v1; stored little-endian ("<f4")
+CALIBRATION_PREFIX = "example_"  # a query hash's calibration fields: example_min_cos, example_z, ...
 
 # What a stored hash that does not parse raises (a missing field, text where a number belongs, dim 0,
 # bytes that are not UTF-8); each is reported as QueryError for that record only.
@@ -81,8 +98,16 @@ def state_key(group: str, stream: str) -> str:
     return f"{STATE_PREFIX}:{group}:{stream}"
 
 
-def dedup_key(query_id: str, stream: str, entry_id: str) -> str:
-    return f"{DEDUP_PREFIX}:{query_id}:{stream}:{entry_id}"
+def dedup_key(query_id: str, stream: str, entry_id: str, state: str) -> str:
+    """Marks the alerts entry of one state change made by one window; a start keeps the key of the versions
+    before events, so that an upgrade does not repeat an alert."""
+    suffix = "" if state == START else f":{state}"
+    return f"{DEDUP_PREFIX}:{query_id}:{stream}:{entry_id}{suffix}"
+
+
+def health_key(group: str) -> str:
+    """The open health events of a matcher group's streams: field stream key, value `encode_silence`."""
+    return f"{HEALTH_PREFIX}:{group}"
 
 
 def event_key(event_id: str) -> str:
@@ -95,6 +120,11 @@ def evidence_key(event_id: str) -> str:
 
 def outbox_key(sink_id: str) -> str:
     return f"{OUTBOX_PREFIX}:{sink_id}"
+
+
+def sink_id(url: str) -> str:
+    """A notification sink's id: a short hash of its URL (which may hold a token that no key should show)."""
+    return hashlib.sha256(url.encode()).hexdigest()[:SINK_ID_CHARS]
 
 
 class BadRecord(ValueError):
@@ -138,6 +168,7 @@ class EmbeddingRecord:
     emb: np.ndarray  # (dim,) float32, unit norm
     modalities: tuple[str, ...] = ()  # fused records: the modalities summed
     epoch: int = 0  # the device's session (entries written before the field existed: 0)
+    dbfs: float | None = None  # audio entries: the window's RMS loudness in dBFS (entries without the field: None)
 
 
 def encode_embedding(e: Embedding) -> dict:
@@ -153,6 +184,8 @@ def encode_embedding(e: Embedding) -> dict:
     }
     if e.members:
         fields["modalities"] = ",".join(e.members)
+    if e.dbfs is not None:
+        fields["dbfs"] = round(e.dbfs, 2)
     return fields
 
 
@@ -167,6 +200,9 @@ def decode_embedding(stream: str, entry_id, fields: dict) -> EmbeddingRecord:
         if len(f["emb"]) != 4 * dim:
             raise BadRecord(f"{stream} {entry_id}: emb has {len(f['emb'])} bytes, expected {4 * dim}")
         device, modality = parse_key(stream)
+        dbfs = float(f["dbfs"]) if "dbfs" in f else None
+        if dbfs is not None and not math.isfinite(dbfs):
+            raise BadRecord(f"{stream} {entry_id}: dbfs {dbfs} is not a loudness")
         return EmbeddingRecord(
             stream=stream,
             id=text(entry_id),
@@ -178,6 +214,7 @@ def decode_embedding(stream: str, entry_id, fields: dict) -> EmbeddingRecord:
             emb=np.frombuffer(f["emb"], dtype="<f4").astype(np.float32),
             modalities=tuple(text(f["modalities"]).split(",")) if "modalities" in f else (),
             epoch=int(f.get("epoch", 0)),
+            dbfs=dbfs,
         )
     except (KeyError, ValueError, TypeError) as err:
         if isinstance(err, BadRecord):
@@ -210,7 +247,10 @@ def encode_query(q: Query) -> dict:
         "emb": np.ascontiguousarray(q.emb, dtype="<f4").tobytes(),
         "dim": q.emb.shape[0],
         "created": q.created,
+        NOTIFY_FIELD: encode_notify(q.notify),
         **encode_decision(q.decision),
+        **{CALIBRATION_PREFIX + k: v for k, v in asdict(q.calibration).items()},
+        "min_dbfs": "" if q.min_dbfs is None else q.min_dbfs,
     }
 
 
@@ -230,12 +270,31 @@ def decode_query(query_id: str, raw: dict) -> Query:
             emb=_vectors(f["emb"], int(f["dim"]), 1, query_id)[0],
             device=text(f["device"]),
             decision=decision,
+            calibration=decode_calibration(f),
+            min_dbfs=float(f["min_dbfs"]) if text(f.get("min_dbfs", "")) else None,
             source=text(f["source"]),
             id=query_id,
             created=float(f["created"]),
+            notify=decode_notify(f.get(NOTIFY_FIELD, b"")),
         )
     except PARSE_ERRORS as err:
         raise QueryError(f"query {query_id!r} is malformed: {err}") from err
+
+
+def decode_calibration(f: dict) -> Calibration:
+    """A query hash's calibration; fields it lacks (hashes written before they existed) take the defaults."""
+    kinds = {CALIBRATION_PREFIX + x.name: (x.name, int if x.type == "int" else float) for x in fields(Calibration)}
+    values: dict[str, Any] = {name: kind(f[key]) for key, (name, kind) in kinds.items() if key in f}
+    return Calibration(**values)
+
+
+def encode_notify(urls) -> str:
+    return "\n".join(urls)
+
+
+def decode_notify(raw) -> tuple[str, ...]:
+    """The sink URLs of a `notify` field (None or empty: none); hashes written before it existed have none."""
+    return tuple(url for url in text(raw or b"").split("\n") if url)
 
 
 def encode_background(bg: Background) -> dict:
@@ -315,3 +374,159 @@ class Alert:
             if k in types
         }
         return cls(**values, id=text(entry_id))
+
+
+# ----- events --------------------------------------------------------------------------------------------
+
+OPEN, ENDED = "open", "ended"  # an event record's state
+REVIEWS = ("none", "confirmed", "false_positive")  # a person's verdict on an event ("none": not reviewed)
+HEALTH_QUERY = "health"  # the `query` of health events (query ids are 8 hex characters, never this)
+EVENT_ID_CHARS = 16  # hex characters of an event id: 64 bits
+
+
+def event_id(query_id: str, stream: str, entry_id: str) -> str:
+    """An event's id: a hash of its query (HEALTH_QUERY for a health event), its stream and the entry that
+    opened it, so that a commit replayed after a failure names the same event."""
+    return hashlib.sha256(f"{query_id}\n{stream}\n{entry_id}".encode()).hexdigest()[:EVENT_ID_CHARS]
+
+
+@dataclass
+class Event:
+    """One event's record, HASH bindstream:event:{id}: a query's event (a window fired; it ends when the query
+    re-arms or after the matcher's max_event_s) or a health event (a stream fell silent; it ends when its
+    entries flow again). Device times are the device clock's, wall times the matcher's."""
+
+    id: str
+    kind: str  # QUERY_EVENT | HEALTH_EVENT
+    device: str
+    query: str  # the query id; HEALTH_QUERY for health events
+    query_text: str
+    modality: str
+    model: str
+    source: str  # embedding stream key
+    start_ns: int  # device time: the opening window's t0 (health: the last window's t1 before the silence)
+    end_ns: int  # device time: t1 of the last window at or above threshold (health: t0 of the first one after)
+    peak: float  # highest score (health: seconds of silence, by the entry ids)
+    peak_source_id: str  # entry id of the peak's window (health: the last entry before the silence)
+    windows: int  # windows at or above threshold while open (health: 0)
+    state: str = OPEN  # OPEN | ENDED
+    detected_ns: int = 0  # wall clock of the start
+    ended_ns: int = 0  # wall clock of the end; 0 while open
+    review: str = REVIEWS[0]  # one of REVIEWS
+    reviewed_ns: int = 0  # wall clock of the last review; 0: none
+    notify: tuple[str, ...] = ()  # the query's sink URLs when it started (health events: none)
+
+    def encode(self, names: Sequence[str] | None = None) -> dict[str, str]:
+        """The record's fields, or those `names` (a KeyError for a name that is not one)."""
+        values = {k: str(v) for k, v in asdict(self).items()} | {NOTIFY_FIELD: encode_notify(self.notify)}
+        return values if names is None else {name: values[name] for name in names}
+
+    @classmethod
+    def decode(cls, raw: dict) -> Event:
+        """The event a hash holds; BadRecord if a field is missing or does not parse, or a state, kind or review
+        is not one of the documented values."""
+        f = {text(k): text(v) for k, v in raw.items()}
+        try:
+            values: dict[str, Any] = {}
+            for x in fields(cls):
+                value = f[x.name]
+                values[x.name] = {"int": int, "float": float}.get(str(x.type), str)(value)
+            values[NOTIFY_FIELD] = decode_notify(f[NOTIFY_FIELD])
+            event = cls(**values)
+        except PARSE_ERRORS as err:
+            raise BadRecord(f"event record {f.get('id', '?')!r}: {err!r}") from err
+        if event.state not in (OPEN, ENDED) or event.kind not in (QUERY_EVENT, HEALTH_EVENT):
+            raise BadRecord(f"event record {event.id!r}: state {event.state!r}, kind {event.kind!r}")
+        if event.review not in REVIEWS:
+            raise BadRecord(f"event record {event.id!r}: review {event.review!r} is not one of {REVIEWS}")
+        return event
+
+
+def encode_silence(last_id: str, start_ns: int) -> str:
+    """A field of bindstream:health:{group}: the last entry before the silence, and its window's t1."""
+    return f"{last_id} {start_ns}"
+
+
+def decode_silence(value) -> tuple[str, int]:
+    """(last entry id, start_ns) of an `encode_silence` value; ValueError for anything else."""
+    last_id, start = text(value).split(" ")
+    id_tuple(last_id)
+    return last_id, int(start)
+
+
+# ----- evidence ------------------------------------------------------------------------------------------
+
+# HASH bindstream:evidence:{event}: what the device sent from the event's opening window less the pre-roll to
+# its end, written by streaming/evidence.py (ALERTS.md, "Evidence"); its fields:
+EVIDENCE_FIELD = "evidence"  # in the event's hash: the key of its evidence hash
+AUDIO_PCM = "audio.pcm"  # int16 little-endian, channels interleaved: one timeline from audio_t0_ns (holes silent)
+AUDIO_RATE, AUDIO_CHANNELS, AUDIO_T0 = "audio_rate", "audio_channels", "audio_t0_ns"  # Hz, count, device ns
+IMU_CSV = "imu.csv"  # a header line, then a row per sample: t_ns,ax,ay,az,gx,gy,gz
+MISSING = "missing"  # comma-separated kinds (`evidence_kind`) of which some data was no longer buffered
+FRAME_PREFIX = "frame"  # frame:{sensor}:{t_ns}.{ext}: a frame a window sampled
+FRAME_EXTENSIONS = {"jpeg": "jpg", "png": "png"}  # the payload as received; raw arrays are stored as .npy
+NPY = "npy"
+PCM_FULL_SCALE = 32767  # float samples (full scale 1) times this: +1.0 fits int16, as -1.0 does
+
+
+def evidence_kind(sensor: str) -> str:
+    """What `missing` calls a sensor's data: the field it goes to (audio, imu, or the frame sensor's name)."""
+    return sensor if sensor in FRAME_SENSORS else SENSOR_MODALITY[sensor]
+
+
+def frame_field(sensor: str, t_ns: int, encoding: str | None) -> str:
+    return f"{FRAME_PREFIX}:{sensor}:{t_ns}.{FRAME_EXTENSIONS.get(encoding or '', NPY)}"
+
+
+def parse_frame_field(name) -> tuple[str, int, str] | None:
+    """(sensor, t_ns, extension) of a frame field; None for any other field."""
+    prefix, _, rest = text(name).partition(":")
+    sensor, _, stamp = rest.partition(":")
+    t_ns, _, ext = stamp.partition(".")
+    if prefix != FRAME_PREFIX or not sensor or not t_ns.isdigit() or not ext:
+        return None
+    return sensor, int(t_ns), ext
+
+
+def pcm16(samples: np.ndarray) -> np.ndarray:
+    """Mic samples as little-endian int16: int16 as they are, float clipped to [-1, 1] and scaled."""
+    if samples.dtype != np.int16:
+        samples = np.round(np.clip(samples, -1.0, 1.0) * PCM_FULL_SCALE)
+    return samples.astype("<i2", copy=False)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as a .npy file (`np.load(io.BytesIO(value))` reads it back)."""
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def pcm_wav(pcm: bytes, rate: int, channels: int) -> bytes:
+    """A 16-bit PCM WAV file of `audio.pcm` (little-endian int16 is WAV's own sample format)."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm)
+    return out.getvalue()
+
+
+# ----- notification outboxes -----------------------------------------------------------------------------
+
+ALERT_ID_FIELD = "alert_id"  # in an outbox entry: the id of the alerts entry it copies (its own id differs)
+
+
+def encode_outbox(alert: Alert) -> dict[str, str]:
+    """The fields of an outbox entry: the alerts entry's, and its id."""
+    return {**alert.fields(), ALERT_ID_FIELD: alert.id}
+
+
+def decode_outbox(raw: dict) -> Alert:
+    """The alert an outbox entry carries, its `id` the alerts entry's; BadRecord if it does not decode."""
+    f = {text(k): v for k, v in raw.items()}
+    try:
+        return Alert.from_entry(f[ALERT_ID_FIELD], f)
+    except PARSE_ERRORS as err:
+        raise BadRecord(f"outbox entry: {err!r}") from err

@@ -30,7 +30,8 @@ What each window holds:
 - depth, thermal: the first frame at or after the window's middle (t0 + 1 s), 1 x 224 x 224.
 Since a frame's use follows from its time alone, ingest forwards only the pixels of frames some window
 samples (`frame_is_sampled`); the others travel as timestamps, which the checks above still see.
-- audio: the window's samples, resampled to 16 kHz, 128-bin log-mel, 1 x 128 x 204.
+- audio: the window's samples, resampled to 16 kHz, 128-bin log-mel, 1 x 128 x 204; and their loudness
+  (`Window.dbfs`, RMS in dBFS, see `rms_dbfs`), which a query's `min_dbfs` gate reads.
 - imu: the window's rows resampled to 2000 steps, 6 x 2000.
 
 A device's messages and windows are metered: each device may spend `device_cpu_share` seconds of this
@@ -44,9 +45,11 @@ another device's data. A camera frame that two windows sample is decoded once.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,7 +58,8 @@ import torch
 from encoders import transforms
 from sensors.protocol import NS_PER_S, TOO_COSTLY, Rejected, SensorMessage, decode_image
 
-from .records import FRAME_SENSORS, SENSOR_MODALITY, STREAMS, Window
+from .evidence import EvidenceSettings, EvidenceWriter
+from .records import FRAME_SENSORS, MIN_DBFS, SENSOR_MODALITY, STREAMS, Window
 from .stage import Downstream, StageMetrics
 
 SECOND = NS_PER_S
@@ -161,8 +165,11 @@ class Windower:
     """Turns SensorMessages of any number of devices into Windows. Drops are counted in `drops`, keyed by
     (device, reason); `take_drops()` hands over and clears them (what the pipeline stage does)."""
 
-    def __init__(self, config: WindowingConfig = WindowingConfig()):
+    def __init__(
+        self, config: WindowingConfig = WindowingConfig(), keep: Callable[[SensorMessage, int], None] | None = None
+    ):
         self.config = config
+        self.keep = keep  # given every message windows are cut from, and its session (streaming/evidence.py)
         self.streams: OrderedDict[tuple[str, str], SensorStream] = OrderedDict()  # least recently used first
         self.drops: Counter = Counter()
         self.cpu = CpuAllowance(config.device_cpu_share, config.device_cpu_burst_s, config.max_streams)
@@ -222,6 +229,8 @@ class Windower:
             stream.next_t0 = _ceil_to(start, stream.spec.hop_ns)
         if msg.payload.size:  # frames no window samples arrive without pixels (see module docstring)
             stream.items.append(msg)
+            if self.keep:
+                self.keep(msg, stream.epoch)
         stream.last_t, stream.end_ns = msg.t_ns, max(end, stream.end_ns or end)
         stream.format = _format(msg)
         return self._cut(stream, msg.device, arrived_ns)
@@ -309,13 +318,13 @@ class Windower:
             if data is None:
                 self.drops[device, reason] += 1
             else:
-                out.append(Window(device, modality, t0, t1, data, arrived_ns, epoch=stream.epoch))
+                out.append(Window(device, modality, t0, t1, data[0], arrived_ns, epoch=stream.epoch, dbfs=data[1]))
             stream.next_t0 += spec.hop_ns
         self._prune(stream)
         return out
 
     def _window_data_or_reason(self, stream: SensorStream, device: str, t0: int, t1: int) -> tuple:
-        """(window data, None), or (None, why not): one window's failure never reaches the stream."""
+        """((model input, loudness), None), or (None, why not): one window's failure never reaches the stream."""
         try:
             data = self._window_data(stream, t0, t1)
         except (Rejected, ValueError) as err:  # e.g. a JPEG that does not decode: the window is lost, not the stream
@@ -338,7 +347,8 @@ class Windower:
         if stream.frames:
             stream.frames = {t: x for t, x in stream.frames.items() if t >= t0}
 
-    def _window_data(self, stream: SensorStream, t0: int, t1: int) -> np.ndarray | None:
+    def _window_data(self, stream: SensorStream, t0: int, t1: int) -> tuple[np.ndarray, float | None] | None:
+        """(the window's model input, its loudness: audio only), or None when it has no data."""
         if stream.sensor in FRAME_SENSORS:
             frames = [m for m in stream.items if t0 <= m.t_ns < t1]
             picked = []
@@ -348,8 +358,8 @@ class Windower:
                     return None
                 picked.append(self._frame(stream, frame))
             if stream.sensor == "camera":
-                return np.stack(picked, axis=1)  # (3, 2, 224, 224)
-            return picked[0]
+                return np.stack(picked, axis=1), None  # (3, 2, 224, 224)
+            return picked[0], None
         return self._samples_window(stream, t0, t1)
 
     @staticmethod
@@ -368,8 +378,8 @@ class Windower:
             raise ValueError(f"{msg.sensor} frame of {msg.device} at {msg.t_ns} ns did not decode")
         return frame
 
-    def _samples_window(self, stream: SensorStream, t0: int, t1: int) -> np.ndarray | None:
-        """Concatenate the chunks' samples covering [t0, t1) and preprocess them."""
+    def _samples_window(self, stream: SensorStream, t0: int, t1: int) -> tuple[np.ndarray, float | None] | None:
+        """Concatenate the chunks' samples covering [t0, t1) and preprocess them; audio also gets its loudness."""
         chunks = [m for m in stream.items if m.end_ns() > t0 and m.t_ns < t1]
         if not chunks:
             return None
@@ -379,8 +389,15 @@ class Windower:
         count = round((t1 - t0) * rate / SECOND)
         samples = samples[max(first, 0) : max(first, 0) + count]
         if stream.sensor == "mic":
-            return transforms.audio_tensor(samples.T, rate).numpy()
-        return transforms.imu_tensor(samples, rate).numpy()
+            return transforms.audio_tensor(samples.T, rate).numpy(), rms_dbfs(samples)
+        return transforms.imu_tensor(samples, rate).numpy(), None
+
+
+def rms_dbfs(samples: np.ndarray) -> float:
+    """Loudness of float samples (full scale 1, every channel): 20 log10 of their RMS, clipped to [-1, 1] as
+    the model input is, so at most 0 (a full-scale sine reads -3); digital silence reads MIN_DBFS."""
+    rms = float(np.sqrt(np.mean(np.square(np.clip(samples, -1.0, 1.0), dtype=np.float64))))
+    return max(MIN_DBFS, 20 * math.log10(rms)) if rms > 0 else MIN_DBFS
 
 
 def _as_float(payload: np.ndarray) -> np.ndarray:
@@ -405,19 +422,25 @@ class WindowStageSettings:
     backlog: int = 256  # windows waiting for an embedder call, with `drop_oldest`
     max_windows_per_call: int = 32  # the pipeline sets it to the embedders' batch size
     torch_threads: int = 1  # preprocessing is many small ops: scale out with more windowing actors instead
+    redis_url: str | None = None  # where the evidence of events goes; None: no raw messages kept
+    evidence: EvidenceSettings = EvidenceSettings()
 
 
 class WindowStage:
-    """The windowing actor: owns the windows of the devices routed to it, sends them to the embedders."""
+    """The windowing actor: owns the windows of the devices routed to it, sends them to the embedders; with a
+    `redis_url`, keeps their raw messages and writes the evidence of their events (streaming/evidence.py)."""
 
     def __init__(self, settings: WindowStageSettings, embedders: list):
         if settings.overload not in (LIVE, REPLAY):
             raise ValueError(f"overload policy must be {LIVE!r} or {REPLAY!r}, got {settings.overload!r}")
         self.settings = settings
         torch.set_num_threads(settings.torch_threads)
-        self.windower = Windower(settings.windowing)
-        self.downstream = Downstream(embedders, settings.max_inflight)
         self.metrics = StageMetrics("window")
+        self.evidence = None
+        if settings.redis_url and settings.evidence.enabled:
+            self.evidence = EvidenceWriter(settings.evidence, settings.redis_url, self.metrics.count)
+        self.windower = Windower(settings.windowing, keep=self.evidence.buffer.add if self.evidence else None)
+        self.downstream = Downstream(embedders, settings.max_inflight)
         self.backlog: deque[Window] = deque()
         self._lock = threading.Lock()  # backlog and downstream: push() and the pump thread share them
         self._pump = threading.Thread(target=self._pump_backlog, name="window-pump", daemon=True)
@@ -495,4 +518,5 @@ class WindowStage:
         return self.stats()
 
     def stats(self) -> dict:
-        return self.metrics.snapshot(streams=len(self.windower.streams), queue=len(self.backlog))
+        evidence = self.evidence.stats() if self.evidence else {}
+        return self.metrics.snapshot(streams=len(self.windower.streams), queue=len(self.backlog), **evidence)

@@ -76,3 +76,39 @@ def endpoint(sock) -> str:
     import zmq
 
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+MOSQUITTO = Path("/usr/sbin/mosquitto")  # Debian's broker (.ci/run installs it)
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A real MQTT broker (Debian's mosquitto) on a free loopback port, anonymous, without persistence;
+    yields its `mqtt://127.0.0.1:PORT` URL. Skips, saying why, only where the binary is missing."""
+    import socket
+    import subprocess
+
+    if not MOSQUITTO.exists():
+        pytest.skip(f"{MOSQUITTO} is missing: apt-get install mosquitto (.ci/run does)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "mosquitto.conf"
+    config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    broker = subprocess.Popen([str(MOSQUITTO), "-c", str(config)], stderr=subprocess.PIPE)
+
+    def listening():
+        if broker.poll() is not None:
+            raise AssertionError(f"mosquitto exited: {broker.stderr.read().decode() if broker.stderr else ''}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(listening, 10, "mosquitto to listen")
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)

@@ -28,6 +28,7 @@ from streaming.records import Embedding
 from streaming.redis_layout import (
     ALERTS_CHANNEL,
     ALERTS_STREAM,
+    START,
     Alert,
     encode_embedding,
     query_key,
@@ -115,7 +116,8 @@ def drain(m: Matcher) -> None:
 
 
 def alerts(client) -> list[Alert]:
-    return [Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM)]
+    """The alerts: the entries that start an event (its updates and end are tests/test_events.py's)."""
+    return [a for a in (Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM)) if a.state == START]
 
 
 def counts(m: Matcher, event: str, label: str | None = None) -> int:

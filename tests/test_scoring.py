@@ -1,6 +1,6 @@
-"""Scoring without Redis: a window's calibrated score is the query's softmax share among itself and the
-background prompts not too close to it, each query scores only the devices it watches, and the records the
-matcher refuses to score are named."""
+"""Scoring without Redis: a text query's calibrated score is its softmax share among itself and the background
+prompts not too close to it, an example query's is its cosine against the stream's running estimate, each query
+scores only the devices it watches, and the records the matcher refuses to score are named."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from sensors.protocol import INT64_MAX
-from streaming.alerts.records import MAX_LOGIT_SCALE, Background, Query
-from streaming.alerts.scoring import ModalityIndex, build_indexes, entry_problem
+from streaming.alerts.records import MAX_LOGIT_SCALE, Background, Calibration, Query
+from streaming.alerts.scoring import FRESH, Baselines, ModalityIndex, N, build_indexes, entry_problem
 from streaming.redis_layout import EmbeddingRecord
 
 DIM = 16
@@ -104,10 +104,45 @@ def test_indexes_group_by_model_and_modality_and_leave_out_what_cannot_score():
         (MODEL, "vision"): [vision.id],
     }
     assert build_indexes([swamped], {(MODEL, "audio"): swamped_bg}) == {}
+    swamped_example = Query("q", "audio", swamped.emb, MODEL, source="vector:q.npy")  # prompts do not score it
+    assert build_indexes([swamped_example], {(MODEL, "audio"): swamped_bg})[MODEL, "audio"].examples.tolist() == [0]
 
 
-def record(t0: int, t1: int, emb: np.ndarray) -> EmbeddingRecord:
-    return EmbeddingRecord("bindstream:emb:dev:audio", "1-0", "dev", "audio", t0, t1, MODEL, emb)
+def calibrated_cosines(cos: list[float], c: Calibration) -> list[float]:
+    """An example query's scores over one stream, written out one window at a time (ALERTS.md)."""
+    n, mean, var, out = 0, 0.0, 0.0, []
+    for x in cos:
+        sd = max(np.sqrt(var), c.min_sd)
+        logit = min((x - mean) / sd - c.z, (x - c.min_cos) / c.min_sd)
+        out.append(0.0 if n < c.warmup else 1 / (1 + np.exp(-logit)))
+        if n >= c.warmup:
+            x = min(max(x, mean - c.z * sd), mean + c.z * sd)
+        a = max(1 / (n + 1), 1 / c.memory)
+        mean, var, n = mean + a * (x - mean), (1 - a) * (var + a * (x - mean) ** 2), n + 1
+    return out
+
+
+def test_an_example_query_scores_its_cosine_against_the_streams_running_estimate():
+    rng = np.random.default_rng(1)
+    c = Calibration(min_cos=0.3, z=2.0, min_sd=0.01, memory=5, warmup=3)
+    example = Query("q", "audio", basis(0), MODEL, device="glasses-*", calibration=c, source="example:q.wav")
+    index = ModalityIndex([example, query(basis(1))], background(np.stack([basis(i) for i in range(2, 9)])))
+    x = units(rng, 40)
+    x[[10, 11, 25]] = basis(0)
+    watched = [record(0, 1, v, "glasses-1", f"{i + 1}-0") for i, v in enumerate(x)]
+    unwatched = [record(0, 1, v, "watch-1", f"{i + 1}-0") for i, v in enumerate(x[:5])]
+    baselines = Baselines(10)
+    batch = watched[:7] + unwatched + watched[7:]  # two streams in one batch
+    scores = index.scores(batch, baselines)
+    expected = calibrated_cosines((x @ basis(0)).tolist(), c)
+    np.testing.assert_allclose(np.concatenate([scores[:7, 0], scores[12:, 0]]), expected, rtol=1e-6, atol=1e-12)
+    assert scores[[10 + 5, 11 + 5], 0].min() > 0.9 and (scores[7:12, 0] == 0).all()  # e0 scores only where watched
+    np.testing.assert_allclose(scores[:, 1], index.shares(np.stack([r.emb for r in batch]))[:, 1])  # text: share
+    assert baselines.take(unwatched[0].stream, index.example_ids)[0, N] == 0 == FRESH[N]
+
+
+def record(t0: int, t1: int, emb: np.ndarray, device: str = "dev", entry_id: str = "1-0") -> EmbeddingRecord:
+    return EmbeddingRecord(f"bindstream:emb:{device}:audio", entry_id, device, "audio", t0, t1, MODEL, emb)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import redis
 from ..records import Embedding
 from ..redis_layout import (
     ALERTS_STREAM,
+    START,
     Alert,
     background_key,
     decode_embedding,
@@ -227,8 +228,10 @@ def alert_run(client: redis.Redis, url: str, bench: AlertBench) -> tuple[dict, l
             finally:
                 client.set(done, 1)  # the matcher drains and returns
             stats = matcher.result()
-        alerts = [
-            a for a in (Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM)) if a.device.startswith(tag)
+        alerts = [  # the entries that start an event: one per event written
+            a
+            for a in (Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM))
+            if a.device.startswith(tag) and a.state == START
         ]
     finally:
         for q in added:

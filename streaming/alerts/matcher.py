@@ -1,5 +1,6 @@
 """The matcher: reads the embedding streams, scores them against the standing queries, decides, and commits
-the decision state and the alerts to Redis.
+the decision state, the alerts entries of events (start, update, end) and the event records to Redis; and
+raises health events for the streams of its shard that fall silent.
 
 A plain class (`Matcher(settings, redis_url)`: `step()` for one read-score-commit cycle, `run()` to loop)
 that also runs as a restartable Ray actor (`start_matchers`). Scoring is scoring.py's and the decision rule
@@ -10,6 +11,7 @@ Redis and the delivery guarantees.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import zlib
@@ -22,18 +24,34 @@ import numpy as np
 import ray
 import redis
 
+from sensors.protocol import INT64_MAX
+
 from ..records import QUERY_MODALITIES, text
 from ..redis_layout import (
     ALERTS_CHANNEL,
     ALERTS_STREAM,
+    END,
+    ENDED,
+    EVENTS_INDEX,
+    HEALTH_EVENT,
+    HEALTH_QUERY,
     LAST_ID_FIELD,
+    OPEN,
     QUERY_CHANNEL,
+    QUERY_EVENT,
     QUERY_VERSION,
+    START,
     Alert,
     BadRecord,
     EmbeddingRecord,
+    Event,
     decode_embedding,
+    decode_silence,
     dedup_key,
+    encode_silence,
+    event_id,
+    event_key,
+    health_key,
     id_tuple,
     now_id,
     parse_key,
@@ -42,29 +60,84 @@ from ..redis_layout import (
 )
 from ..retry import Backoff
 from ..stage import StageMetrics
-from .decision import INITIAL_STATE, QueryState, Rules, decide
+from .decision import INITIAL_STATE, MAX_EVENT_S, Change, OpenEvent, QueryState, Rules, decide
 from .queries import read_backgrounds, read_queries
-from .scoring import ModalityIndex, build_indexes, entry_problem
+from .records import Query
+from .scoring import Baselines, ModalityIndex, build_indexes, entry_problem
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "bindstream-matchers"
 DEFAULT_CONSUMER = "matcher"
+MAX_EVENT_LIMIT_S = 365 * 86400.0  # max_event_s beyond a year of device time is a typo (and must fit in int64 ns)
 ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-# One alert, exactly once per (query, source entry): SET NX the dedup key, and only if it was not there
-# XADD the alert and PUBLISH it (as JSON with the alert's id). KEYS: dedup key, alerts stream.
-# ARGV: dedup ttl s, alerts maxlen, channel, then the alert's field/value pairs.
+# One state change of an event, exactly once per (query, source entry, state): SET NX the dedup key, and only
+# if it was not there XADD the alerts entry, PUBLISH it (as JSON with its id) and write the event record: a
+# start creates it and indexes it (dropping index members older than the records' TTL); a later change sets
+# its fields only while the record exists, so that an expired record never comes back partial.
+# KEYS: dedup key, alerts stream, event key, events index. ARGV: dedup ttl s, alerts maxlen, channel, event
+# ttl s, event id, index score (the start's wall ms; '' for a later change), index cutoff ms, the number of
+# record field/value pairs, those pairs, then the alert's field/value pairs.
 EMIT_ALERT = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   return false
 end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
+local record_end = 8 + 2 * tonumber(ARGV[8])
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, record_end + 1))
 local msg = {id = id}
-for i = 4, #ARGV, 2 do msg[ARGV[i]] = ARGV[i + 1] end
+for i = record_end + 1, #ARGV, 2 do msg[ARGV[i]] = ARGV[i + 1] end
 redis.call('PUBLISH', ARGV[3], cjson.encode(msg))
+if ARGV[6] ~= '' then
+  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[7])
+elseif redis.call('EXISTS', KEYS[3]) == 0 then
+  return id
+end
+redis.call('HSET', KEYS[3], unpack(ARGV, 9, record_end))
+redis.call('EXPIRE', KEYS[3], ARGV[4])
 return id
 """
+
+# An open event's record extended by windows that made no alerts entry (its end, its windows), while the
+# record exists. KEYS: event key. ARGV: event ttl s, then field/value pairs.
+GROW_EVENT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+"""
+
+# Which of the streams the matcher suspects did fall silent, or flow again (read only). KEYS: streams. ARGV:
+# per stream 'p' .. the id of the last entry the group delivered (no open health event: silent if that is
+# the stream's last entry), or 'o' .. the last entry before its open health event. Returns, for each stream
+# whose health changes, its index in KEYS (from 1) and {id, t0, t1, model} of the entry that shows it: its
+# last entry, or its first entry after the silence.
+SILENT_STREAMS = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local mark, id = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 2)
+  local e
+  if mark == 'o' then
+    e = redis.pcall('XRANGE', key, '(' .. id, '+', 'COUNT', 1)
+  else
+    e = redis.pcall('XREVRANGE', key, '+', '-', 'COUNT', 1)
+    if type(e) == 'table' and e[1] and e[1][1] ~= id then
+      e = nil
+    end
+  end
+  if type(e) == 'table' and e[1] then
+    local f = {}
+    for j = 1, #e[1][2], 2 do f[e[1][2][j]] = e[1][2][j + 1] end
+    out[#out + 1] = i
+    out[#out + 1] = {e[1][1], f['t0'] or '', f['t1'] or '', f['model'] or ''}
+  end
+end
+return out
+"""
+UPDATE_FIELDS = ("peak", "peak_source_id", "end_ns", "windows")  # of an event record, written by an update
+END_FIELDS = ("state", "ended_ns", "end_ns", "peak", "windows")  # written by an end
+GROW_FIELDS = ("end_ns", "windows")  # written by windows that extend an open event (OpenEvent's names too)
 
 
 @dataclass(frozen=True)
@@ -83,6 +156,10 @@ class MatcherSettings:
     discover_s: float = 2.0  # SCAN for new streams (new devices)
     dedup_ttl_s: int = 7 * 86400  # life of a bindstream:alerted:* key
     alerts_maxlen: int = 100_000  # approximate (MAXLEN ~)
+    event_ttl_s: int = 7 * 86400  # life of a bindstream:event:* record after its last change (and of its index entry)
+    max_event_s: float = MAX_EVENT_S  # an event ends this long (device time) after its start; the query stays disarmed
+    silence_s: float = 30.0  # a stream whose last entry is this old (server clock) raises a health event
+    health_commit: int = 100  # health event changes per MULTI/EXEC (each a Lua call: ~0.2 ms of Redis)
     retry_max_s: float = 2.0  # backoff cap while Redis fails
     state_ttl_s: int = 86_400  # a bindstream:alertstate:* hash expires this long after its stream's last commit
     idle_s: float = 60.0  # a stream without a new entry this long is no longer polled (discovery resumes it)
@@ -91,6 +168,7 @@ class MatcherSettings:
     scan_count: int = 1_000  # SCAN COUNT of discovery: keys Redis looks at per round trip
     sweep_chunk: int = 1_000  # streams looked at per round trip when discovery checks for unread entries
     max_logged: int = 1_000  # (reason, device or query) pairs warned about in the log; later ones are only counted
+    baseline_streams: int = 10_000  # streams whose example-query estimates stay in memory; least recently used go
     autostart: bool = False  # start the run loop's thread in the constructor (actors: also after a restart)
 
     def __post_init__(self):
@@ -100,11 +178,26 @@ class MatcherSettings:
             id_tuple(self.start_id)  # discovery compares stream ids with it
         except ValueError as err:
             raise ValueError(f"start_id {self.start_id!r} must be a stream id: 0 or ms-seq") from err
-        for name in ("read_count", "state_ttl_s", "max_streams", "max_idle", "scan_count", "sweep_chunk"):
+        for name in (
+            "read_count",
+            "state_ttl_s",
+            "max_streams",
+            "max_idle",
+            "scan_count",
+            "sweep_chunk",
+            "baseline_streams",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.idle_s > 0:
             raise ValueError(f"idle_s must be > 0, got {self.idle_s}")
+        if not 0 < self.max_event_s <= MAX_EVENT_LIMIT_S:  # NaN fails too
+            raise ValueError(f"max_event_s must lie in (0, {MAX_EVENT_LIMIT_S:g}] seconds, got {self.max_event_s}")
+        if not 0 < self.silence_s < math.inf or self.event_ttl_s < 1 or self.health_commit < 1:
+            raise ValueError(
+                f"silence_s ({self.silence_s}) must be finite and > 0, event_ttl_s ({self.event_ttl_s}) and "
+                f"health_commit ({self.health_commit}) at least 1"
+            )
 
 
 @dataclass
@@ -132,9 +225,80 @@ class StreamState:
         return state, unreadable
 
 
+@dataclass(frozen=True)
+class Emit:
+    """One alerts entry, and the fields it writes to its event's record (all of them at a start)."""
+
+    alert: Alert
+    record: dict[str, str]
+
+
+def event_emit(event: Event, state: str, source_id: str, score: float, threshold: float, t0: int, t1: int) -> Emit:
+    """The alerts entry of `event`'s change to `state`, made by entry `source_id` (with the score, threshold
+    and device times the entry reports), and the fields of the record it writes: all of them at a start, the
+    new peak and the event's reach at an update, those and its end at an end."""
+    alert = Alert(
+        event.device,
+        event.query,
+        event.query_text,
+        event.modality,
+        score,
+        threshold,
+        t0,
+        t1,
+        event.source,
+        source_id,
+        event.model,
+        event.detected_ns,
+        state,
+        event.id,
+        event.kind,
+    )
+    return Emit(alert, event.encode(None if state == START else END_FIELDS if state == END else UPDATE_FIELDS))
+
+
+def query_emit(q: Query, r: EmbeddingRecord, score: float, rules: Rules, c: Change, now_ns: int) -> Emit:
+    """The alerts entry of a query event's change `c` at window `r` (of score `score`): a start or an update
+    reports the window, an end the whole event and its peak."""
+    e, ended = c.event, c.state == END
+    record = Event(
+        event_id(q.id, r.stream, e.opened_id),
+        QUERY_EVENT,
+        r.device,
+        q.id,
+        q.text,
+        q.modality,
+        r.model,
+        r.stream,
+        e.start_ns,
+        e.end_ns,
+        e.peak,
+        r.id,
+        e.windows,
+        ENDED if ended else OPEN,
+        detected_ns=now_ns,
+        ended_ns=now_ns if ended else 0,
+        notify=q.notify,
+    )
+    threshold = float(rules.threshold[c.query])
+    if ended:
+        return event_emit(record, END, r.id, e.peak, threshold, e.start_ns, e.end_ns)
+    return event_emit(record, c.state, r.id, score, threshold, r.t0, r.t1)
+
+
+def device_time(raw: bytes) -> int:
+    """A device time field of an entry SILENT_STREAMS returned; 0 where it is none (a malformed entry)."""
+    try:
+        t = int(raw)
+    except ValueError:
+        return 0
+    return t if 0 <= t <= INT64_MAX else 0
+
+
 class Matcher:
     """Reads the embedding streams of its shard through a consumer group, scores, decides, and commits
-    the new decision state, the alerts and the acknowledgements in one Redis transaction."""
+    the new decision state, the events' alerts entries and records, and the acknowledgements in one Redis
+    transaction; at each discovery, checks its streams for silence (health events)."""
 
     def __init__(self, settings: MatcherSettings, redis_url: str):
         self.settings = settings
@@ -142,6 +306,8 @@ class Matcher:
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(QUERY_CHANNEL)
         self.emit = self.client.register_script(EMIT_ALERT)
+        self.grow = self.client.register_script(GROW_EVENT)
+        self.silent = self.client.register_script(SILENT_STREAMS)
         self.metrics = StageMetrics("match")
         # polled stream key -> (monotonic time of its last entry or of its join, last id delivered to the group)
         self.active: dict[str, tuple[float, str]] = {}
@@ -153,6 +319,13 @@ class Matcher:
         self.query_ids: set[str] = set()  # of the queries in `indexes`
         self.rejected: dict[tuple[str, str], str] = {}  # (event, query id or model/modality) -> why, at last reload
         self.states: dict[str, StreamState] = {}  # polled stream key -> state
+        # stream key of this shard -> (last entry before its silence, that window's t1) of its open health event;
+        # read from Redis at the first health check
+        self.silences: dict[str, tuple[str, int]] | None = None
+        # stream key -> the delivered id at which the health check found that it is not the stream's last entry
+        # (never delivered: a group's start), so that it is not asked again until it changes (max_idle of them)
+        self.not_last: dict[str, str] = {}
+        self.baselines = Baselines(settings.baseline_streams)  # example queries' running estimates (scoring.py)
         self.warned: set[tuple[str, str]] = set()
         self.version: bytes | None = None
         self.next_reload = self.next_discover = 0.0
@@ -187,7 +360,10 @@ class Matcher:
                 log.warning("%s (%s): %s", event, label, why)
         self.rejected = rejected
         self.indexes = build_indexes(queries, backgrounds)
-        self.rules = {key: Rules.of([q.decision for q in index.queries]) for key, index in self.indexes.items()}
+        self.rules = {
+            key: Rules.of([q.decision for q in index.queries], self.settings.max_event_s)
+            for key, index in self.indexes.items()
+        }
         self.query_ids = {q.id for index in self.indexes.values() for q in index.queries}
         for modality, n in Counter(q.modality for q in queries if q.id not in self.query_ids).items():
             self.metrics.count("no_background", modality, n=n)
@@ -233,7 +409,8 @@ class Matcher:
         this shard's streams: all of them at the first discovery after a start, later those with entries
         the group has not read (new devices, idle streams that woke up). At most `max_streams` are polled;
         a stream beyond that is refused (`refused_stream_cap` per device, at each discovery that finds it
-        with unread entries) and read once there is room."""
+        with unread entries) and read once there is room. Then checks the health of every stream of the
+        shard, polled or not (`_check_health`)."""
         s = self.settings
         now = time.monotonic()
         if not self.pending:  # pending entries are re-read from the polled streams only
@@ -268,6 +445,10 @@ class Matcher:
             if joined:
                 self._remember_idle(key, position)
         self.first_discovery = False
+        self._check_health(
+            {key: position for key, _, _, position in looked} | {k: p for k, (_, p) in self.active.items()},
+            {key for key, _, unread, _ in looked if unread},
+        )
 
     def _scan(self) -> list[str]:
         """The stream keys of the devices matching `devices` (a SCAN, `scan_count` keys a round trip); a
@@ -380,8 +561,9 @@ class Matcher:
             if r is not None:
                 tally["in", r.modality] += 1
                 groups[r.model, r.modality].append(r)
-        alerts: list[Alert] = []
+        emits: list[Emit] = []
         changed: dict[str, dict[str, QueryState]] = defaultdict(dict)
+        open_events: dict[str, OpenEvent] = {}  # by event id: their records grow
         for (model, modality), records in groups.items():
             index = self.indexes.get((model, modality))
             if index is None:
@@ -400,14 +582,14 @@ class Matcher:
                     )
             if not fit:
                 continue
-            scores = index.shares(np.stack([r.emb for r in fit]))
+            scores = index.scores(fit, self.baselines)  # example queries' estimates, min_dbfs gates
             tally["scored", modality] += len(fit)
             rows: dict[str, list[int]] = defaultdict(list)
             for i, r in enumerate(fit):
                 rows[r.stream].append(i)
             for stream, idx in rows.items():
                 try:  # the stream states were loaded by _record: no Redis call here
-                    new_alerts, new_states = self._decide(
+                    new_emits, new_states, new_open = self._decide(
                         index, self.rules[model, modality], [fit[i] for i in idx], scores[idx]
                     )
                 except Exception as err:
@@ -415,11 +597,12 @@ class Matcher:
                     tally["rejected_error", device] += len(idx)
                     self._warn_once("rejected_error", device, f"deciding {stream}: {err!r}")
                     continue
-                alerts += new_alerts
+                emits += new_emits
                 changed[stream].update(new_states)
+                open_events |= new_open
         last_ids = {key: max(ids, key=id_tuple) for key, ids in acks.items()}
         self.active.update((key, (now, last_id)) for key, last_id in last_ids.items())
-        self._commit(alerts, changed, last_ids, acks)
+        self._commit(emits, changed, open_events, last_ids, acks)
         for (event, label), n in tally.items():
             self.metrics.count(event, label, n)
 
@@ -461,57 +644,53 @@ class Matcher:
 
     def _decide(
         self, index: ModalityIndex, rules: Rules, records: list[EmbeddingRecord], scores: np.ndarray
-    ) -> tuple[list[Alert], dict[str, QueryState]]:
+    ) -> tuple[list[Emit], dict[str, QueryState], dict[str, OpenEvent]]:
         """Run one stream's new records (in stream order) through the decision of every query watching its
-        device; returns the alerts and the states that changed."""
-        device = records[0].device
+        device; returns the alerts entries of its events' state changes, the states that changed, and the
+        open events among those by event id."""
+        device, stream = records[0].device, records[0].stream
         cols = index.columns(device)
         if not len(cols):
-            return [], {}
-        known = self._stream_state(records[0].stream).queries
+            return [], {}, {}
+        known = self._stream_state(stream).queries
         queries = [index.queries[c] for c in cols]
         before = [known.get(q.id, INITIAL_STATE) for q in queries]
         rules, scores = rules[cols], scores[:, cols]
-        changed, fired = decide(rules, before, scores, [r.t0 for r in records])
-        alerts = [
-            Alert(
-                device,
-                queries[j].id,
-                queries[j].text,
-                queries[j].modality,
-                float(scores[i, j]),
-                float(rules.threshold[j]),
-                records[i].t0,
-                records[i].t1,
-                records[i].stream,
-                records[i].id,
-                records[i].model,
-                time.time_ns(),
-            )
-            for i, j in zip(*np.nonzero(fired))
+        changed, changes = decide(
+            rules, before, scores, [r.t0 for r in records], [r.t1 for r in records], [r.id for r in records]
+        )
+        now_ns = time.time_ns()
+        emits = [
+            query_emit(queries[c.query], records[c.window], float(scores[c.window, c.query]), rules, c, now_ns)
+            for c in changes
         ]
-        return alerts, {queries[j].id: state for j, state in changed.items()}
+        open_events = {
+            event_id(queries[j].id, stream, st.event.opened_id): st.event
+            for j, st in changed.items()
+            if st.event is not None
+        }
+        return emits, {queries[j].id: state for j, state in changed.items()}, open_events
 
     def _commit(
         self,
-        alerts: list[Alert],
+        emits: list[Emit],
         changed: dict[str, dict[str, QueryState]],
+        open_events: dict[str, OpenEvent],
         last_ids: dict[str, str],
         acks: dict[str, list[str]],
     ) -> None:
-        """Decision state (its hash's TTL renewed), alerts and acknowledgements in one MULTI/EXEC: all of a
-        batch's effects or none."""
+        """Decision state (its hash's TTL renewed), the alerts entries with their event records, the records
+        of the open events, and the acknowledgements in one MULTI/EXEC: all of a batch's effects or none."""
         s = self.settings
         pipe = self.client.pipeline(transaction=True)
         for stream, last_id in last_ids.items():
             states = {qid: st.encode() for qid, st in changed.get(stream, {}).items()}
             pipe.hset(state_key(s.group, stream), mapping={LAST_ID_FIELD: last_id, **states})
             pipe.expire(state_key(s.group, stream), s.state_ttl_s)
-        for a in alerts:
-            args = [s.dedup_ttl_s, s.alerts_maxlen, ALERTS_CHANNEL]
-            for name, value in a.fields().items():
-                args += [name, value]
-            self.emit(keys=[dedup_key(a.query, a.source, a.source_id), ALERTS_STREAM], args=args, client=pipe)
+        self._queue_emits(pipe, emits)
+        for eid, e in open_events.items():
+            grown = [x for name in GROW_FIELDS for x in (name, getattr(e, name))]
+            self.grow(keys=[event_key(eid)], args=[s.event_ttl_s, *grown], client=pipe)
         for key, ids in acks.items():
             pipe.xack(key, s.group, *ids)
         results = pipe.execute()
@@ -519,13 +698,165 @@ class Matcher:
             state = self._stream_state(stream)
             state.last_id = last_id
             state.queries.update(changed.get(stream, {}))
+        self._count_emits(emits, results[2 * len(last_ids) : 2 * len(last_ids) + len(emits)])
+
+    def _queue_emits(self, pipe, emits: list[Emit]) -> None:
+        """EMIT_ALERT for each alerts entry, on `pipe`; a start indexes its event and trims the index."""
+        s = self.settings
+        cutoff_ms = time.time_ns() // 1_000_000 - s.event_ttl_s * 1000
+        for x in emits:
+            a = x.alert
+            score = a.detected_ns // 1_000_000 if a.state == START else ""
+            args = [s.dedup_ttl_s, s.alerts_maxlen, ALERTS_CHANNEL, s.event_ttl_s, a.event, score, cutoff_ms]
+            args.append(len(x.record))
+            for name, value in (*x.record.items(), *a.fields().items()):
+                args += [name, value]
+            keys = [dedup_key(a.query, a.source, a.source_id, a.state), ALERTS_STREAM, event_key(a.event), EVENTS_INDEX]
+            self.emit(keys=keys, args=args, client=pipe)
+
+    def _count_emits(self, emits: list[Emit], results: list) -> None:
+        """Count committed alerts entries: `duplicate_alert` (per modality) for one written before; per
+        modality `event_start|update|end` of query events, with `alert` and the latency for their starts; per
+        device `health_start|end` of health events."""
         done_ms = time.time_ns() / 1e6
-        for a, result in zip(alerts, results[2 * len(last_ids) :]):
+        for x, result in zip(emits, results):
+            a = x.alert
             if result is None:
                 self.metrics.count("duplicate_alert", a.modality)
-                continue
-            self.metrics.count("alert", a.modality)
-            self.metrics.latency((done_ms - id_tuple(a.source_id)[0]) / 1000)
+            elif a.kind == HEALTH_EVENT:
+                self.metrics.count(f"health_{a.state}", a.device)
+            else:
+                self.metrics.count(f"event_{a.state}", a.modality)
+                if a.state == START:
+                    self.metrics.count("alert", a.modality)
+                    self.metrics.latency((done_ms - id_tuple(a.source_id)[0]) / 1000)
+
+    # ----- device health -----
+
+    def _silences(self) -> dict[str, tuple[str, int]]:
+        """This shard's open health events, read from Redis the first time; a field of this shard that does
+        not parse is deleted and counted (`rejected_state` per device)."""
+        if self.silences is None:
+            key, silences, unreadable = health_key(self.settings.group), {}, []
+            for name, value in self.client.hgetall(key).items():
+                stream = name.decode(errors="replace")
+                if not self._in_shard(stream):
+                    continue  # another shard's (or not a stream key: no matcher reads it)
+                try:
+                    silences[stream] = decode_silence(value)
+                except ValueError:
+                    unreadable.append(name)
+                    self.metrics.count("rejected_state", parse_key(stream)[0])
+            if unreadable:
+                self.client.hdel(key, *unreadable)
+            self.silences = silences
+        return self.silences
+
+    def _check_health(self, positions: dict[str, str], unread: set[str]) -> None:
+        """Health events of this shard's streams, `positions` the last entries the group delivered of each (as
+        far as this matcher knows), `unread` those known to have newer entries: a stream whose last entry was
+        delivered `silence_s` ago (by its id, against the server's clock) starts one; an open one ends at the
+        stream's first entry after its silence. A stream the group has not delivered the last entry of
+        (never seen, or not read yet) does not raise. Only the streams whose health may change are looked
+        at in Redis: those whose delivered id is that old and not known to be no last entry, and the silent
+        ones that were read since or have unread entries; one script call per `sweep_chunk` of them, all in
+        one round trip, and one commit."""
+        s = self.settings
+        silences = self._silences()
+        gone = [k for k in silences if k not in positions]  # deleted: it will not flow again
+        self.not_last = {k: p for k, p in self.not_last.items() if positions.get(k) == p}
+        seconds, micros = self.client.time()
+        now_ms = seconds * 1000 + micros // 1000
+        marks = {}
+        for key, position in positions.items():
+            if key in silences:
+                if key in unread or position != silences[key][0]:
+                    marks[key] = f"o{silences[key][0]}"
+            elif (
+                key not in unread
+                and self.not_last.get(key) != position
+                and now_ms - id_tuple(position)[0] >= s.silence_s * 1000
+            ):
+                marks[key] = f"p{position}"
+        keys = list(marks)
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(0, len(keys), s.sweep_chunk):
+            chunk = keys[i : i + s.sweep_chunk]
+            self.silent(keys=chunk, args=[marks[k] for k in chunk], client=pipe)
+        replies = pipe.execute() if keys else []
+        now_ns = time.time_ns()
+        changes: list[tuple[str, Emit, tuple[str, int] | None]] = []  # (stream, its entry, its new silence or None)
+        for i, found in enumerate(replies):
+            for index, (entry_raw, t0, t1, model_raw) in zip(found[::2], found[1::2]):
+                key, entry_id, model = (
+                    keys[i * s.sweep_chunk + index - 1],
+                    text(entry_raw),
+                    model_raw.decode(errors="replace"),
+                )
+                device, modality = parse_key(key)
+                silence: tuple[str, int] | None = None
+                if key in silences:  # flows again: the silence lasted from the last entry before to this one
+                    last_id, start_ns = silences[key]
+                    end_ns = device_time(t0)
+                    silent_s = (id_tuple(entry_id)[0] - id_tuple(last_id)[0]) / 1000
+                    state, t_first, t_last = END, start_ns, end_ns
+                else:  # fell silent after this entry
+                    last_id, start_ns = entry_id, device_time(t1)
+                    end_ns, silent_s = start_ns, (now_ms - id_tuple(entry_id)[0]) / 1000
+                    state, t_first, t_last = START, device_time(t0), start_ns
+                    silence = (entry_id, start_ns)
+                ended = state == END
+                record = Event(
+                    event_id(HEALTH_QUERY, key, last_id),
+                    HEALTH_EVENT,
+                    device,
+                    HEALTH_QUERY,
+                    f"{device} {modality} silent",
+                    modality,
+                    model,
+                    key,
+                    start_ns,
+                    end_ns,
+                    silent_s,
+                    last_id,
+                    0,
+                    ENDED if ended else OPEN,
+                    detected_ns=now_ns,
+                    ended_ns=now_ns if ended else 0,
+                )
+                changes.append(
+                    (key, event_emit(record, state, entry_id, silent_s, s.silence_s, t_first, t_last), silence)
+                )
+        answered = {key for key, _, _ in changes}
+        for key in keys:
+            if key not in answered and key not in silences and len(self.not_last) < s.max_idle:
+                self.not_last[key] = positions[key]
+        if gone:
+            self.client.hdel(health_key(s.group), *gone)
+            for key in gone:
+                del silences[key]
+        self._commit_health(changes)
+
+    def _commit_health(self, changes: list[tuple[str, Emit, tuple[str, int] | None]]) -> None:
+        """Each stream's health event change (its alerts entry, and its silence kept or dropped) in MULTI/EXECs
+        of `health_commit` streams: a mass silence (a network outage) does not hold Redis in one long one."""
+        s, silences = self.settings, self._silences()
+        for i in range(0, len(changes), s.health_commit):
+            chunk = changes[i : i + s.health_commit]
+            pipe = self.client.pipeline(transaction=True)
+            self._queue_emits(pipe, [emit for _, emit, _ in chunk])
+            for key, _, silence in chunk:
+                if silence is None:
+                    pipe.hdel(health_key(s.group), key)
+                else:
+                    pipe.hset(health_key(s.group), key, encode_silence(*silence))
+            results = pipe.execute()
+            for key, _, silence in chunk:
+                if silence is None:
+                    del silences[key]
+                else:
+                    silences[key] = silence
+            self._count_emits([emit for _, emit, _ in chunk], results[: len(chunk)])
 
     # ----- running -----
 

@@ -11,10 +11,10 @@ import redis
 
 from sensors.protocol import NS_PER_S
 
-from ..redis_layout import ALERTS_STREAM, Alert, stream_key
+from ..redis_layout import ALERTS_STREAM, START, Alert, stream_key
 from .queries import load_queries, read_backgrounds
 from .records import Query
-from .scoring import build_indexes
+from .scoring import Baselines, build_indexes
 from .search import XRANGE_CHUNK, read_chunks, since_id
 
 SVG_WIDTH, SVG_HEIGHT, SVG_MARGIN = 900, 150, 40
@@ -36,18 +36,21 @@ def timeline(client: redis.Redis, device: str, since_ms: int | None = None, chun
     queries = [q for q in load_queries(client) if fnmatchcase(device, q.device)]
     indexes = build_indexes(queries, read_backgrounds(client, {(q.model, q.modality) for q in queries})[0])
     start = since_id(client, since_ms)
-    alerts = [
-        a for a in (Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM, min=start)) if a.device == device
+    alerts = [  # the entries that start an event: an update or end is no new alert
+        a
+        for a in (Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM, min=start))
+        if a.device == device and a.state == START
     ]
     out = []
     for (model, modality), index in indexes.items():
         cols = index.columns(device)
         t0, scores = [], []
+        baselines = Baselines(1)  # example queries: the stream's estimate as a matcher starting at `since` forms it
         for records, _ in read_chunks(client, stream_key(device, modality), start, chunk):
             usable = [r for r in records if r.model == model and r.emb.shape[0] == index.dim]
             if usable:
                 t0 += [r.t0 for r in usable]
-                scores.append(index.shares(np.stack([r.emb for r in usable]))[:, cols])
+                scores.append(index.scores(usable, baselines)[:, cols])
         matrix = np.concatenate(scores) if scores else np.zeros((0, len(cols)))
         for j, c in enumerate(cols):
             q = index.queries[c]

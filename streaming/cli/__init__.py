@@ -1,6 +1,6 @@
 """The `bindstream` command line: the `main` group (--verbose, --debug; every command's --help shows its
 defaults) and its commands, one module per subject: embed, pipeline (run, demo), events (tail, watch), alerts
-(alert, match), search (search, timeline), bench, and the device commands of sensors/cli.py (`device ...`,
+(alert, match, notify), search (search, timeline), bench, and the device commands of sensors/cli.py (`device ...`,
 and `simulate`), which stay with the sensors: sensors/ imports nothing of streaming/."""
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ for _command in (
     events.watch,
     alerts.alert,
     alerts.match,
+    alerts.notify_command,
     search.search_command,
     search.timeline_command,
     bench.bench,

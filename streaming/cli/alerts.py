@@ -1,5 +1,5 @@
-"""Standing text queries and the matchers that raise their alerts: `bindstream alert` (add, list, rm, tune)
-and `bindstream match`."""
+"""Standing text queries, the matchers that raise their alerts and the notifier that delivers them:
+`bindstream alert` (add, list, rm, tune), `bindstream match` and `bindstream notify`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from rich.live import Live
 from rich.table import Table
 
 from streaming.alerts.matcher import DEFAULT_GROUP, Matcher, MatcherSettings, start_matchers
+from streaming.alerts.notify import Notifier, NotifySettings
 from streaming.alerts.prompts import check_modality, ensemble
 from streaming.alerts.queries import (
     delete_query,
@@ -28,9 +29,10 @@ from streaming.alerts.queries import (
 )
 from streaming.alerts.records import Decision, Query, QueryError, unit
 from streaming.alerts.scoring import ModalityIndex
+from streaming.alerts.sinks import SinkError, parse_sink
 from streaming.alerts.tuning import confusion, fit_threshold
-from streaming.records import QUERY_MODALITIES
-from streaming.redis_layout import now_id
+from streaming.records import MIN_DBFS, QUERY_MODALITIES
+from streaming.redis_layout import now_id, outbox_key
 from streaming.stage import Counts
 
 from .options import CHECKPOINT_OPTION, JSON_OPTION, MODEL_OPTION, connect, load_encoder, model_name, redis_option
@@ -41,13 +43,14 @@ MIN_CLIPS_PER_CLASS = 2  # `alert tune` needs a positive and a negative in each 
 MAX_HOLDOUT = 0.9  # `alert tune` keeps at least a tenth of each folder to fit on
 REFRESH_S = 0.5  # live tables
 
-# `alert add` option of each Decision field, named in the one-line error when Decision refuses a value
+# `alert add` option of each checked query setting, named in the one-line error when a value is refused
 DECISION_OPTIONS = {
     "threshold": "--threshold",
     "k": "--k",
     "n": "--n",
     "cooldown_s": "--cooldown",
     "hysteresis": "--hysteresis",
+    "min_dbfs": "--min-dbfs",
 }
 
 
@@ -92,15 +95,47 @@ def alert() -> None:
     default=None,
     help="Use this .npy vector (normalised) instead of the text's.",
 )
+@click.option(
+    "--min-dbfs",
+    type=float,
+    default=None,
+    help=f"Audio only: windows quieter than this RMS loudness ({MIN_DBFS:g} to 0 dBFS, e.g. -40) score 0.",
+)
+@click.option(
+    "--notify",
+    "notify_urls",
+    multiple=True,
+    help="Also send this query's alerts here (repeatable): an Apprise URL (ntfy://, pover://, tgram://, "
+    "mailto://, json://...) or mqtt[s]://[user:password@]host[:port][/prefix] (Home Assistant).",
+)
 @redis_option()
 @MODEL_OPTION
 @CHECKPOINT_OPTION
 def alert_add(
-    text, modality, device, threshold, k, n, cooldown, hysteresis, example, vector, redis_url, model, checkpoint
+    text,
+    modality,
+    device,
+    threshold,
+    k,
+    n,
+    cooldown,
+    hysteresis,
+    example,
+    vector,
+    min_dbfs,
+    notify_urls,
+    redis_url,
+    model,
+    checkpoint,
 ):
     """Add a query: TEXT (also the label of an --example or --vector query) to watch for."""
     if not text.strip():
         raise click.BadParameter("the query text is empty", param_hint="TEXT")
+    for url in notify_urls:
+        try:
+            parse_sink(url)
+        except SinkError as err:
+            raise click.BadParameter(str(err), param_hint="--notify") from err
     if example and vector:
         raise click.UsageError("give --example or --vector, not both")
     if example and modality == "fused":
@@ -124,23 +159,43 @@ def alert_add(
             emb, source = _embed_example(encoder, example, modality), f"example:{example}"
         else:
             emb, source = ensemble(encoder, [text], modality)[0], "text"
+    try:  # checked before a background is embedded: a refused query leaves nothing behind
+        q = Query(
+            text,
+            modality,
+            emb,
+            name,
+            device=device,
+            decision=decision,
+            min_dbfs=min_dbfs,
+            source=source,
+            notify=notify_urls,
+        )
+    except QueryError as err:
+        if err.param in DECISION_OPTIONS:
+            raise click.BadParameter(str(err), param_hint=DECISION_OPTIONS[err.param]) from err
+        raise click.UsageError(str(err)) from err
     if load_background(client, name, modality) is None:
         ensure_background(client, encoder or load_encoder(name, checkpoint), modality)
-    try:
-        q = save_query(client, Query(text, modality, emb, name, device=device, decision=decision, source=source))
-    except QueryError as err:
-        raise click.UsageError(str(err)) from err
+    save_query(client, q)
     console.print(
         f"added query [bold]{q.id}[/]: {text!r} on {modality} of {device} ({name}, {source}), "
         f"threshold {decision.threshold}, {decision.k} of {decision.n}, cooldown {decision.cooldown_s} s, "
-        f"hysteresis {decision.hysteresis}"
+        f"hysteresis {decision.hysteresis}" + "".join(f", notify {sink_label(url)}" for url in q.notify)
     )
     if source != "text":
         console.print(
-            "[yellow]note: the score is calibrated against text prompts, and a clip's embedding is closer "
-            "to clips of its modality than any text is, so this query's scores run high: fit its "
-            "threshold with `alert tune` (ALERTS.md)[/]"
+            f"scored by its cosine against the usual windows of each stream: it scores 0 on a stream's first "
+            f"{q.calibration.warmup} windows, while their estimate forms (ALERTS.md, Query by example)"
         )
+
+
+def sink_label(url: str) -> str:
+    """A sink URL as tables show it: without its secrets."""
+    try:
+        return parse_sink(url).label
+    except SinkError:
+        return "(not a sink URL)"
 
 
 def _load_vector(path: str, name: str) -> np.ndarray:
@@ -191,6 +246,7 @@ def alert_list(redis_url, as_json):
                         "cooldown_s": q.decision.cooldown_s,
                         "hysteresis": q.decision.hysteresis,
                         "created": q.created,
+                        "notify": [sink_label(url) for url in q.notify],
                     }
                     for q in queries
                 ],
@@ -212,6 +268,7 @@ def alert_list(redis_url, as_json):
             "cooldown s",
             "hysteresis",
             "created",
+            "notify",
         ),
         whole=("id",),
     )
@@ -229,6 +286,7 @@ def alert_list(redis_url, as_json):
             f"{d.cooldown_s:g}",
             f"{d.hysteresis:g}",
             datetime.fromtimestamp(q.created).strftime("%Y-%m-%d %H:%M:%S"),
+            "\n".join(map(sink_label, q.notify)) or "-",
         )
     console.print(out)
 
@@ -432,3 +490,52 @@ def match(redis_url, group, devices, matchers, from_start, in_process, seconds):
     if not in_process:
         for a in actors:
             ray.kill(a)
+
+
+def notifier_table(stats: dict, client: redis.Redis, title: str = "bindstream notifier") -> Table:
+    """One row per sink: its URL without secrets, notifications sent, failed tries, dropped, still queued."""
+    columns = ("sink", "url", "sent", "send errors", "dropped", "queued", "state")
+    out = table(title, columns, right=columns[2:6], whole=("sink",))
+    counts = Counts.of(stats)
+    pipe = client.pipeline(transaction=False)
+    for sid in stats["sinks"]:
+        pipe.xlen(outbox_key(sid))
+    for (sid, label), queued in zip(stats["sinks"].items(), pipe.execute()):
+        out.add_row(
+            sid,
+            label,
+            *(str(counts.get(event, sid)) for event in ("sent", "send_error", "dropped_")),
+            str(queued),
+            "failing" if sid in stats["failing"] else "ok",
+        )
+    error = stats["last_error"]
+    out.caption = f"alerts read {counts.get('in')}" + (f"; last error: {error}" if error else "")
+    return out
+
+
+@click.command("notify")
+@redis_option()
+@click.option(
+    "--url",
+    "urls",
+    multiple=True,
+    help="A sink for every alert and health event (repeatable): an Apprise URL or "
+    "mqtt[s]://[user:password@]host[:port][/prefix]; each query's own sinks (alert add --notify) get its alerts "
+    "anyway.",
+)
+@click.option("--from-start", is_flag=True, help="Also deliver the alerts stored before now (when the group is new).")
+@click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")
+def notify_command(redis_url, urls, from_start, seconds):
+    """Deliver the alerts to phones and home automation until Ctrl-C: the notifier that `run` starts with its
+    matchers, without the pipeline. Run one per Redis."""
+    try:
+        settings = NotifySettings(urls=urls, start_id="0" if from_start else now_id(), autostart=True)
+    except SinkError as err:
+        raise click.BadParameter(str(err), param_hint="--url") from err
+    client = connect(redis_url)
+    notifier = Notifier(settings, redis_url)
+    stop = until_stopped(seconds)
+    with Live(notifier_table(notifier.stats(), client), console=console, refresh_per_second=2) as view:
+        while not stop.wait(REFRESH_S):
+            view.update(notifier_table(notifier.stats(), client))
+    console.print(notifier_table(notifier.stop(), client, "bindstream notifier: final"))
