@@ -19,10 +19,11 @@ from rich.table import Table
 from .records import QUERY_MODALITIES
 from .stage import Counts
 
-STAGE_ORDER = ("ingest", "window", "embed", "publish", "match")
+STAGE_ORDER = ("ingest", "window", "embed", "publish", "match", "notify")
 DROPS = ("dropped_", "rejected_", "refused_")
 NOT_PER_DEVICE = ("rejected_query", "rejected_background")  # the matcher's: per query id, per model/modality
-OUT_EVENT = {"match": "alert"}  # a stage whose output is not counted as `out`
+OUT_EVENT = {"match": "alert", "notify": "sent"}  # a stage whose output is not counted as `out`
+SINK_STAGES = ("notify",)  # labelled by sink, not by device
 TOP_DEVICES = 10
 
 
@@ -49,7 +50,7 @@ def drops_by_device(stats: dict[str, list[dict]]) -> dict[str, Counter]:
     connections, are in `drops_by_reason` only)."""
     out: dict[str, Counter] = {}
     for stage, event, device, n in _drops(stats):
-        if device and event not in NOT_PER_DEVICE:
+        if device and event not in NOT_PER_DEVICE and stage not in SINK_STAGES:
             out.setdefault(device, Counter())[f"{stage}: {event}"] += n
     return out
 

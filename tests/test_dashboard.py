@@ -36,8 +36,9 @@ DROPPED = {  # stage -> (event, label, n) of what it did not take or pass on, as
         ("rejected_query", "dim0", 15),
         ("rejected_background", "tiny/vision", 16),
     ],
+    "notify": [("dropped_outbox_full", "5f2c0a9e1b3d", 17), ("rejected_malformed", "", 18)],
 }
-NOT_DEVICES = {"dim0", "tiny/vision"}  # the matcher's rejected query and background
+NOT_DEVICES = {"dim0", "tiny/vision", "5f2c0a9e1b3d"}  # the matcher's rejected query and background; a sink
 PASSED = [
     ("in", "imu", 100),
     ("out", "imu", 90),
