@@ -380,6 +380,7 @@ class Alert:
 
 OPEN, ENDED = "open", "ended"  # an event record's state
 REVIEWS = ("none", "confirmed", "false_positive")  # a person's verdict on an event ("none": not reviewed)
+CONFIRMED, FALSE_POSITIVE = REVIEWS[1:]  # the verdicts a person gives (`bindstream event ack`, `false-positive`)
 HEALTH_QUERY = "health"  # the `query` of health events (query ids are 8 hex characters, never this)
 EVENT_ID_CHARS = 16  # hex characters of an event id: 64 bits
 

@@ -5,6 +5,7 @@ the query is e0, the background prompts e1..e8, so a window e0 scores ~1 and a b
 """
 
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -471,10 +472,13 @@ def test_search_ranks_by_calibrated_score(client):
     assert [h.record.id for h in hits] == [ids[4], ids[3]]
 
 
-def test_bench_alerts_runs(server):
+@pytest.mark.parametrize("sink", ["http", "mqtt"])
+def test_bench_alerts_runs(server, sink, request):
+    mqtt = ["--mqtt", request.getfixturevalue("mosquitto")] if sink == "mqtt" else []
     out = run(
         bench_alerts,
         [
+            *mqtt,
             "--queries",
             "5",
             "--rate",
@@ -496,6 +500,9 @@ def test_bench_alerts_runs(server):
         ],
     ).output
     assert "embeddings scored/s" in out and "p99" in out and "per million" in out
+    for row in ("start notifications received / events fired", "end notifications received / events ended"):
+        received, due = re.search(rf"{row}\W+(\d+) / (\d+)", out).groups()  # every event's, through the sink
+        assert received == due != "0", out
 
 
 # ----- the real model ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Event records, as the matcher writes them (ALERTS.md, "Events"): read one, list them newest first, and
-record a person's review of one. Plain functions over a redis client: the commands call them.
+"""Event records, as the matcher writes them (ALERTS.md, "Events"): read one, find one by the start of its id,
+list them newest first, and record a person's review of one. Plain functions over a redis client: the commands
+call them.
 
 A record lives `event_ttl_s` (the matcher's setting) after its last change; the index `bindstream:events`
 may still name an expired one for a while (the matcher trims it at each start), so listing skips ids whose
@@ -16,6 +17,7 @@ import redis
 from ..records import text
 from ..redis_layout import EVENTS_INDEX, REVIEWS, BadRecord, Event, event_key
 
+HEX = frozenset("0123456789abcdef")  # the characters of an event id
 LIST_CHUNK = 500  # index members read (and records fetched, in one round trip) per step of a listing
 DEFAULT_LIMIT = 50  # events a listing returns unless told
 
@@ -48,10 +50,11 @@ def list_events(
     query: str | None = None,
     since_ms: int | None = None,
     limit: int = DEFAULT_LIMIT,
+    kind: str | None = None,
 ) -> tuple[list[Event], int]:
     """(the newest `limit` events by start, the records skipped because they do not decode): of the devices
-    matching `device` (an id or glob) and of the query id `query` ("health" for health events) when given,
-    started at most `since_ms` ago by the server's clock."""
+    matching `device` (an id or glob), of the query id `query` ("health" for health events) and of the `kind`
+    (query or health) when given, started at most `since_ms` ago by the server's clock."""
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     low: float | str = "-inf"
@@ -76,9 +79,32 @@ def list_events(
             except BadRecord:
                 skipped += 1
                 continue
-            if (device is None or fnmatchcase(event.device, device)) and (query is None or event.query == query):
+            if (
+                (device is None or fnmatchcase(event.device, device))
+                and (query is None or event.query == query)
+                and (kind is None or event.kind == kind)
+            ):
                 events.append(event)
     return events[:limit], skipped
+
+
+def find_event_id(client: redis.Redis, ref: str) -> str:
+    """The id of the event `ref` names: its id, or the start of exactly one listed event's id; NoEvent when
+    it names none, or several (the message lists them)."""
+    if ref and client.exists(event_key(ref)):
+        return ref
+    if not ref or any(c not in HEX for c in ref):  # an id is hex: no glob character reaches the MATCH below
+        raise NoEvent(f"no event {ref!r}: event ids are hexadecimal (see `bindstream event list`)")
+    listed = [text(i) for i, _ in client.zscan_iter(EVENTS_INDEX, match=f"{ref}*", count=LIST_CHUNK)]
+    pipe = client.pipeline(transaction=False)
+    for event_id in listed:
+        pipe.exists(event_key(event_id))
+    found = sorted(i for i, exists in zip(listed, pipe.execute()) if exists)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise NoEvent(f"no event {ref!r}: neither an id nor the start of one (never raised, or expired)")
+    raise NoEvent(f"{ref!r} starts {len(found)} event ids: {', '.join(found[:5])}; give more of the id")
 
 
 def set_review(client: redis.Redis, event_id: str, review: str) -> Event:

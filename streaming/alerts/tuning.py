@@ -1,12 +1,24 @@
-"""Few-shot tuning: how a threshold splits labelled scores, and the threshold that splits them best (F1)."""
+"""Few-shot tuning: how a threshold splits labelled scores, the threshold that splits them best (F1), and the
+labelled scores a query's reviewed events give: each event's peak window, scored now by the query's rule through
+the matcher's own `ModalityIndex.scores`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import numpy as np
+import redis
+
+from ..redis_layout import CONFIRMED, FALSE_POSITIVE, BadRecord, EmbeddingRecord, decode_embedding, id_tuple
+from .events import list_events
+from .records import Background, Query
+from .scoring import Baselines, ModalityIndex, entry_problem
+from .search import XRANGE_CHUNK, read_chunks
 
 THRESHOLD_BOUNDS = (1e-6, 1 - 1e-6)  # a fitted threshold stays strictly inside (0, 1)
+MAX_REVIEWED_EVENTS = 10_000  # a query's events read, newest first, for their reviews: a week at one a minute
 
 
 @dataclass(frozen=True)
@@ -50,3 +62,80 @@ def fit_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     best = int(np.argmax(f1))
     threshold = candidates[best] if best + 1 == len(candidates) else (candidates[best] + candidates[best + 1]) / 2
     return float(np.clip(threshold, *THRESHOLD_BOUNDS))
+
+
+@dataclass
+class Reviewed:
+    """A query's reviewed events as labelled scores: each event's peak window scored as a matcher scores the
+    query now (its current vector, background, gate and calibration)."""
+
+    positives: list[float] = field(default_factory=list)  # confirmed events
+    negatives: list[float] = field(default_factory=list)  # false positives
+    trimmed: int = 0  # reviewed events whose peak window is no longer in its stream (MAXLEN, retention)
+    unusable: int = 0  # peak windows still stored that no matcher scores (malformed, another model or dimension)
+
+
+def reviewed_scores(
+    client: redis.Redis,
+    query: Query,
+    background: Background,
+    limit: int = MAX_REVIEWED_EVENTS,
+    chunk: int = XRANGE_CHUNK,
+) -> Reviewed:
+    """The confirmed and false-positive events among `query`'s newest `limit`, each scored at its peak window
+    (the entry `peak_source_id` of its `source` stream). A text query scores that window alone (its share); an
+    example or vector query's score depends on the stream before it, so each stream is replayed from its first
+    stored window with a fresh estimate, as a matcher reading it from there scores it (ALERTS.md, "Review")."""
+    index = ModalityIndex([query], background)
+
+    def scorable(r: EmbeddingRecord) -> bool:
+        return r.model == query.model and r.emb.shape[0] == index.dim and entry_problem(r) is None
+
+    events, _ = list_events(client, query=query.id, limit=limit)
+    reviewed = [e for e in events if e.review in (CONFIRMED, FALSE_POSITIVE)]
+    pipe = client.pipeline(transaction=False)
+    for e in reviewed:
+        pipe.xrange(e.source, min=e.peak_source_id, max=e.peak_source_id)
+    out = Reviewed()
+    peaks: list[tuple[bool, EmbeddingRecord]] = []  # (confirmed, the peak window)
+    for e, reply in zip(reviewed, pipe.execute(raise_on_error=False)):
+        if isinstance(reply, redis.ResponseError):  # the key holds no stream now
+            out.unusable += 1
+        elif not reply:
+            out.trimmed += 1
+        else:
+            try:
+                record = decode_embedding(e.source, *reply[0])
+            except BadRecord:
+                out.unusable += 1
+                continue
+            if scorable(record):
+                peaks.append((e.review == CONFIRMED, record))
+            else:
+                out.unusable += 1
+    scores: dict[tuple[str, str], float] = {}  # (stream, entry id) -> score
+    if not query.by_example:
+        if peaks:
+            records = [r for _, r in peaks]
+            scores = {(r.stream, r.id): float(s) for r, s in zip(records, index.scores(records, Baselines(1))[:, 0])}
+    else:
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for _, r in peaks:
+            wanted[r.stream].add(r.id)
+        for stream, ids in wanted.items():
+            last = max(map(id_tuple, ids))
+            baselines = Baselines(1)  # the stream's estimate, formed again from its first stored window
+            for records, _ in read_chunks(client, stream, "-", chunk):
+                usable = [r for r in records if scorable(r)]
+                if usable:
+                    values = index.scores(usable, baselines)[:, 0]
+                    scores.update({(stream, r.id): float(s) for r, s in zip(usable, values) if r.id in ids})
+                if records and id_tuple(records[-1].id) >= last:
+                    break
+    for confirmed, r in peaks:
+        score = scores.get((r.stream, r.id))
+        if score is None:  # trimmed between the two reads
+            out.trimmed += 1
+        else:
+            (out.positives if confirmed else out.negatives).append(score)
+    return out

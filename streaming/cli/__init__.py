@@ -1,7 +1,7 @@
 """The `bindstream` command line: the `main` group (--verbose, --debug; every command's --help shows its
-defaults) and its commands, one module per subject: embed, pipeline (run, demo), events (tail, watch), alerts
-(alert, match, notify), search (search, timeline), bench, and the device commands of sensors/cli.py (`device ...`,
-and `simulate`), which stay with the sensors: sensors/ imports nothing of streaming/."""
+defaults) and its commands, one module per subject: embed, pipeline (run, demo), events (tail, watch), review
+(event), alerts (alert, match, notify), search (search, timeline), bench, and the device commands of sensors/cli.py
+(`device ...`, and `simulate`), which stay with the sensors: sensors/ imports nothing of streaming/."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # a Ctrl-C while the com
 
 from sensors.cli import main as device_commands  # noqa: E402
 
-from . import alerts, bench, embed, events, pipeline, search  # noqa: E402
+from . import alerts, bench, embed, events, pipeline, review, search  # noqa: E402
 
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -34,6 +34,7 @@ for _command in (
     pipeline.demo,
     events.tail,
     events.watch,
+    review.event,
     alerts.alert,
     alerts.match,
     alerts.notify_command,

@@ -27,10 +27,10 @@ from streaming.alerts.queries import (
     save_query,
     set_decision,
 )
-from streaming.alerts.records import Decision, Query, QueryError, unit
+from streaming.alerts.records import Background, Decision, Query, QueryError, unit
 from streaming.alerts.scoring import ModalityIndex
 from streaming.alerts.sinks import SinkError, parse_sink
-from streaming.alerts.tuning import confusion, fit_threshold
+from streaming.alerts.tuning import confusion, fit_threshold, reviewed_scores
 from streaming.records import MIN_DBFS, QUERY_MODALITIES
 from streaming.redis_layout import now_id, outbox_key
 from streaming.stage import Counts
@@ -245,6 +245,7 @@ def alert_list(redis_url, as_json):
                         "n": q.decision.n,
                         "cooldown_s": q.decision.cooldown_s,
                         "hysteresis": q.decision.hysteresis,
+                        "min_dbfs": q.min_dbfs,
                         "created": q.created,
                         "notify": [sink_label(url) for url in q.notify],
                     }
@@ -267,6 +268,7 @@ def alert_list(redis_url, as_json):
             "k/n",
             "cooldown s",
             "hysteresis",
+            "min dBFS",
             "created",
             "notify",
         ),
@@ -285,6 +287,7 @@ def alert_list(redis_url, as_json):
             f"{d.k}/{d.n}",
             f"{d.cooldown_s:g}",
             f"{d.hysteresis:g}",
+            "-" if q.min_dbfs is None else f"{q.min_dbfs:g}",
             datetime.fromtimestamp(q.created).strftime("%Y-%m-%d %H:%M:%S"),
             "\n".join(map(sink_label, q.notify)) or "-",
         )
@@ -346,59 +349,113 @@ def _split(n: int, holdout: float, rng: np.random.Generator) -> tuple[np.ndarray
     return order[held:], order[:held]
 
 
-@alert.command("tune")
-@click.argument("query")
-@click.option(
-    "--positive",
-    type=click.Path(exists=True, file_okay=False),
-    required=True,
-    help="Folder of clips where the query should fire.",
-)
-@click.option(
-    "--negative",
-    type=click.Path(exists=True, file_okay=False),
-    required=True,
-    help="Folder of clips where it should not.",
-)
-@click.option(
-    "--holdout",
-    type=click.FloatRange(0.0, MAX_HOLDOUT),
-    default=0.3,
-    help="Share of each folder kept out of the fit to report precision and recall on.",
-)
-@click.option("--seed", type=int, default=0, help="Of the train / held-out split.")
-@click.option("--dry-run", is_flag=True, help="Report only; keep the stored threshold.")
-@redis_option()
-@CHECKPOINT_OPTION
-def alert_tune(query, positive, negative, holdout, seed, dry_run, redis_url, checkpoint):
-    """Fit QUERY's threshold (its id, the start of its id, or its text) on labelled clips (best F1 on the
-    training split) and report precision and recall on the held-out clips."""
-    if not 0.0 <= holdout <= MAX_HOLDOUT:  # click's FloatRange lets NaN through
-        raise click.BadParameter(f"{holdout} is not in the range 0<=x<={MAX_HOLDOUT}", param_hint="--holdout")
-    client = connect(redis_url)
-    try:
-        q = load_query(client, find_query(client, query))
-    except QueryError as err:
-        raise click.ClickException(str(err)) from None
-    if q.modality == "fused":
-        raise click.ClickException("a fused query cannot be tuned from clips: no single clip makes a fused window")
-    background = load_background(client, q.model, q.modality)
-    if background is None:
-        raise click.ClickException(f"no background stored for {q.model}/{q.modality}")
-    pos, pos_skipped = _labelled_clips(positive, q.modality)
-    neg, neg_skipped = _labelled_clips(negative, q.modality)
-    for folder, clips, skipped in ((positive, pos, pos_skipped), (negative, neg, neg_skipped)):
+def _clip_scores(
+    q: Query, background: Background, positive: str | None, negative: str | None, checkpoint: str | None, least: int
+) -> tuple[list[float], list[float]]:
+    """The softmax shares of the clips under the `positive` and `negative` folders (None: no folder), each
+    folder holding at least `least` clips of the query's modality."""
+    loaded = []
+    for folder in (positive, negative):
+        clips, skipped = _labelled_clips(folder, q.modality) if folder else ([], [])
         if skipped:
             console.print(
                 f"[yellow]{folder}: skipped {len(skipped)} file(s) that are not {q.modality}: "
                 f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}[/]"
             )
-        if len(clips) < MIN_CLIPS_PER_CLASS:
-            raise click.ClickException(
-                f"{folder}: {len(clips)} {q.modality} clip(s); at least {MIN_CLIPS_PER_CLASS} are needed"
-            )
-    emb = _embed_all(load_encoder(q.model, checkpoint), q.modality, pos + neg)
-    scores = ModalityIndex([q], background).shares(emb)[:, 0]
+        if folder and len(clips) < least:
+            raise click.ClickException(f"{folder}: {len(clips)} {q.modality} clip(s); at least {least} are needed")
+        loaded.append(clips)
+    pos, neg = loaded
+    if not pos + neg:
+        return [], []
+    scores = ModalityIndex([q], background).shares(_embed_all(load_encoder(q.model, checkpoint), q.modality, pos + neg))
+    return [float(x) for x in scores[: len(pos), 0]], [float(x) for x in scores[len(pos) :, 0]]
+
+
+def _review_scores(
+    client: redis.Redis, q: Query, background: Background, clips: tuple[int, int]
+) -> tuple[list[float], list[float]]:
+    """The scores of q's confirmed and false-positive events (tuning.reviewed_scores), said in one line; one
+    line saying how many reviews are missing when, with the `clips` (positive, negative), a label has fewer than
+    MIN_CLIPS_PER_CLASS."""
+    r = reviewed_scores(client, q, background)
+    console.print(
+        f"query {q.id}'s reviewed events: {len(r.positives)} confirmed, {len(r.negatives)} false positive"
+        f"; skipped {r.trimmed} whose peak window was trimmed from its stream, {r.unusable} unusable"
+    )
+    labels = (("confirmed", "ack", r.positives), ("false positive", "false-positive", r.negatives))
+    missing = [
+        f"{more} more as {label} (bindstream event {command} ID)"
+        for have, (label, command, got) in zip(clips, labels)
+        if (more := MIN_CLIPS_PER_CLASS - have - len(got)) > 0
+    ]
+    if missing:
+        raise click.ClickException(
+            f"query {q.id}: at least {MIN_CLIPS_PER_CLASS} positives and {MIN_CLIPS_PER_CLASS} negatives are "
+            f"needed; review {' and '.join(missing)}"
+        )
+    return r.positives, r.negatives
+
+
+@alert.command("tune")
+@click.argument("query")
+@click.option(
+    "--positive",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Folder of clips where the query should fire.",
+)
+@click.option(
+    "--negative",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Folder of clips where it should not.",
+)
+@click.option(
+    "--from-reviews",
+    is_flag=True,
+    help="Also fit on the query's reviewed events, each by its peak window: confirmed ones (event ack) should "
+    "fire, false positives (event false-positive) should not.",
+)
+@click.option(
+    "--holdout",
+    type=click.FloatRange(0.0, MAX_HOLDOUT),
+    default=0.3,
+    help="Share of each label kept out of the fit to report precision and recall on.",
+)
+@click.option("--seed", type=int, default=0, help="Of the train / held-out split.")
+@click.option("--dry-run", is_flag=True, help="Report only; keep the stored threshold.")
+@redis_option()
+@CHECKPOINT_OPTION
+def alert_tune(query, positive, negative, from_reviews, holdout, seed, dry_run, redis_url, checkpoint):
+    """Fit QUERY's threshold (its id, the start of its id, or its text) on labelled clips (--positive and
+    --negative folders) and/or its reviewed events (--from-reviews): best F1 on the training split; report
+    precision and recall on the held-out part."""
+    if not 0.0 <= holdout <= MAX_HOLDOUT:  # click's FloatRange lets NaN through
+        raise click.BadParameter(f"{holdout} is not in the range 0<=x<={MAX_HOLDOUT}", param_hint="--holdout")
+    if not from_reviews and not (positive and negative):
+        raise click.UsageError("give --positive and --negative folders, or --from-reviews (or both)")
+    client = connect(redis_url)
+    try:
+        q = load_query(client, find_query(client, query))
+    except QueryError as err:
+        raise click.ClickException(str(err)) from None
+    if (positive or negative) and q.modality == "fused":
+        raise click.ClickException("a fused query cannot be tuned from clips: no single clip makes a fused window")
+    if (positive or negative) and from_reviews and q.by_example:
+        raise click.ClickException(
+            f"query {q.id} is scored against its stream (an example or vector query), which a clip has not: "
+            "tune it --from-reviews alone"
+        )
+    background = load_background(client, q.model, q.modality)
+    if background is None:
+        raise click.ClickException(f"no background stored for {q.model}/{q.modality}")
+    least = 0 if from_reviews else MIN_CLIPS_PER_CLASS  # with reviews, the count per label is checked in all
+    pos, neg = _clip_scores(q, background, positive, negative, checkpoint, least)
+    if from_reviews:
+        confirmed, false_positives = _review_scores(client, q, background, (len(pos), len(neg)))
+        pos, neg = pos + confirmed, neg + false_positives
+    scores = np.array(pos + neg)
     labels = np.array([1] * len(pos) + [0] * len(neg))
     rng = np.random.default_rng(seed)
     (pos_train, pos_held), (neg_train, neg_held) = _split(len(pos), holdout, rng), _split(len(neg), holdout, rng)
@@ -423,9 +480,12 @@ def alert_tune(query, positive, negative, holdout, seed, dry_run, redis_url, che
         )
     console.print(out)
     if confusion(scores[train], labels[train], threshold).f1 == 0:
+        used = " and ".join(
+            w for w, given in (("clips", positive or negative), ("reviewed events", from_reviews)) if given
+        )
         raise click.ClickException(
-            f"no threshold separates these clips for query {q.id} (F1 0 on them): "
-            "threshold not changed; check the folders, or add clips"
+            f"no threshold separates these {used} for query {q.id} (F1 0 on them): "
+            "threshold not changed; check the labels, or add examples"
         )
     verb = "would set" if dry_run else "set"
     hysteresis = q.decision.hysteresis if q.decision.hysteresis < threshold else threshold / 2

@@ -9,7 +9,8 @@ import click
 import numpy as np
 
 from encoders.modalities import MODALITIES
-from streaming.alerts.bench import TARGET_P99_MS, TARGET_SCORE_RATE, AlertBench, run_bench
+from streaming.alerts.bench import TARGET_P99_MS, TARGET_SCORE_RATE, AlertBench, mqtt_sink, run_bench
+from streaming.alerts.sinks import SinkError
 
 from .options import CHECKPOINT_OPTION, DEVICE_OPTION, DTYPES, connect
 from .pipeline import build_config, pipeline_options, user_errors
@@ -152,6 +153,16 @@ def bench_pipeline_command(devices, seconds, config_file, redis_url, **flags):
     console.print(out)
 
 
+def checked_mqtt(ctx, param, url: str | None) -> str | None:
+    """`--mqtt`: None, or a URL naming an MQTT sink (else a one-line usage error)."""
+    if url is not None:
+        try:
+            mqtt_sink(url)
+        except SinkError as err:
+            raise click.BadParameter(str(err)) from None
+    return url
+
+
 @bench.command("alerts")
 @click.option("--queries", type=click.IntRange(1), default=AlertBench.queries)
 @click.option("--rate", type=click.FloatRange(min=1), default=AlertBench.rate, help="Embeddings/s written.")
@@ -176,6 +187,20 @@ def bench_pipeline_command(devices, seconds, config_file, redis_url, **flags):
     default=AlertBench.search_records,
     help="Stored windows for the search cost figure (0: skip).",
 )
+@click.option(
+    "--mqtt",
+    default=None,
+    callback=checked_mqtt,
+    help="Notify through this MQTT broker (mqtt[s]://[user:password@]host[:port][/prefix]; a scratch one: the "
+    "sink leaves retained messages there); default: apprise's json:// to a local HTTP receiver.",
+)
+@click.option(
+    "--delivery-timeout",
+    "delivery_timeout_s",
+    type=click.FloatRange(min=0),
+    default=AlertBench.delivery_timeout_s,
+    help="Once the matcher drained, seconds to wait for the last notifications.",
+)
 @click.option("--seed", type=int, default=AlertBench.seed)
 @click.option(
     "--redis",
@@ -185,18 +210,19 @@ def bench_pipeline_command(devices, seconds, config_file, redis_url, **flags):
     "$BINDSTREAM_REDIS_URL); default: an embedded redis-server.",
 )
 def bench_alerts(scratch_url, **settings):
-    """Matcher throughput and alert latency against a real redis-server (the matcher in a process of its
-    own with one BLAS thread, this process writing the embeddings)."""
+    """Matcher throughput, alert latency and event latency to a notification against a real redis-server (the
+    matcher and the notifier in processes of their own with one BLAS thread, this process writing the
+    embeddings and receiving the notifications)."""
     if scratch_url:
         connect(scratch_url)  # a bad --redis fails at once, not after the scoring run
     b = AlertBench(**settings)
     try:
         f = run_bench(b, scratch_url)
-    except TimeoutError as err:
+    except OSError as err:  # a process that did not start (TimeoutError), an MQTT broker out of reach
         raise click.ClickException(str(err)) from None
     out = table(
         f"bench alerts: {b.queries} queries, {b.dim}-d, {f.sent} embeddings at {f.sent / f.write_s:.0f}/s "
-        f"from {b.devices} devices",
+        f"from {b.devices} devices, notifications to {f.sink}",
         ("figure", "measured", "target"),
         right=("measured", "target"),
     )
@@ -213,6 +239,20 @@ def bench_alerts(scratch_url, **settings):
         out.add_row(
             "alert latency p99 (ms)", f"{np.percentile(f.latency_ms, 99):.1f}", f"<= {TARGET_P99_MS:.0f} at 1,000/s"
         )
+    out.add_row("start notifications received / events fired", f"{len(f.start_ms)} / {f.events}", "equal")
+    out.add_row("end notifications received / events ended", f"{len(f.end_ms)} / {f.ended}", "equal")
+    for state, ms, since in (("start", f.start_ms, "firing"), ("end", f.end_ms, "ending")):
+        if len(ms):
+            out.add_row(
+                f"{state} latency p50 / p99, {since} window sent -> notification received (ms)",
+                f"{np.percentile(ms, 50):.1f} / {np.percentile(ms, 99):.1f}",
+                "",
+            )
+    out.add_row(
+        "notifications sent (updates too) / send errors / received without a key",
+        f"{f.notifier.get('sent')} / {f.notifier.get('send_error')} / {f.malformed}",
+        "- / 0 / 0",
+    )
     out.add_row(
         "rejected entries / duplicate alerts",
         f"{f.matcher.get('rejected_')} / {f.matcher.get('duplicate_alert')}",

@@ -1,5 +1,5 @@
 """Following Redis as it is written: `bindstream tail` prints embedding records, `bindstream watch` shows
-alerts; with --since, what was stored in that last while comes first."""
+alerts, each an event's start, update or end; with --since, what was stored in that last while comes first."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from rich.table import Table
 
 from streaming.alerts.search import since_id
 from streaming.redis_access import redact_url
-from streaming.redis_layout import ALERTS_STREAM, Alert, id_tuple
+from streaming.redis_layout import ALERTS_STREAM, END, HEALTH_EVENT, Alert, id_tuple
 from streaming.subscriber import Tail
 
 from .options import Duration, connect, redis_option
 from .terminal import clock_time, console, table, until_stopped
 
 WATCH_BLOCK_MS = 500
+EVENT_SHOWN = 8  # characters of an event id shown by `watch`: `bindstream event show` takes this prefix
 
 
 @click.command()
@@ -72,20 +73,40 @@ def tail(redis_url, device, modality, since, count):
 
 
 def alerts_table(alerts, title: str = "bindstream alerts") -> Table:
-    columns = ("time", "device", "query", "query id", "modality", "score", "threshold", "window t0 s", "latency ms")
-    out = table(title, columns, right=columns[5:], whole=("query id",))
+    """One row per alerts entry: its state change (start, update, end) and event; a health event reads as its
+    silence (`dev audio silent`, seconds silent against the silence that raises one), with no latency."""
+    columns = (
+        "time",
+        "state",
+        "event",
+        "device",
+        "query",
+        "query id",
+        "modality",
+        "score",
+        "threshold",
+        "window t0 s",
+        "latency ms",
+    )
+    out = table(title, columns, right=columns[7:], whole=("event", "query id"))
     for a in alerts:
-        latency = id_tuple(a.id)[0] - id_tuple(a.source_id)[0]
+        if a.kind == HEALTH_EVENT:  # its score is the silence in seconds, and its source the last entry before it
+            score, threshold, latency = f"{a.score:.1f} s silent", f"{a.threshold:g} s", "-"
+        else:
+            score, threshold = f"{a.score:.3f}" + (" peak" if a.state == END else ""), f"{a.threshold:.3g}"
+            latency = str(id_tuple(a.id)[0] - id_tuple(a.source_id)[0])
         out.add_row(
             clock_time(a.id),
+            a.state,
+            a.event[:EVENT_SHOWN] or "-",
             a.device,
             a.query_text,
             a.query,
             a.modality,
-            f"{a.score:.3f}",
-            f"{a.threshold:.3g}",
+            score,
+            threshold,
             f"{a.t0 / 1e9:.1f}",
-            str(latency),
+            latency,
         )
     return out
 
