@@ -47,7 +47,7 @@ from .queries import delete_query, save_background, save_query
 from .records import Background, Decision, Query
 from .scoring import ModalityIndex
 from .search import XRANGE_CHUNK
-from .sinks import SEND_TIMEOUT_S, MqttSink, SinkError, parse_sink
+from .sinks import SEND_TIMEOUT_S, MqttSink, SinkError, body_key, notification_key, parse_sink
 
 BENCH_MODEL = "bench"
 BENCH_MODALITY = "audio"
@@ -60,7 +60,6 @@ WRITE_BATCH = 1000  # XADDs per pipeline when filling the search stream
 DRAIN_IDLE_STEPS = 3  # matcher steps reading nothing before the run counts as drained
 READY_TIMEOUT_S = 120.0  # for the matcher and notifier processes to start
 NOTIFY_POLL_S = 0.05  # how often the waits for the notifications look
-KEY_LINE = "\nkey: "  # an Apprise notification's body ends with this and its idempotency key (sinks.body)
 TARGET_SCORE_RATE = 50_000  # embeddings/s against 100 queries on one core
 TARGET_P99_MS = 50.0  # at 1,000 embeddings/s
 
@@ -229,14 +228,14 @@ class HttpReceiver:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 at = time.time()
                 try:
-                    _, line, key = json.loads(raw)["message"].rpartition(KEY_LINE)
+                    key = body_key(json.loads(raw)["message"])
                 except (ValueError, KeyError, TypeError, AttributeError):
-                    line = key = ""
-                if line and key:
+                    key = ""
+                if key:
                     receiver.received.setdefault(key, at)
                 else:
                     receiver.malformed += 1
-                self.send_response(200 if line and key else 400)
+                self.send_response(200 if key else 400)
                 self.end_headers()
 
             def log_message(self, *args) -> None:  # not a terminal line per notification
@@ -402,16 +401,16 @@ def write_stream(
 
 def notifications_due(written: Written, query_ids: list[str], devices: list[str]) -> dict[str, dict[str, float]]:
     """{START: {idempotency key: wall time its firing window was sent}, END: {key: ... its ending window ...}}
-    of the notifications the written events must give; the key of an event's start or end is `{event}:{state}`
-    (sinks.idempotency_key), its event id the matcher's (the query, the stream, the firing window's entry)."""
+    of the notifications the written events must give (keys: sinks.notification_key), their event ids the
+    matcher's (the query, the stream, the firing window's entry)."""
     due: dict[str, dict[str, float]] = {START: {}, END: {}}
     for e in written.events:
         if e.fired_at is None:
             continue
         event = event_id(query_ids[e.query], stream_key(devices[e.device], BENCH_MODALITY), e.fired_id)
-        due[START][f"{event}:{START}"] = e.fired_at
+        due[START][notification_key(event, START)] = e.fired_at
         if e.ended_at is not None:
-            due[END][f"{event}:{END}"] = e.ended_at
+            due[END][notification_key(event, END)] = e.ended_at
     return due
 
 

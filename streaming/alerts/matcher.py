@@ -1,11 +1,11 @@
 """The matcher: reads the embedding streams, scores them against the standing queries, decides, and commits
 the decision state, the alerts entries of events (start, update, end) and the event records to Redis; and
-raises health events for the streams of its shard that fall silent.
+commits the health events that its health watch (health.py) finds for the streams of its shard.
 
 A plain class (`Matcher(settings, redis_url)`: `step()` for one read-score-commit cycle, `run()` to loop)
-that also runs as a restartable Ray actor (`start_matchers`). Scoring is scoring.py's and the decision rule
-decision.py's; this module owns the Redis side. ALERTS.md describes the decision rule, the state kept in
-Redis and the delivery guarantees.
+that also runs as a restartable Ray actor (`start_matchers`). Scoring is scoring.py's, the decision rule
+decision.py's and the silence rule health.py's; this module owns the Redis side. ALERTS.md describes the
+decision rule, the state kept in Redis and the delivery guarantees.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import numpy as np
 import ray
 import redis
 
-from sensors.protocol import INT64_MAX
-
 from ..records import QUERY_MODALITIES, text
 from ..redis_layout import (
     ALERTS_CHANNEL,
@@ -34,7 +32,6 @@ from ..redis_layout import (
     ENDED,
     EVENTS_INDEX,
     HEALTH_EVENT,
-    HEALTH_QUERY,
     LAST_ID_FIELD,
     OPEN,
     QUERY_CHANNEL,
@@ -46,12 +43,9 @@ from ..redis_layout import (
     EmbeddingRecord,
     Event,
     decode_embedding,
-    decode_silence,
     dedup_key,
-    encode_silence,
     event_id,
     event_key,
-    health_key,
     id_tuple,
     now_id,
     parse_key,
@@ -61,6 +55,7 @@ from ..redis_layout import (
 from ..retry import Backoff
 from ..stage import StageMetrics
 from .decision import INITIAL_STATE, MAX_EVENT_S, Change, OpenEvent, QueryState, Rules, decide
+from .health import HealthWatch
 from .queries import read_backgrounds, read_queries
 from .records import Query
 from .scoring import Baselines, ModalityIndex, build_indexes, entry_problem
@@ -108,33 +103,6 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 """
 
-# Which of the streams the matcher suspects did fall silent, or flow again (read only). KEYS: streams. ARGV:
-# per stream 'p' .. the id of the last entry the group delivered (no open health event: silent if that is
-# the stream's last entry), or 'o' .. the last entry before its open health event. Returns, for each stream
-# whose health changes, its index in KEYS (from 1) and {id, t0, t1, model} of the entry that shows it: its
-# last entry, or its first entry after the silence.
-SILENT_STREAMS = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  local mark, id = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 2)
-  local e
-  if mark == 'o' then
-    e = redis.pcall('XRANGE', key, '(' .. id, '+', 'COUNT', 1)
-  else
-    e = redis.pcall('XREVRANGE', key, '+', '-', 'COUNT', 1)
-    if type(e) == 'table' and e[1] and e[1][1] ~= id then
-      e = nil
-    end
-  end
-  if type(e) == 'table' and e[1] then
-    local f = {}
-    for j = 1, #e[1][2], 2 do f[e[1][2][j]] = e[1][2][j + 1] end
-    out[#out + 1] = i
-    out[#out + 1] = {e[1][1], f['t0'] or '', f['t1'] or '', f['model'] or ''}
-  end
-end
-return out
-"""
 UPDATE_FIELDS = ("peak", "peak_source_id", "end_ns", "windows")  # of an event record, written by an update
 END_FIELDS = ("state", "ended_ns", "end_ns", "peak", "windows")  # written by an end
 GROW_FIELDS = ("end_ns", "windows")  # written by windows that extend an open event (OpenEvent's names too)
@@ -286,19 +254,10 @@ def query_emit(q: Query, r: EmbeddingRecord, score: float, rules: Rules, c: Chan
     return event_emit(record, c.state, r.id, score, threshold, r.t0, r.t1)
 
 
-def device_time(raw: bytes) -> int:
-    """A device time field of an entry SILENT_STREAMS returned; 0 where it is none (a malformed entry)."""
-    try:
-        t = int(raw)
-    except ValueError:
-        return 0
-    return t if 0 <= t <= INT64_MAX else 0
-
-
 class Matcher:
     """Reads the embedding streams of its shard through a consumer group, scores, decides, and commits
     the new decision state, the events' alerts entries and records, and the acknowledgements in one Redis
-    transaction; at each discovery, checks its streams for silence (health events)."""
+    transaction; at each discovery, commits the health events of its streams (`HealthWatch`, health.py)."""
 
     def __init__(self, settings: MatcherSettings, redis_url: str):
         self.settings = settings
@@ -307,7 +266,6 @@ class Matcher:
         self.pubsub.subscribe(QUERY_CHANNEL)
         self.emit = self.client.register_script(EMIT_ALERT)
         self.grow = self.client.register_script(GROW_EVENT)
-        self.silent = self.client.register_script(SILENT_STREAMS)
         self.metrics = StageMetrics("match")
         # polled stream key -> (monotonic time of its last entry or of its join, last id delivered to the group)
         self.active: dict[str, tuple[float, str]] = {}
@@ -319,12 +277,15 @@ class Matcher:
         self.query_ids: set[str] = set()  # of the queries in `indexes`
         self.rejected: dict[tuple[str, str], str] = {}  # (event, query id or model/modality) -> why, at last reload
         self.states: dict[str, StreamState] = {}  # polled stream key -> state
-        # stream key of this shard -> (last entry before its silence, that window's t1) of its open health event;
-        # read from Redis at the first health check
-        self.silences: dict[str, tuple[str, int]] | None = None
-        # stream key -> the delivered id at which the health check found that it is not the stream's last entry
-        # (never delivered: a group's start), so that it is not asked again until it changes (max_idle of them)
-        self.not_last: dict[str, str] = {}
+        self.health = HealthWatch(
+            self.client,
+            settings.group,
+            settings.silence_s,
+            settings.sweep_chunk,
+            settings.max_idle,
+            self._in_shard,
+            self.metrics,
+        )
         self.baselines = Baselines(settings.baseline_streams)  # example queries' running estimates (scoring.py)
         self.warned: set[tuple[str, str]] = set()
         self.version: bytes | None = None
@@ -733,130 +694,22 @@ class Matcher:
 
     # ----- device health -----
 
-    def _silences(self) -> dict[str, tuple[str, int]]:
-        """This shard's open health events, read from Redis the first time; a field of this shard that does
-        not parse is deleted and counted (`rejected_state` per device)."""
-        if self.silences is None:
-            key, silences, unreadable = health_key(self.settings.group), {}, []
-            for name, value in self.client.hgetall(key).items():
-                stream = name.decode(errors="replace")
-                if not self._in_shard(stream):
-                    continue  # another shard's (or not a stream key: no matcher reads it)
-                try:
-                    silences[stream] = decode_silence(value)
-                except ValueError:
-                    unreadable.append(name)
-                    self.metrics.count("rejected_state", parse_key(stream)[0])
-            if unreadable:
-                self.client.hdel(key, *unreadable)
-            self.silences = silences
-        return self.silences
-
     def _check_health(self, positions: dict[str, str], unread: set[str]) -> None:
-        """Health events of this shard's streams, `positions` the last entries the group delivered of each (as
-        far as this matcher knows), `unread` those known to have newer entries: a stream whose last entry was
-        delivered `silence_s` ago (by its id, against the server's clock) starts one; an open one ends at the
-        stream's first entry after its silence. A stream the group has not delivered the last entry of
-        (never seen, or not read yet) does not raise. Only the streams whose health may change are looked
-        at in Redis: those whose delivered id is that old and not known to be no last entry, and the silent
-        ones that were read since or have unread entries; one script call per `sweep_chunk` of them, all in
-        one round trip, and one commit."""
+        """Commit the health watch's changes (`HealthWatch.check` of `positions`, the last entries the group
+        delivered of each stream, and `unread`, those known to have newer ones): each stream's alerts entry,
+        with its silence kept or dropped, in MULTI/EXECs of `health_commit` streams, so that a mass silence
+        (a network outage) does not hold Redis in one long one."""
         s = self.settings
-        silences = self._silences()
-        gone = [k for k in silences if k not in positions]  # deleted: it will not flow again
-        self.not_last = {k: p for k, p in self.not_last.items() if positions.get(k) == p}
-        seconds, micros = self.client.time()
-        now_ms = seconds * 1000 + micros // 1000
-        marks = {}
-        for key, position in positions.items():
-            if key in silences:
-                if key in unread or position != silences[key][0]:
-                    marks[key] = f"o{silences[key][0]}"
-            elif (
-                key not in unread
-                and self.not_last.get(key) != position
-                and now_ms - id_tuple(position)[0] >= s.silence_s * 1000
-            ):
-                marks[key] = f"p{position}"
-        keys = list(marks)
-        pipe = self.client.pipeline(transaction=False)
-        for i in range(0, len(keys), s.sweep_chunk):
-            chunk = keys[i : i + s.sweep_chunk]
-            self.silent(keys=chunk, args=[marks[k] for k in chunk], client=pipe)
-        replies = pipe.execute() if keys else []
-        now_ns = time.time_ns()
-        changes: list[tuple[str, Emit, tuple[str, int] | None]] = []  # (stream, its entry, its new silence or None)
-        for i, found in enumerate(replies):
-            for index, (entry_raw, t0, t1, model_raw) in zip(found[::2], found[1::2]):
-                key, entry_id, model = (
-                    keys[i * s.sweep_chunk + index - 1],
-                    text(entry_raw),
-                    model_raw.decode(errors="replace"),
-                )
-                device, modality = parse_key(key)
-                silence: tuple[str, int] | None = None
-                if key in silences:  # flows again: the silence lasted from the last entry before to this one
-                    last_id, start_ns = silences[key]
-                    end_ns = device_time(t0)
-                    silent_s = (id_tuple(entry_id)[0] - id_tuple(last_id)[0]) / 1000
-                    state, t_first, t_last = END, start_ns, end_ns
-                else:  # fell silent after this entry
-                    last_id, start_ns = entry_id, device_time(t1)
-                    end_ns, silent_s = start_ns, (now_ms - id_tuple(entry_id)[0]) / 1000
-                    state, t_first, t_last = START, device_time(t0), start_ns
-                    silence = (entry_id, start_ns)
-                ended = state == END
-                record = Event(
-                    event_id(HEALTH_QUERY, key, last_id),
-                    HEALTH_EVENT,
-                    device,
-                    HEALTH_QUERY,
-                    f"{device} {modality} silent",
-                    modality,
-                    model,
-                    key,
-                    start_ns,
-                    end_ns,
-                    silent_s,
-                    last_id,
-                    0,
-                    ENDED if ended else OPEN,
-                    detected_ns=now_ns,
-                    ended_ns=now_ns if ended else 0,
-                )
-                changes.append(
-                    (key, event_emit(record, state, entry_id, silent_s, s.silence_s, t_first, t_last), silence)
-                )
-        answered = {key for key, _, _ in changes}
-        for key in keys:
-            if key not in answered and key not in silences and len(self.not_last) < s.max_idle:
-                self.not_last[key] = positions[key]
-        if gone:
-            self.client.hdel(health_key(s.group), *gone)
-            for key in gone:
-                del silences[key]
-        self._commit_health(changes)
-
-    def _commit_health(self, changes: list[tuple[str, Emit, tuple[str, int] | None]]) -> None:
-        """Each stream's health event change (its alerts entry, and its silence kept or dropped) in MULTI/EXECs
-        of `health_commit` streams: a mass silence (a network outage) does not hold Redis in one long one."""
-        s, silences = self.settings, self._silences()
+        changes = self.health.check(positions, unread)
         for i in range(0, len(changes), s.health_commit):
             chunk = changes[i : i + s.health_commit]
+            emits = [event_emit(c.record, c.state, c.source_id, c.score, s.silence_s, c.t0, c.t1) for c in chunk]
             pipe = self.client.pipeline(transaction=True)
-            self._queue_emits(pipe, [emit for _, emit, _ in chunk])
-            for key, _, silence in chunk:
-                if silence is None:
-                    pipe.hdel(health_key(s.group), key)
-                else:
-                    pipe.hset(health_key(s.group), key, encode_silence(*silence))
+            self._queue_emits(pipe, emits)
+            self.health.queue(pipe, chunk)
             results = pipe.execute()
-            for key, _, silence in chunk:
-                if silence is None:
-                    del silences[key]
-                else:
-                    silences[key] = silence
-            self._count_emits([emit for _, emit, _ in chunk], results[: len(chunk)])
+            self.health.applied(chunk)
+            self._count_emits(emits, results[: len(chunk)])
 
     # ----- running -----
 

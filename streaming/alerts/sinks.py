@@ -4,8 +4,9 @@ Assistant discovery (apprise's own MQTT plugin is not used: it knows neither the
 
 `parse_sink(url)` checks a URL without any network traffic (`alert add --notify` and the notifier's settings
 call it). A sink's `send` delivers one alert or raises SendError (try again later) or Unsendable (no retry can
-help). Delivery is at least once: every notification carries its idempotency key (`idempotency_key`), so a
-receiver that must not act twice drops a key it has seen.
+help). Delivery is at least once: every notification carries its idempotency key (`idempotency_key`; a
+receiver that expects one computes it with `notification_key`, and `body_key` finds it in an Apprise body),
+so a receiver that must not act twice drops a key it has seen.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ DEVICE_CLASSES = {"audio": "sound"}  # Home Assistant binary_sensor class of a q
 PROBLEM = "problem"
 ON, OFF = "ON", "OFF"
 JPEG = FRAME_EXTENSIONS["jpeg"]  # the extension of an evidence frame stored as the JPEG the device sent
+KEY_LINE = "\nkey: "  # an Apprise body ends with this and its idempotency key
 
 
 class _AppriseReasons(logging.Filter):
@@ -111,12 +113,24 @@ def parse_sink(url: str, timeout_s: float = SEND_TIMEOUT_S, attach_max_bytes: in
     return AppriseSink(url, timeout_s, attach_max_bytes)
 
 
+def notification_key(event: str, state: str, source_id: str = "") -> str:
+    """The idempotency key of `event`'s change to `state`: `{event}:{state}`, an update's also with its window's
+    entry id `source_id` (an event has one start, one end, and an update per new peak)."""
+    return f"{event}:{state}:{source_id}" if state == UPDATE else f"{event}:{state}"
+
+
 def idempotency_key(a: Alert) -> str:
-    """`{event}:{state}`, an update's also with its window's entry id (an event has one start, one end, and an
-    update per new peak); an entry written before events existed: `alert:{its entry id}`."""
+    """The key of alerts entry `a`: `notification_key` of its event's change; an entry written before events
+    existed: `alert:{its entry id}`."""
     if not a.event:
         return f"alert:{a.id}"
-    return f"{a.event}:{a.state}:{a.source_id}" if a.state == UPDATE else f"{a.event}:{a.state}"
+    return notification_key(a.event, a.state, a.source_id)
+
+
+def body_key(message: str) -> str:
+    """The idempotency key on the last line of `message` (a `body`); '' where it has none."""
+    _, line, key = message.rpartition(KEY_LINE)
+    return key if line else ""
 
 
 # ----- Apprise -------------------------------------------------------------------------------------------
@@ -139,7 +153,7 @@ def body(a: Alert) -> str:
     ]
     if a.event:
         lines.append(f"evidence: bindstream event show {a.event} --save DIR")
-    return "\n".join([*lines, f"key: {idempotency_key(a)}"])
+    return "\n".join(lines) + KEY_LINE + idempotency_key(a)
 
 
 def evidence_attachments(client: redis.Redis, event: str, max_bytes: int) -> tuple[list[AttachMemory], list[str]]:
