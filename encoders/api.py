@@ -20,6 +20,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 INT8 = "int8"  # CPU only: dynamic int8 quantisation of every nn.Linear
 
 
+def has_random_weights(name: str, checkpoint: str | None = None) -> bool:
+    """Whether `load(name, checkpoint)` gives seeded random weights: `tiny` without a checkpoint."""
+    return name == "tiny" and checkpoint is None
+
+
 def random_weights_warning(name: str) -> str:
     return f"model {name!r} has RANDOM weights (fixed seed): its embeddings are reproducible but meaningless"
 
@@ -87,7 +92,7 @@ def load(
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)}")
     cfg = resolve_config(name)
-    random_weights = name == "tiny" and checkpoint is None
+    random_weights = has_random_weights(name, checkpoint)
     if random_weights:
         log.warning(random_weights_warning(name))
         model = random_model(cfg)

@@ -3,6 +3,7 @@
 Content depends only on (seed, device, time since start): two generators with the same
 arguments yield byte-identical payloads. One moving "subject" appears in every modality:
 a circle in the camera image, an object in the depth map and a warm blob in the thermal image.
+The mic hears tones and a hum, and at known times a chirp burst (`ChirpBursts`): an event for the demo to find.
 """
 
 from __future__ import annotations
@@ -83,6 +84,58 @@ def _mover(rng: np.random.Generator, margin: int) -> _Mover:
     return _Mover(center, amplitude, tuple(rng.uniform(0.05, 0.3, 2)), tuple(rng.uniform(0, 2 * math.pi, 2)))
 
 
+@dataclass(frozen=True)
+class ChirpBursts:
+    """A sound unlike the mic's background, at known device times: burst k starts `first_s + k * every_s`
+    seconds after the wearable's start and lasts `seconds`, a rising sweep from `low_hz` to `high_hz` repeated
+    every `sweep_s` (a buzzing chirp that covers the whole band, where the background is a few tones). It is
+    the same on every wearable and for every seed, so that one example clip of it (`clip`) matches them all."""
+
+    first_s: float = 35.0  # after an example query's warm-up of 30 audio windows (ALERTS.md), with margin
+    # from one burst's start to the next: rare enough to stay unusual. The ~4 windows a burst touches join the
+    # query's estimate of the stream's usual sound; at more than 1 in z^2 = 16 windows (z = 4) that estimate
+    # widens with every burst until the bursts are the usual sound and no longer fire
+    every_s: float = 90.0
+    seconds: float = 3.0  # two whole 2 s audio windows (1 s hop) lie inside a burst, whatever the grid
+    # one sweep, about an analysis frame (25 ms) of the model's log-mel: every frame then holds the whole band, loud
+    # over the background in every mel bin (sweeps of 50 ms and more did not stand out from it under `tiny`)
+    sweep_s: float = 0.02
+    low_hz: float = 200.0
+    high_hz: float = 7000.0  # below 8 kHz, the highest frequency of the model's 16 kHz input
+    amplitude: float = 0.5  # full scale 1; added to the background (peaks near 0.45), clipped to full scale
+    fade_s: float = 0.01  # fade in and out: no click at a burst's edges
+
+    def __post_init__(self):
+        if not 0 < self.fade_s * 2 <= self.seconds < self.every_s or self.first_s < 0:
+            raise ValueError(f"bursts need 0 <= first_s and 0 < 2 fade_s <= seconds < every_s: {self}")
+        if not (0 < self.sweep_s and 0 < self.low_hz < self.high_hz and 0 < self.amplitude <= 1):
+            raise ValueError(f"bursts need sweep_s > 0, 0 < low_hz < high_hz and amplitude in (0, 1]: {self}")
+
+    def starts(self, seconds: float) -> list[float]:
+        """The start of each burst that begins within the first `seconds` (seconds since the wearable's start)."""
+        return [
+            self.first_s + k * self.every_s for k in range(max(0, math.ceil((seconds - self.first_s) / self.every_s)))
+        ]
+
+    def sound(self, t: np.ndarray) -> np.ndarray:
+        """The bursts at `t` seconds since the wearable's start (full scale 1; 0 between bursts)."""
+        since = np.asarray(t, dtype=np.float64) - self.first_s
+        into = np.where(since >= 0, since % self.every_s, -1.0)  # seconds into the current burst period
+        on = (into >= 0) & (into < self.seconds)
+        rate = math.log(self.high_hz / self.low_hz) / self.sweep_s  # exponential sweep: equal time per octave
+        growth = math.expm1(rate * self.sweep_s)
+        # a whole number of cycles per sweep (the band moves by < 1/cycles): each sweep ends at phase 0, where the
+        # next begins, so the sweeps join without a click and a sample on the seam has one value, however rounded
+        cycles = round(self.low_hz * growth / rate)
+        phase = 2 * math.pi * cycles * np.expm1(rate * (into % self.sweep_s)) / growth
+        fade = np.clip(np.minimum(into, self.seconds - into) / self.fade_s, 0.0, 1.0)
+        return np.where(on, self.amplitude * fade * np.sin(phase), 0.0)
+
+    def clip(self, rate: int = MIC_RATE) -> np.ndarray:
+        """One burst, float32 samples at `rate`: what the mic plays from each start."""
+        return self.sound(self.first_s + np.arange(round(self.seconds * rate)) / rate).astype(np.float32)
+
+
 def _gaussian_blob(sigma: float, amplitude: float) -> np.ndarray:
     r = math.ceil(3 * sigma)
     d = np.arange(-r, r + 1) ** 2
@@ -102,14 +155,16 @@ def _add_patch(dst: np.ndarray, patch: np.ndarray, cx: int, cy: int) -> None:
 class SimulatedWearable:
     """Smart glasses with camera (30 fps JPEG 640x480), mic (48 kHz int16 mono, 20 ms chunks),
     IMU (800 Hz, 50 ms chunks), depth (30 fps 640x480 uint16 mm) and thermal (9 fps 160x120 uint16 cK).
+    The mic also plays `bursts` (by default a chirp burst at 35 s, then every 90 s).
 
     Message k of a sensor sent m times per second is stamped start_ns + k * 1e9 // m exactly.
     """
 
-    def __init__(self, device: str, seed: int, start_ns: int | None = None):
+    def __init__(self, device: str, seed: int, start_ns: int | None = None, bursts: ChirpBursts = ChirpBursts()):
         self.device = device
         self.seed = seed
         self.start_ns = time.monotonic_ns() if start_ns is None else start_ns
+        self.bursts = bursts
         self._key = zlib.crc32(device.encode())
         rng = self._rng(SCENE)
         self._subject = _mover(rng, SUBJECT_RADIUS_PX * 2)
@@ -210,8 +265,8 @@ class SimulatedWearable:
         hum = 0.5 + 0.5 * np.sin(2 * math.pi * 0.25 * t)
         noise = self._rng(FRAME, SENSOR_ORDER[MIC], segment, k).normal(0, 1, MIC_CHUNK)
         signal = 0.25 * fade * np.sin(2 * math.pi * note * t) + 0.1 * hum * np.sin(2 * math.pi * self._hum_hz * t)
-        signal += 0.02 * noise
-        return np.round(signal * AUDIO_FULL_SCALE).astype("<i2").tobytes()
+        signal += 0.02 * noise + self.bursts.sound(t)
+        return np.round(np.clip(signal, -1.0, 1.0) * AUDIO_FULL_SCALE).astype("<i2").tobytes()
 
     def imu(self, k: int) -> bytes:
         t = (k * IMU_CHUNK + np.arange(IMU_CHUNK)) / IMU_RATE
@@ -278,17 +333,20 @@ def simulate(
     seconds: float = 10.0,
     seed: int = 0,
     realtime: bool = True,
+    start_ns: int | None = None,
+    bursts: ChirpBursts = ChirpBursts(),
     **publisher_kwargs,
 ) -> SimulationStats:
-    """Run `devices` wearables ("sim-000", ...) in this process, each on its own PUSH socket.
+    """Run `devices` wearables ("sim-000", ...) in this process, each on its own PUSH socket, their clocks
+    starting at `start_ns` (default: now, on the monotonic clock), their mics playing `bursts`.
 
     Messages of all devices go out in device-time order. `realtime` paces them to the wall
     clock with non-blocking sends (a full queue drops and counts); otherwise they go as fast
     as possible with blocking sends and close() waits for delivery, so nothing is dropped.
     `publisher_kwargs` go to DevicePublisher (sndhwm, block, linger_ms, context, ...).
     """
-    start_ns = time.monotonic_ns()
-    wearables = [SimulatedWearable(f"sim-{i:03d}", seed, start_ns) for i in range(devices)]
+    start_ns = time.monotonic_ns() if start_ns is None else start_ns
+    wearables = [SimulatedWearable(f"sim-{i:03d}", seed, start_ns, bursts) for i in range(devices)]
     if not realtime:
         publisher_kwargs.setdefault("block", True)
         publisher_kwargs.setdefault("linger_ms", -1)

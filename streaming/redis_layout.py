@@ -514,6 +514,20 @@ def pcm_wav(pcm: bytes, rate: int, channels: int) -> bytes:
     return out.getvalue()
 
 
+def evidence_audio_s(size: int, rate: int, channels: int) -> float:
+    """Seconds of `size` bytes of an evidence hash's `audio.pcm` at `audio_rate` Hz, `audio_channels` channels;
+    ValueError unless they are whole int16 frames at a rate and a channel count above 0."""
+    if rate < 1 or channels < 1 or size % (2 * channels):
+        raise ValueError(f"{size} bytes are no whole int16 frames of {channels} channel(s) at {rate} Hz")
+    return size / (2 * channels * rate)
+
+
+def evidence_wav(pcm: bytes, rate: int, channels: int) -> tuple[bytes, float]:
+    """An evidence hash's audio as a WAV file, and its seconds; ValueError as `evidence_audio_s`."""
+    seconds = evidence_audio_s(len(pcm), rate, channels)
+    return pcm_wav(pcm, rate, channels), seconds
+
+
 # ----- notification outboxes -----------------------------------------------------------------------------
 
 ALERT_ID_FIELD = "alert_id"  # in an outbox entry: the id of the alerts entry it copies (its own id differs)

@@ -112,3 +112,28 @@ def mosquitto(tmp_path):
     finally:
         broker.terminate()
         broker.wait(timeout=10)
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's chromium and chromium-driver (.ci/run installs them)
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+BROWSER_SIZE = (1280, 900)  # the desktop window every test starts from (a phone test resizes, then restores it)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """A real headless Chromium driven through Selenium and Debian's chromedriver (nothing is downloaded). Skips,
+    saying why, only where either binary is missing."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} missing: apt-get install chromium chromium-driver (.ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument(f"--window-size={BROWSER_SIZE[0]},{BROWSER_SIZE[1]}")
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    yield driver
+    driver.quit()

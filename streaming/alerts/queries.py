@@ -97,6 +97,14 @@ def set_decision(client: redis.Redis, query_id: str, decision: Decision) -> None
     notify(client, "update", query_id)
 
 
+def update_query(client: redis.Redis, q: Query) -> None:
+    """Store every setting of `q`, an active query (its settings edited); QueryError if it was removed."""
+    if not client.sismember(QUERY_SET, q.id):
+        raise QueryError(f"no query {q.id!r}")
+    client.hset(query_key(q.id), mapping=encode_query(q))
+    notify(client, "update", q.id)
+
+
 def save_background(client: redis.Redis, bg: Background) -> Background:
     client.hset(background_key(bg.model, bg.modality), mapping=encode_background(bg))
     client.incr(QUERY_VERSION)  # matchers rebuild their score matrices

@@ -113,6 +113,14 @@ def parse_sink(url: str, timeout_s: float = SEND_TIMEOUT_S, attach_max_bytes: in
     return AppriseSink(url, timeout_s, attach_max_bytes)
 
 
+def sink_label(url: str) -> str:
+    """A sink URL as tables and pages show it: without its secrets."""
+    try:
+        return parse_sink(url).label
+    except SinkError:
+        return "(not a sink URL)"
+
+
 def notification_key(event: str, state: str, source_id: str = "") -> str:
     """The idempotency key of `event`'s change to `state`: `{event}:{state}`, an update's also with its window's
     entry id `source_id` (an event has one start, one end, and an update per new peak)."""

@@ -58,7 +58,8 @@ def timeline(client: redis.Redis, device: str, since_ms: int | None = None, chun
     return out
 
 
-def _downsample(t: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+def downsample(t: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most `max_points` of a series: a longer one keeps the maximum of each bucket, so peaks stay visible."""
     if len(y) <= max_points:
         return t, y
     buckets = np.array_split(np.arange(len(y)), max_points)
@@ -75,7 +76,7 @@ def _svg(s: Series, t_min: int, span_s: float) -> str:
         return h - m / 2 - (h - m) * score
 
     d = s.query.decision
-    t, v = _downsample(s.t0, s.scores, MAX_POINTS)
+    t, v = downsample(s.t0, s.scores, MAX_POINTS)
     points = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in zip(t, v))
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',

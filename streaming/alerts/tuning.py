@@ -1,6 +1,7 @@
-"""Few-shot tuning: how a threshold splits labelled scores, the threshold that splits them best (F1), and the
-labelled scores a query's reviewed events give: each event's peak window, scored now by the query's rule through
-the matcher's own `ModalityIndex.scores`.
+"""Few-shot tuning: how a threshold splits labelled scores, the threshold that splits them best (F1) on a training
+split with its figures on the held-out one (`fit`: what `alert tune` and the console's Queries page store), and
+the labelled scores a query's reviewed events give: each event's peak window, scored now by the query's rule
+through the matcher's own `ModalityIndex.scores`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import redis
 
 from ..redis_layout import CONFIRMED, FALSE_POSITIVE, BadRecord, EmbeddingRecord, decode_embedding, id_tuple
 from .events import list_events
-from .records import Background, Query
+from .records import Background, Decision, Query
 from .scoring import Baselines, ModalityIndex, entry_problem
 from .search import XRANGE_CHUNK, read_chunks
 
 THRESHOLD_BOUNDS = (1e-6, 1 - 1e-6)  # a fitted threshold stays strictly inside (0, 1)
+HOLDOUT = 0.3  # share of each label kept out of the fit, to report precision and recall on
+MIN_PER_LABEL = 2  # examples of each label a fit needs: a positive and a negative in each split
 MAX_REVIEWED_EVENTS = 10_000  # a query's events read, newest first, for their reviews: a week at one a minute
 
 
@@ -62,6 +65,50 @@ def fit_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     best = int(np.argmax(f1))
     threshold = candidates[best] if best + 1 == len(candidates) else (candidates[best] + candidates[best + 1]) / 2
     return float(np.clip(threshold, *THRESHOLD_BOUNDS))
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A threshold fitted on labelled scores (best F1 on a training split) and how it splits them."""
+
+    threshold: float
+    hysteresis: float  # the decision's, or half the new threshold where the old one was not below it
+    rows: tuple[tuple[str, float, Confusion], ...]  # (split, threshold, confusion): train, then held out at new and old
+
+    @property
+    def separates(self) -> bool:
+        """Whether the threshold tells the training examples apart at all (F1 above 0 on them)."""
+        return self.rows[0][2].f1 > 0
+
+
+def split(n: int, holdout: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) indices of n examples: a `holdout` share held out, at least one of each when > 0."""
+    order = rng.permutation(n)
+    held = min(max(int(round(holdout * n)), 1), n - 1) if holdout > 0 else 0
+    return order[held:], order[:held]
+
+
+def fit(
+    positives: list[float], negatives: list[float], decision: Decision, holdout: float = HOLDOUT, seed: int = 0
+) -> Fit:
+    """The threshold with the best F1 on a training split of each label (`holdout` of each held out, the split
+    drawn with `seed`), with its confusion on both splits and the held-out one at `decision`'s threshold."""
+    scores = np.array(positives + negatives)
+    labels = np.array([1] * len(positives) + [0] * len(negatives))
+    rng = np.random.default_rng(seed)
+    pos_train, pos_held = split(len(positives), holdout, rng)
+    neg_train, neg_held = split(len(negatives), holdout, rng)  # drawn after the positives: one seed, one split
+    train = np.concatenate([pos_train, len(positives) + neg_train])
+    held = np.concatenate([pos_held, len(positives) + neg_held])
+    threshold = fit_threshold(scores[train], labels[train])
+    rows = [("train", threshold, confusion(scores[train], labels[train], threshold))]
+    if len(held):
+        rows += [
+            ("held out", threshold, confusion(scores[held], labels[held], threshold)),
+            ("held out, old threshold", decision.threshold, confusion(scores[held], labels[held], decision.threshold)),
+        ]
+    hysteresis = decision.hysteresis if decision.hysteresis < threshold else threshold / 2
+    return Fit(threshold, hysteresis, tuple(rows))
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The `bindstream` command line: the `main` group (--verbose, --debug; every command's --help shows its
 defaults) and its commands, one module per subject: embed, pipeline (run, demo), events (tail, watch), review
-(event), alerts (alert, match, notify), search (search, timeline), bench, and the device commands of sensors/cli.py
-(`device ...`, and `simulate`), which stay with the sensors: sensors/ imports nothing of streaming/."""
+(event), alerts (alert, match, notify), search (search, timeline), bench, ui (the web console), and the device
+commands of sensors/cli.py (`device ...`, and `simulate`), which stay with the sensors: sensors/ imports nothing of
+streaming/."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # a Ctrl-C while the com
 
 from sensors.cli import main as device_commands  # noqa: E402
 
-from . import alerts, bench, embed, events, pipeline, review, search  # noqa: E402
+from . import alerts, bench, embed, events, pipeline, review, search, ui  # noqa: E402
 
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -41,6 +42,7 @@ for _command in (
     search.search_command,
     search.timeline_command,
     bench.bench,
+    ui.ui,
 ):
     main.add_command(_command)
 main.add_command(device_commands, name="device")

@@ -29,8 +29,8 @@ from streaming.alerts.queries import (
 )
 from streaming.alerts.records import Background, Decision, Query, QueryError, unit
 from streaming.alerts.scoring import ModalityIndex
-from streaming.alerts.sinks import SinkError, parse_sink
-from streaming.alerts.tuning import confusion, fit_threshold, reviewed_scores
+from streaming.alerts.sinks import SinkError, parse_sink, sink_label
+from streaming.alerts.tuning import HOLDOUT, MIN_PER_LABEL, fit, reviewed_scores
 from streaming.records import MIN_DBFS, QUERY_MODALITIES
 from streaming.redis_layout import now_id, outbox_key
 from streaming.stage import Counts
@@ -39,7 +39,7 @@ from .options import CHECKPOINT_OPTION, JSON_OPTION, MODEL_OPTION, connect, load
 from .terminal import console, table, until_stopped
 
 EMBED_BATCH = 8  # clips per encoder call in `alert tune`
-MIN_CLIPS_PER_CLASS = 2  # `alert tune` needs a positive and a negative in each split
+MIN_CLIPS_PER_CLASS = MIN_PER_LABEL  # `alert tune` needs a positive and a negative in each split
 MAX_HOLDOUT = 0.9  # `alert tune` keeps at least a tenth of each folder to fit on
 REFRESH_S = 0.5  # live tables
 
@@ -190,14 +190,6 @@ def alert_add(
         )
 
 
-def sink_label(url: str) -> str:
-    """A sink URL as tables show it: without its secrets."""
-    try:
-        return parse_sink(url).label
-    except SinkError:
-        return "(not a sink URL)"
-
-
 def _load_vector(path: str, name: str) -> np.ndarray:
     from encoders.config import resolve_config
 
@@ -343,12 +335,6 @@ def _embed_all(encoder, modality: str, tensors: list) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _split(n: int, holdout: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    order = rng.permutation(n)
-    held = min(max(int(round(holdout * n)), 1), n - 1) if holdout > 0 else 0
-    return order[held:], order[:held]
-
-
 def _clip_scores(
     q: Query, background: Background, positive: str | None, negative: str | None, checkpoint: str | None, least: int
 ) -> tuple[list[float], list[float]]:
@@ -420,7 +406,7 @@ def _review_scores(
 @click.option(
     "--holdout",
     type=click.FloatRange(0.0, MAX_HOLDOUT),
-    default=0.3,
+    default=HOLDOUT,
     help="Share of each label kept out of the fit to report precision and recall on.",
 )
 @click.option("--seed", type=int, default=0, help="Of the train / held-out split.")
@@ -455,31 +441,22 @@ def alert_tune(query, positive, negative, from_reviews, holdout, seed, dry_run, 
     if from_reviews:
         confirmed, false_positives = _review_scores(client, q, background, (len(pos), len(neg)))
         pos, neg = pos + confirmed, neg + false_positives
-    scores = np.array(pos + neg)
-    labels = np.array([1] * len(pos) + [0] * len(neg))
-    rng = np.random.default_rng(seed)
-    (pos_train, pos_held), (neg_train, neg_held) = _split(len(pos), holdout, rng), _split(len(neg), holdout, rng)
-    train = np.concatenate([pos_train, len(pos) + neg_train])
-    held = np.concatenate([pos_held, len(pos) + neg_held])
-    threshold = fit_threshold(scores[train], labels[train])
-    old = q.decision.threshold
+    fitted = fit(pos, neg, q.decision, holdout, seed)
+    old, threshold, hysteresis = q.decision.threshold, fitted.threshold, fitted.hysteresis
     columns = ("split", "threshold", "positives", "negatives", "precision", "recall", "F1")
     out = table(f"tune {q.id}: {q.text!r} ({q.modality}, {q.model})", columns, right=columns[1:])
-    rows = [("train", train, threshold)]
-    rows += [("held out", held, threshold), ("held out, old threshold", held, old)] if len(held) else []
-    for split, idx, t in rows:
-        c = confusion(scores[idx], labels[idx], t)
+    for split, t, c in fitted.rows:
         out.add_row(
             split,
             f"{t:.4g}",
-            str(int(labels[idx].sum())),
-            str(int((1 - labels[idx]).sum())),
+            str(c.tp + c.fn),
+            str(c.fp + c.tn),
             f"{c.precision:.3f}",
             f"{c.recall:.3f}",
             f"{c.f1:.3f}",
         )
     console.print(out)
-    if confusion(scores[train], labels[train], threshold).f1 == 0:
+    if not fitted.separates:
         used = " and ".join(
             w for w, given in (("clips", positive or negative), ("reviewed events", from_reviews)) if given
         )
@@ -488,7 +465,6 @@ def alert_tune(query, positive, negative, from_reviews, holdout, seed, dry_run, 
             "threshold not changed; check the labels, or add examples"
         )
     verb = "would set" if dry_run else "set"
-    hysteresis = q.decision.hysteresis if q.decision.hysteresis < threshold else threshold / 2
     if hysteresis != q.decision.hysteresis:
         console.print(f"hysteresis {q.decision.hysteresis} is not below the new threshold: {verb} to {hysteresis:.4g}")
     if dry_run:

@@ -9,7 +9,7 @@ import re
 import sys
 import threading
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import click
 
@@ -27,6 +27,7 @@ from streaming.redis_access import redact_url
 
 from .options import CHECKPOINT_OPTION, DEVICE_OPTION, DTYPE_OPTION, MODEL_OPTION, redis_option
 from .terminal import console, stop_on_signals
+from .ui import console_beside, ui_options
 
 FLAG_HELP = {
     "embedders": "Embedder actors (one GPU each when present); the fewest with --embedders-max.",
@@ -163,7 +164,8 @@ def say_redis(redis_url: str, config: PipelineConfig) -> None:
 @click.command()
 @pipeline_options
 @click.option("--live/--no-live", default=True, help="Show the live table.")
-def run(config_file, redis_url, live, **flags):
+@ui_options
+def run(config_file, redis_url, live, ui, ui_port, **flags):
     """The main job: ingest devices over ZeroMQ, embed their windows, publish to Redis, until SIGINT/SIGTERM;
     then drain (windows already accepted are embedded and published) and exit."""
     from rich.live import Live
@@ -173,7 +175,11 @@ def run(config_file, redis_url, live, **flags):
     config = build_config(config_file, redis_url, **flags)
     stop = stop_on_signals(threading.Event())
     console.print("starting (Ctrl-C to cancel) ...")
-    with user_errors(), pipeline_session(config, cancel=stop) as (pipeline, url, model):
+    with (
+        user_errors(),
+        pipeline_session(config, cancel=stop) as (pipeline, url, model),
+        console_beside(ui, ui_port, url, model, config.checkpoint),
+    ):
         stop_on_signals(stop)  # again: ray.init set a SIGTERM handler that ends the process undrained
         say_model(model)
         say_ingest(pipeline.endpoints, config)
@@ -191,29 +197,62 @@ def run(config_file, redis_url, live, **flags):
 
 
 @click.command()
-@click.option("--seconds", default=20.0, help="How long the simulated wearables stream.")
+@click.option(
+    "--seconds",
+    default=45.0,
+    help="How long the simulated wearables stream (their mics play a chirp burst at 35 s, then every 90 s).",
+)
 @click.option("--devices", default=2, help="Simulated wearables.")
 @click.option("--seed", default=0, help="Seed of the simulated scenes and sounds.")
+@click.option(
+    "--events/--no-events",
+    default=True,
+    help="Find the wearables' chirp bursts with an example query and send the notifications to a local endpoint.",
+)
 @pipeline_options
-def demo(seconds, devices, seed, config_file, redis_url, **flags):
-    """The whole pipeline on this machine with simulated wearables: a live table, then a summary."""
+@ui_options
+def demo(seconds, devices, seed, events, config_file, redis_url, ui, ui_port, **flags):
+    """The whole pipeline on this machine with simulated wearables: a live table, the events an example query
+    finds and their notifications, then a summary."""
     from rich.console import Group
     from rich.live import Live
 
-    from sensors.simulator import simulate
+    from sensors.simulator import ChirpBursts, simulate
     from streaming.dashboard import per_modality_table, stats_table, summary
+
+    from .demo import DemoEvents, DemoEventSettings
 
     flags["ingest"] = flags["ingest"] or ("tcp://127.0.0.1:*",)
     config = build_config(config_file, redis_url, **flags)
+    bursts = ChirpBursts()
+    found = DemoEvents(bursts, seconds, devices, DemoEventSettings()) if events and config.matchers else None
+    if found:
+        config.notify = dataclasses.replace(config.notify, urls=(*config.notify.urls, found.webhook.url))
+    elif events:
+        console.print("--matchers 0: nothing matches queries, so the demo finds no events")
     stop = stop_on_signals(threading.Event())
-    with user_errors(), pipeline_session(config, cancel=stop) as (pipeline, url, model):
+    with (
+        user_errors(),
+        found or nullcontext(),
+        pipeline_session(config, cancel=stop) as (pipeline, url, model),
+        console_beside(ui, ui_port, url, model, config.checkpoint),
+    ):
         stop_on_signals(stop)  # a Ctrl-C now ends the simulation early; the summary follows
         say_model(model)
         say_redis(url, config)
+        if found:
+            found.start(url, model, config.checkpoint)
 
         def wearables() -> None:
             try:
-                simulate(endpoint=pipeline.endpoints[0], devices=devices, seconds=seconds, seed=seed)
+                simulate(
+                    endpoint=pipeline.endpoints[0],
+                    devices=devices,
+                    seconds=seconds,
+                    seed=seed,
+                    start_ns=found.start_ns if found else None,
+                    bursts=bursts,
+                )
             except Exception:
                 if not stop.is_set():  # after a Ctrl-C its sends may fail as the process ends
                     raise
@@ -227,9 +266,17 @@ def demo(seconds, devices, seed, config_file, redis_url, **flags):
                 view.update(
                     Group(stats_table(stats, f"bindstream demo: {devices} wearables"), per_modality_table(stats))
                 )
+                if found:
+                    found.show_new()
                 sim.join(0.5)
+        if not console.is_terminal:
+            console.line()  # into a pipe, rich leaves the live table's last line open
         final = pipeline.drain()
+        if found:
+            found.finish(config.notify, stop)
     console.print(summary(final, "bindstream demo: summary"))
+    if found:
+        found.report()
     console.print(
         f"embeddings were in Redis at {redact_url(url)}"
         + ("" if config.redis else " (an embedded server, now stopped; use --redis URL to keep them)")

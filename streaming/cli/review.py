@@ -18,6 +18,7 @@ from sensors.protocol import NS_PER_S
 from streaming.alerts.events import DEFAULT_LIMIT, HEX, NoEvent, find_event_id, list_events, load_event, set_review
 from streaming.alerts.queries import find_query_id
 from streaming.alerts.records import ID_BYTES, QueryError
+from streaming.alerts.sinks import sink_label
 from streaming.records import FRAME_SENSORS, text
 from streaming.redis_layout import (
     AUDIO_CHANNELS,
@@ -36,11 +37,10 @@ from streaming.redis_layout import (
     BadRecord,
     Event,
     evidence_key,
+    evidence_wav,
     parse_frame_field,
-    pcm_wav,
 )
 
-from .alerts import sink_label
 from .options import JSON_OPTION, Duration, connect, redis_option
 from .terminal import console, table
 
@@ -177,13 +177,9 @@ class Evidence:
         out = cls(missing=[kind for kind in text(f.get(MISSING, b"")).split(",") if kind])
         if AUDIO_PCM in f:
             try:
-                rate, channels, pcm = int(f[AUDIO_RATE]), int(f[AUDIO_CHANNELS]), f[AUDIO_PCM]
-                if rate < 1 or channels < 1 or len(pcm) % (2 * channels):
-                    raise ValueError(
-                        f"{len(pcm)} bytes are no whole int16 frames of {channels} channel(s) at {rate} Hz"
-                    )
-                out.files[AUDIO_WAV] = pcm_wav(pcm, rate, channels)
-                out.audio_s, out.audio_rate, out.audio_channels = len(pcm) / (2 * channels * rate), rate, channels
+                rate, channels = int(f[AUDIO_RATE]), int(f[AUDIO_CHANNELS])
+                out.files[AUDIO_WAV], out.audio_s = evidence_wav(f[AUDIO_PCM], rate, channels)
+                out.audio_rate, out.audio_channels = rate, channels
             except (KeyError, ValueError, wave.Error) as err:
                 out.malformed.append(f"{AUDIO_PCM}: {err}")
         if IMU_CSV in f:

@@ -1,0 +1,1 @@
+"""The web console: server-rendered pages over Redis alone (no Ray), live through server-sent events."""
