@@ -198,8 +198,12 @@ def test_a_query_added_by_text_on_the_page_is_used_by_the_matcher(server, client
     shot(chromium, tmp_path, "queries")
 
     write(client, "dev", [QUIET, q.emb, q.emb, QUIET])  # windows that match tiny's vector of the text
-    settle(m)
-    events = wait_for(lambda: list_events(client, query=query_id)[0], WAIT_S, "the page's query to raise an event")
+
+    def raised():  # the matcher finds the new stream at its next discovery (every discover_s) and reloads queries
+        settle(m)
+        return list_events(client, query=query_id)[0]
+
+    events = wait_for(raised, WAIT_S, "the page's query to raise an event")
     assert [(e.device, e.windows, e.start_ns) for e in events] == [("dev", 2, WINDOW_S * SECOND)]
     assert fits_a_phone(chromium, f"{console}/queries", tmp_path, "queries")
 
