@@ -113,3 +113,10 @@ def test_every_streamed_modality_is_one_the_encoder_embeds():
 
     assert set(STREAM_MODALITIES) <= set(MODALITIES) and set(SENSOR_MODALITY.values()) == set(STREAM_MODALITIES)
     assert set(QUERY_MODALITIES) - set(STREAM_MODALITIES) == {"fused"}
+
+
+def test_the_web_console_imports_without_ray():
+    """The console reads and writes only Redis: it runs on any machine, with no Ray (README "Web console")."""
+    code = "import sys; sys.modules['ray'] = None\nimport streaming.ui.app\n"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

@@ -33,6 +33,14 @@ def parse_duration_ms(text: str) -> int:
     return int(float(match[1]) * DURATION_UNITS_MS[match[2]])
 
 
+def duration_text(ms: int) -> str:
+    """A Duration's milliseconds as text in the largest unit that divides them ('10m' for 600000)."""
+    if not ms:
+        return "0"
+    size, unit = max((size, unit) for unit, size in DURATION_UNITS_MS.items() if ms % size == 0)
+    return f"{ms // size}{unit}"
+
+
 def since_id(client: redis.Redis, since_ms: int | None) -> str:
     """The smallest stream id at most `since_ms` old by the server's clock ('-': everything)."""
     if since_ms is None:

@@ -8,7 +8,7 @@ import click
 import redis
 
 from encoders.config import PRESETS
-from streaming.alerts.search import DURATION_UNITS_MS, parse_duration_ms
+from streaming.alerts.search import parse_duration_ms
 from streaming.redis_access import RedisAccessError, check_redis
 
 REDIS_ENV = "BINDSTREAM_REDIS_URL"
@@ -70,14 +70,6 @@ class Duration(click.ParamType):
             return 0 if text == "0" else parse_duration_ms(text)
         except ValueError as err:
             self.fail("".join([str(err), *(f", or {word}" for word in self.words)]), param, ctx)
-
-
-def duration_text(ms: int) -> str:
-    """A Duration's milliseconds as text in the largest unit that divides them ('10m' for 600000)."""
-    if not ms:
-        return "0"
-    size, unit = max((size, unit) for unit, size in DURATION_UNITS_MS.items() if ms % size == 0)
-    return f"{ms // size}{unit}"
 
 
 def model_name(model: str | None, checkpoint: str | None) -> str:

@@ -11,7 +11,7 @@ import click
 
 from streaming.alerts.prompts import ensemble
 from streaming.alerts.queries import ensure_background
-from streaming.alerts.search import search
+from streaming.alerts.search import duration_text, search
 from streaming.alerts.timeline import timeline, timeline_html, timeline_png
 from streaming.records import QUERY_MODALITIES
 from streaming.redis_access import redact_url
@@ -24,7 +24,6 @@ from .options import (
     MODEL_OPTION,
     Duration,
     connect,
-    duration_text,
     load_encoder,
     model_name,
     redis_option,

@@ -19,7 +19,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, TypeVar
 
-import click
 import numpy as np
 import redis
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -28,7 +27,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import encoders
 from encoders.api import has_random_weights
+from encoders.weights import default_model_name
 from streaming.alerts.prompts import check_modality, ensemble
 from streaming.alerts.queries import (
     delete_query,
@@ -43,7 +44,6 @@ from streaming.alerts.queries import (
 from streaming.alerts.records import ALL_DEVICES, Decision, Query, QueryError, unit
 from streaming.alerts.sinks import SinkError, parse_sink, sink_label
 from streaming.alerts.tuning import MIN_PER_LABEL, fit, reviewed_scores
-from streaming.cli.options import load_encoder, model_name
 from streaming.records import QUERY_MODALITIES
 from streaming.redis_layout import QUERY_SET, sink_id
 
@@ -65,20 +65,20 @@ class EncoderSlot:
     and `--checkpoint` name it), loaded once, at its first use."""
 
     def __init__(self, model: str | None = None, checkpoint: str | None = None):
-        self.name = model_name(model, checkpoint)
+        self.name = default_model_name(model, checkpoint)
         self.checkpoint = checkpoint
         self.random_weights = has_random_weights(self.name, checkpoint)
         self._encoder = None
         self._lock = threading.Lock()  # two first requests at once load it once
 
     def get(self):
-        """The loaded encoder; a 503 with load_encoder's one line when it cannot be loaded."""
+        """The loaded encoder; a 503 page of one line when it cannot be loaded (a missing checkpoint, no device)."""
         with self._lock:
             if self._encoder is None:
                 try:
-                    self._encoder = load_encoder(self.name, self.checkpoint)
-                except click.ClickException as err:
-                    raise HTTPException(503, err.message) from None
+                    self._encoder = encoders.load(self.name, checkpoint=self.checkpoint)
+                except (FileNotFoundError, ValueError, RuntimeError) as err:
+                    raise HTTPException(503, f"cannot load model {self.name}: {err}") from None
             return self._encoder
 
 

@@ -15,9 +15,8 @@ from fastapi.responses import RedirectResponse
 
 from sensors.protocol import DEVICE_PATTERN, NS_PER_S
 from streaming.alerts.events import list_events
-from streaming.alerts.search import parse_duration_ms
+from streaming.alerts.search import duration_text, parse_duration_ms
 from streaming.alerts.timeline import downsample, timeline
-from streaming.cli.options import duration_text
 from streaming.redis_layout import QUERY_EVENT, parse_key
 from streaming.subscriber import stream_keys
 
