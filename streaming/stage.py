@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import zlib
 from collections import Counter, deque
@@ -63,6 +64,20 @@ class Counts:
         """The count of `event` under `label`, or with no label its total over all labels."""
         labels = self.labels(event)
         return sum(labels.values()) if label is None else labels.get(label, 0)
+
+
+class WarnOnce:
+    """Logs the first of each (event, label) pair, up to `limit` pairs: a flood of one bad record or of many
+    device ids cannot flood the log (the caller counts every one)."""
+
+    def __init__(self, log: logging.Logger, limit: int):
+        self.log, self.limit = log, limit
+        self.seen: set[tuple[str, str]] = set()
+
+    def __call__(self, event: str, label: str, detail: str) -> None:
+        if (event, label) not in self.seen and len(self.seen) < self.limit:
+            self.seen.add((event, label))
+            self.log.warning("%s (%s): %s; further ones are only counted", event, label, detail)
 
 
 class StageMetrics:

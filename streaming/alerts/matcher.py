@@ -53,7 +53,7 @@ from ..redis_layout import (
     stream_key,
 )
 from ..retry import Backoff
-from ..stage import StageMetrics
+from ..stage import StageMetrics, WarnOnce
 from .decision import INITIAL_STATE, MAX_EVENT_S, Change, OpenEvent, QueryState, Rules, decide
 from .health import HealthWatch
 from .queries import read_backgrounds, read_queries
@@ -287,7 +287,7 @@ class Matcher:
             self.metrics,
         )
         self.baselines = Baselines(settings.baseline_streams)  # example queries' running estimates (scoring.py)
-        self.warned: set[tuple[str, str]] = set()
+        self._warn_once = WarnOnce(log, settings.max_logged)
         self.version: bytes | None = None
         self.next_reload = self.next_discover = 0.0
         self.last_error = ""
@@ -295,12 +295,6 @@ class Matcher:
         self._thread: threading.Thread | None = None
         if settings.autostart:
             self.start()
-
-    def _warn_once(self, event: str, label: str, detail: str) -> None:
-        """Log the first `event` of each label (up to `max_logged` pairs); later ones are only counted."""
-        if (event, label) not in self.warned and len(self.warned) < self.settings.max_logged:
-            self.warned.add((event, label))
-            log.warning("%s (%s): %s; further ones are only counted", event, label, detail)
 
     # ----- queries and streams -----
 

@@ -45,7 +45,7 @@ from ..redis_layout import (
     sink_id,
 )
 from ..retry import Backoff
-from ..stage import StageMetrics
+from ..stage import StageMetrics, WarnOnce
 from .sinks import ATTACH_MAX_BYTES, SEND_TIMEOUT_S, SendError, Sink, SinkError, Unsendable, parse_sink
 
 log = logging.getLogger(__name__)
@@ -104,18 +104,12 @@ class Notifier:
         self.pending = True  # first fan out this consumer's read-but-unacknowledged entries
         self.grouped = False  # the consumer group exists
         self.resumed = False  # senders run for the outboxes left from before the start
-        self.warned: set[tuple[str, str]] = set()
+        self.warn_once = WarnOnce(log, settings.max_logged)
         self.last_error = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if settings.autostart:
             self.start()
-
-    def warn_once(self, event: str, label: str, detail: str) -> None:
-        """Log the first `event` of each label (up to `max_logged` pairs); later ones are only counted."""
-        if (event, label) not in self.warned and len(self.warned) < self.settings.max_logged:
-            self.warned.add((event, label))
-            log.warning("%s (%s): %s; further ones are only counted", event, label, detail)
 
     # ----- fan-out -----
 
