@@ -1,4 +1,4 @@
-"""Our encoders against the reference ImageBind implementation, same weights, same inputs, one run.
+"""Our encoders against the reference ImageBind implementation, same weights, same inputs, runs interleaved.
 
 The reference is not a dependency of bindstream; install it beside it for this benchmark only, e.g.
 
@@ -7,16 +7,20 @@ The reference is not a dependency of bindstream; install it beside it for this b
     PYTHONPATH=/tmp/refsite:/tmp/ref/imagebind-packaged-0.1.2 python bench/reference_speed.py
 
 Both models get the same random weights (ours are loaded into the reference's state dict, strict), so the
-run also checks that the outputs agree at the huge size. Prints seconds per batch and the speed ratio.
+run also checks that the outputs agree at the huge size. The two are timed run by run in turn (the one that goes
+first alternating), so that on a shared machine both meet the same load; prints the median seconds per batch
+of each with their spread (fastest-slowest run), and the median of the runs' speed ratios with its spread.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import statistics
 import sys
 import time
 import types
+from collections.abc import Callable
 
 import torch
 from rich.console import Console
@@ -42,20 +46,30 @@ def import_reference_model():
     return imagebind_huge
 
 
-def best_seconds(fn, runs: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def interleaved_seconds(a: Callable[[], object], b: Callable[[], object], runs: int) -> list[tuple[float, float]]:
+    """(seconds of `a`, seconds of `b`) per run, after one warm-up call each; in each run both go, `a` first in
+    even runs and `b` first in odd ones."""
+    a(), b()  # warm-up
+    pairs = []
+    for run in range(runs):
+        seconds = {}
+        for name, fn in (("a", a), ("b", b)) if run % 2 == 0 else (("b", b), ("a", a)):
+            start = time.perf_counter()
+            fn()
+            seconds[name] = time.perf_counter() - start
+        pairs.append((seconds["a"], seconds["b"]))
+    return pairs
+
+
+def median_and_spread(values: list[float], digits: int) -> str:
+    """'median (fastest-slowest)'."""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=7, help="Timed runs of each, interleaved.")
     parser.add_argument("--modalities", default=",".join(MODALITIES))
     args = parser.parse_args()
     imagebind_huge = import_reference_model()
@@ -64,7 +78,10 @@ def main() -> None:
     ours = random_model(cfg)
     reference = imagebind_huge(pretrained=False).eval()
     reference.load_state_dict(ours.state_dict(), strict=True)
-    table = Table(title=f"imagebind_huge fp32 on CPU ({torch.get_num_threads()} threads), batch {args.batch}")
+    table = Table(
+        title=f"imagebind_huge fp32 on CPU ({torch.get_num_threads()} threads), batch {args.batch}, "
+        f"{args.runs} interleaved runs: median (fastest-slowest)"
+    )
     for column in ("modality", "reference s", "ours s", "speed-up", "max |diff|"):
         table.add_column(column, justify="left" if column == "modality" else "right")
     with torch.inference_mode():
@@ -73,9 +90,18 @@ def main() -> None:
             ref_out = reference({modality: x})[modality]
             our_out = ours({modality: x})[modality]
             diff = (ref_out - our_out).abs().max().item()
-            t_ref = best_seconds(lambda m=modality, x=x: reference({m: x}), args.runs)
-            t_ours = best_seconds(lambda m=modality, x=x: ours({m: x}), args.runs)
-            table.add_row(modality, f"{t_ref:.3f}", f"{t_ours:.3f}", f"{t_ref / t_ours:.2f}x", f"{diff:.1e}")
+            pairs = interleaved_seconds(
+                lambda m=modality, x=x: reference({m: x}), lambda m=modality, x=x: ours({m: x}), args.runs
+            )
+            t_ref, t_ours = [t for t, _ in pairs], [t for _, t in pairs]
+            ratios = [r / o for r, o in pairs]
+            table.add_row(
+                modality,
+                median_and_spread(t_ref, 3),
+                median_and_spread(t_ours, 3),
+                median_and_spread(ratios, 2).replace(" (", "x ("),
+                f"{diff:.1e}",
+            )
     Console().print(table)
 
 

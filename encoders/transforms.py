@@ -1,8 +1,9 @@
 """Media preprocessing: raw sensor data -> one ImageBind input item (CPU, float32; text int64).
 
 Text, image, audio and video follow the reference ImageBind (facebookresearch/ImageBind) pipelines.
-Two known differences: images are resized with torch's antialiased bicubic instead of PIL's (mean abs
-difference ~0.002 after normalisation), and a video is one window from its start with one centre crop,
+Two known differences: images are resized with torch's uint8 antialiased bicubic instead of PIL's (the same
+fixed-point filter: mean abs difference 5e-5 after normalisation, at most one 8-bit level; float32 on devices
+without the uint8 kernel: ~0.002), and a video is one window from its start with one centre crop,
 its 2 frames taken at the centres of the window's two halves (the reference takes the first and last),
 each frame through the image transform (the reference averages 5 clips x 3 spatial crops, scaled with
 pytorchvideo's bilinear ShortSideScale), because streams are embedded window by window.
@@ -260,7 +261,7 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def _rgb_batch(frames: Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 (H, W, 3) frames of one size -> (B, 3, H, W) float32 in [0, 255]."""
+    """uint8 (H, W, 3) frames of one size -> (B, 3, H, W) uint8 (a channels-last view of the stacked frames)."""
     expected = "(H, W, 3) uint8 RGB"
     frames = [_array(frame, "vision", expected) for frame in frames]
     for frame in frames:
@@ -268,19 +269,24 @@ def _rgb_batch(frames: Sequence[np.ndarray]) -> torch.Tensor:
             raise ValueError(f"vision: expected {expected}, got {frame.dtype} {frame.shape}")
         if frame.shape != frames[0].shape:
             raise ValueError(f"vision: frames differ in size: {frames[0].shape} and {frame.shape}")
-    stacked = np.stack(frames).astype(np.float32)  # (B, H, W, 3)
-    return torch.from_numpy(stacked).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
 
 
 def _rgb_to_model(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 255] -> (B, 3, 224, 224) CLIP-normalised.
+    """(B, 3, H, W) 8-bit levels (uint8, or float holding them) -> (B, 3, 224, 224) CLIP-normalised.
 
-    The resized image is rounded to 8-bit levels as PIL (the reference) and torchvision on uint8 do:
-    half the difference to the reference of leaving it unrounded.
+    On the CPU the frames are resized in 8 bits, as PIL (the reference) resizes: torch's uint8 antialiased
+    bicubic (channels last) computes PIL's fixed-point filter, within one level of it (mean abs 5e-5 to the
+    parity fixture's inputs, where resizing in float32 and rounding gave 2e-3), and at a sixth of the float
+    kernel's cost. Other devices, which have no uint8 kernel, resize in float32 and round to 8-bit levels.
     """
-    x = _resize_crop(x, "bicubic").clamp(0, 255).round() / 255
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    if x.device.type == "cpu":
+        x = x if x.dtype == torch.uint8 else x.clamp(0, 255).round().to(torch.uint8)
+        x = _resize_crop(x.contiguous(memory_format=torch.channels_last), "bicubic").float() / 255
+    else:
+        x = _resize_crop(x.float(), "bicubic").clamp(0, 255).round() / 255
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -362,32 +368,48 @@ def _integer_rate(rate, modality: str) -> int:
 
 def resample(waveform: np.ndarray | torch.Tensor, rate: int, target: int = AUDIO_RATE) -> torch.Tensor:
     """Resample along the last axis with torchaudio's default windowed sinc; shape kept, length rescaled."""
-    x = _waveform(waveform)
+    return _resampled(_waveform(waveform), rate, target)
+
+
+def _resampled(x: torch.Tensor, rate: int, target: int = AUDIO_RATE) -> torch.Tensor:
+    """`resample` of a waveform that `_waveform` has checked."""
     rate, target = _integer_rate(rate, "audio"), _integer_rate(target, "audio")
     return x if rate == target else get_resampler(rate, target)(x)
 
 
+# The reference's kaldi fbank: (1, samples) at 16 kHz -> (frames, 128), a frame of 25 ms every 10 ms, each on its own
+fbank = functools.partial(
+    torchaudio.compliance.kaldi.fbank,
+    htk_compat=True,
+    sample_frequency=AUDIO_RATE,
+    use_energy=False,
+    window_type="hanning",
+    num_mel_bins=MEL_BINS,
+    dither=0.0,
+    frame_length=FRAME_LENGTH_MS,
+    frame_shift=FRAME_SHIFT_MS,
+)
+
+
+def _fbank_to_model(fbanks: torch.Tensor) -> torch.Tensor:
+    """(B, frames, 128) fbanks -> (B, 1, 128, 204): cut or zero-padded to 204 frames, normalised."""
+    mel = fbanks.transpose(1, 2)  # (B, 128, frames)
+    mel = F.pad(mel, (0, max(0, MEL_FRAMES - mel.shape[2])))[..., :MEL_FRAMES]
+    return ((mel - MEL_MEAN) / MEL_STD).unsqueeze(1)
+
+
 def mel_spectrogram(waveform_16k: np.ndarray | torch.Tensor) -> torch.Tensor:
     """16 kHz (channels, samples) or (samples,) -> (1, 128, 204) normalised log-mel of the first 2 s."""
-    x = _waveform(waveform_16k)
+    return _log_mel(_waveform(waveform_16k))
+
+
+def _log_mel(x: torch.Tensor) -> torch.Tensor:
+    """`mel_spectrogram` of a waveform that `_waveform` has checked."""
     x = (x if x.ndim == 2 else x[None])[:, :AUDIO_CLIP_SAMPLES]  # (C, <=32000)
     if x.numel():
         x = x - x.mean()  # over every sample of every channel, as the reference does
     x = F.pad(x, (0, max(0, FRAME_SAMPLES - x.shape[1])))  # at least one frame
-    fbank = torchaudio.compliance.kaldi.fbank(
-        x[:1],
-        htk_compat=True,
-        sample_frequency=AUDIO_RATE,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=MEL_BINS,
-        dither=0.0,
-        frame_length=FRAME_LENGTH_MS,
-        frame_shift=FRAME_SHIFT_MS,
-    )  # (frames, 128)
-    mel = fbank.T  # (128, frames)
-    mel = F.pad(mel, (0, max(0, MEL_FRAMES - mel.shape[1])))[:, :MEL_FRAMES]  # (128, 204)
-    return ((mel - MEL_MEAN) / MEL_STD).unsqueeze(0)
+    return _fbank_to_model(fbank(x[:1])[None])[0]
 
 
 def audio_tensor(waveform: np.ndarray, rate: int) -> torch.Tensor:
@@ -396,9 +418,13 @@ def audio_tensor(waveform: np.ndarray, rate: int) -> torch.Tensor:
     Only the first 2 s and RESAMPLE_CONTEXT_S after them are resampled: the sinc kernel reaches a few
     dozen samples, so the result equals resampling the whole recording.
     """
-    keep = math.ceil((AUDIO_CLIP_SAMPLES / AUDIO_RATE + RESAMPLE_CONTEXT_S) * _integer_rate(rate, "audio"))
-    clipped = _waveform(waveform)[..., :keep].clamp(-1.0, 1.0)  # the nominal range: louder samples clip
-    return mel_spectrogram(resample(clipped, rate))
+    clipped = _waveform(waveform)[..., : samples_to_resample(rate)].clamp(-1.0, 1.0)  # nominal range: louder clip
+    return _log_mel(_resampled(clipped, rate))  # checked once: the steps take it as it is
+
+
+def samples_to_resample(rate: int) -> int:
+    """Samples at `rate` that `audio_tensor` resamples: the first 2 s and RESAMPLE_CONTEXT_S after them."""
+    return math.ceil((AUDIO_CLIP_SAMPLES / AUDIO_RATE + RESAMPLE_CONTEXT_S) * _integer_rate(rate, "audio"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,10 +454,32 @@ def _depth_metres(depth) -> torch.Tensor:
 
 def depth_tensor(depth: np.ndarray) -> torch.Tensor:
     """(H, W) uint16 mm or float m -> (1, 224, 224) normalised disparity (see the module docstring)."""
-    metres = _depth_metres(depth)
+    if isinstance(depth, np.ndarray) and depth.dtype == np.uint16 and depth.ndim == 2 and depth.size:
+        return _disparity_to_model(torch.from_numpy(np.take(_mm_disparity(), depth))[None, None])[0]
+    return _metres_to_model(_depth_metres(depth)[None, None])[0]
+
+
+@functools.cache
+def _mm_disparity() -> np.ndarray:
+    """The scaled disparity of each of the 65,536 uint16 millimetre values, by `_scaled_disparity` itself: a
+    uint16 frame's per-pixel steps (to metres, clamp, divide) become one look-up, with the same float32 values."""
+    return _scaled_disparity(_depth_metres(np.arange(2**16, dtype=np.uint16)[None])).numpy()[0]
+
+
+def _metres_to_model(metres: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) metres, NaN where there is no reading -> (B, 1, 224, 224) normalised disparity."""
+    return _disparity_to_model(_scaled_disparity(metres))
+
+
+def _scaled_disparity(metres: torch.Tensor) -> torch.Tensor:
+    """Metres (NaN where there is no reading) -> disparity / DISPARITY_MAX in [0.052, 1], 0 = no reading."""
     disparity = BASELINE_FOCAL / metres.clamp(DEPTH_MIN_M, DEPTH_MAX_M)  # px, NaN stays NaN
-    scaled = torch.nan_to_num(disparity, nan=0.0) / DISPARITY_MAX  # [0.052, 1]; 0 = no reading
-    x = _resize_crop(scaled[None, None], "bilinear")[0]  # (1, 224, 224)
+    return torch.nan_to_num(disparity, nan=0.0) / DISPARITY_MAX
+
+
+def _disparity_to_model(scaled: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) scaled disparity -> (B, 1, 224, 224) resized and normalised."""
+    x = _resize_crop(scaled, "bilinear")
     return (x - DEPTH_MEAN) / DEPTH_STD
 
 
@@ -450,7 +498,12 @@ def _thermal_unit(frame) -> torch.Tensor:
 
 def thermal_tensor(frame: np.ndarray) -> torch.Tensor:
     """(H, W) uint8, uint16 centi-kelvin or float deg C -> (1, 224, 224) (see the module docstring)."""
-    x = _resize_crop(_thermal_unit(frame)[None, None], "bicubic").clamp(0, 1)[0]  # (1, 224, 224)
+    return _unit_to_model(_thermal_unit(frame)[None, None])[0]
+
+
+def _unit_to_model(unit: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) thermal in [0, 1] -> (B, 1, 224, 224) normalised."""
+    x = _resize_crop(unit, "bicubic").clamp(0, 1)
     return (x - THERMAL_MEAN) / THERMAL_STD
 
 

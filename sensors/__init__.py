@@ -1,4 +1,4 @@
-"""Device side of bindstream: wire protocol v1, publishers, session recording and a simulated wearable.
+"""Device side of bindstream: wire protocol v1, publishers, MCAP recording and replay, and a simulated wearable.
 
 msg = sensors.decode(socket.recv_multipart(copy=False))   # validated, zero-copy
 with sensors.DevicePublisher("tcp://ingest:5555", "glasses-01") as pub:
@@ -8,6 +8,7 @@ sensors.simulate("tcp://127.0.0.1:5555", devices=4, seconds=30)
 
 from .arrays import ImuRecording, load_frames, publish_frames, publish_imu
 from .camera import capture_frames, open_capture, publish_camera
+from .mcap_format import RecordedMessage, Recording
 from .mic import publish_microphone
 from .protocol import (
     CAMERA,
@@ -27,7 +28,7 @@ from .protocol import (
     encode_header,
 )
 from .publisher import DevicePublisher, connect_push
-from .recorder import Recorder, Replay, SessionRecord, read_session
+from .recorder import Recorder, RecordingSettings, Replay
 from .simulator import SimulatedWearable, SimulationStats, simulate
 
 __all__ = [
@@ -43,11 +44,13 @@ __all__ = [
     "DevicePublisher",
     "ImuRecording",
     "Limits",
+    "RecordedMessage",
     "Recorder",
+    "Recording",
+    "RecordingSettings",
     "Rejected",
     "Replay",
     "SensorMessage",
-    "SessionRecord",
     "SimulatedWearable",
     "SimulationStats",
     "capture_frames",
@@ -61,6 +64,5 @@ __all__ = [
     "publish_frames",
     "publish_imu",
     "publish_microphone",
-    "read_session",
     "simulate",
 ]

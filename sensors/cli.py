@@ -12,8 +12,8 @@ from .camera import DEFAULT_JPEG_QUALITY, publish_camera
 from .mic import publish_microphone
 from .protocol import DEFAULT_ENDPOINT, DEPTH, THERMAL
 from .publisher import DEFAULT_SNDHWM, DevicePublisher
-from .recorder import Recorder, Replay
-from .simulator import simulate
+from .recorder import MIB, SUFFIX, Recorder, RecordingSettings, Replay
+from .simulator import DEFAULT_PROFILE, PROFILES, simulate
 
 endpoint_option = click.option(
     "--endpoint", default=DEFAULT_ENDPOINT, show_default=True, help="Ingest endpoint to connect to."
@@ -61,10 +61,19 @@ def main() -> None:
     show_default=True,
     help="Pace to the wall clock, or send as fast as possible without dropping.",
 )
-def simulate_command(endpoint: str, devices: int, seconds: float, seed: int, realtime: bool) -> None:
+@click.option(
+    "--profile",
+    type=click.Choice(list(PROFILES)),
+    default=DEFAULT_PROFILE,
+    show_default=True,
+    help="What the wearables do: steady (everything moves and sounds all the time) or day (quiet stretches, events).",
+)
+def simulate_command(endpoint: str, devices: int, seconds: float, seed: int, realtime: bool, profile: str) -> None:
     """Run simulated wearables sim-000, sim-001, ..."""
     _warn_if_nothing_listens(endpoint)
-    stats = simulate(endpoint, devices=devices, seconds=seconds, seed=seed, realtime=realtime)
+    stats = simulate(
+        endpoint, devices=devices, seconds=seconds, seed=seed, realtime=realtime, profile=PROFILES[profile]
+    )
     dropped = sum(n for sensors in stats.dropped.values() for n in sensors.values())
     click.echo(f"sent {stats.total_sent} messages in {stats.wall_s:.1f} s; dropped {dropped} (device send queues full)")
 
@@ -125,7 +134,7 @@ def imu_csv_command(path: str, endpoint: str, device: str, sndhwm: int, chunk_ms
 
 
 @main.command("record")
-@click.argument("path", type=click.Path())
+@click.argument("folder", type=click.Path(file_okay=False))
 @click.option(
     "--bind",
     "bind",
@@ -135,25 +144,69 @@ def imu_csv_command(path: str, endpoint: str, device: str, sndhwm: int, chunk_ms
 )
 @click.option("--seconds", type=float, default=None, help="Stop after this long (default: Ctrl-C or --count).")
 @click.option("--count", type=int, default=None, help="Stop after this many messages.")
-def record_command(path: str, bind: str, seconds: float | None, count: int | None) -> None:
-    """Store every message that arrives (valid or not) in a session file."""
+@click.option(
+    "--max-total-mb",
+    type=click.FloatRange(min=1),
+    default=RecordingSettings.max_total_bytes / MIB,
+    show_default=True,
+    help="Disk the recordings in FOLDER may use; the oldest files are deleted first.",
+)
+def record_command(folder: str, bind: str, seconds: float | None, count: int | None, max_total_mb: float) -> None:
+    """Record the valid messages that arrive into rotating MCAP files in FOLDER (PROTOCOL.md, "Recordings")."""
     socket: zmq.Socket = zmq.Context.instance().socket(zmq.PULL)
     try:
         socket.bind(bind)
     except zmq.ZMQError as err:
         socket.close()
         raise click.ClickException(f"cannot bind {bind}: {err}") from None
+    total = int(max_total_mb * MIB)  # files of a quarter of it at most: the budget keeps a few besides the newest
+    settings = RecordingSettings(
+        max_total_bytes=total, max_file_bytes=min(RecordingSettings.max_file_bytes, total // 4)
+    )
+    recorder = Recorder(folder, settings, tag="device-record", source=f"bindstream device record {bind}")
     try:
-        with Recorder(path) as recorder:
-            click.echo(f"recorded {recorder.record(socket, seconds=seconds, count=count)} messages")
+        recorder.record(socket, seconds=seconds, count=count)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C ends the recording; what was queued is still written
     finally:
+        recorder.close()
         socket.close()
+    left_out = {event: n for event, n in recorder.counts.items() if event.startswith(("rejected_", "dropped_"))}
+    click.echo(
+        f"recorded {recorder.counts['recorded']} messages in {folder}" + (f"; left out: {left_out}" if left_out else "")
+    )
 
 
 @main.command("replay")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @endpoint_option
-@click.option("--speed", default=1.0, show_default=True, help="Playback speed; 0 sends as fast as possible.")
-def replay_command(path: str, endpoint: str, speed: float) -> None:
-    """Play a session file back to an ingest endpoint."""
-    click.echo(f"replayed {Replay(path).play(endpoint, speed or None)} messages")
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Playback speed, paced by the receive times (2: twice as fast).",
+)
+@click.option(
+    "--as-fast-as-possible",
+    "fastest",
+    is_flag=True,
+    help="Send as fast as ingest takes them (run the pipeline with --overload block to keep every window).",
+)
+@click.pass_context
+def replay_command(ctx: click.Context, paths: tuple[str, ...], endpoint: str, speed: float, fastest: bool) -> None:
+    """Send recordings (MCAP files or folders of them) to an ingest endpoint, byte for byte as they were accepted;
+    the device clocks are kept, so the windows are those of the live run."""
+    if fastest and ctx.get_parameter_source("speed") is click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--speed and --as-fast-as-possible exclude each other")
+    replay = Replay(paths)
+    if not replay.files:
+        raise click.ClickException(f"no {SUFFIX} files in {', '.join(paths)}")
+    _warn_if_nothing_listens(endpoint)
+    try:
+        sent = replay.play(endpoint, None if fastest else speed)
+    except ValueError as err:  # not an MCAP file, or not a bindstream recording
+        raise click.ClickException(str(err)) from None
+    click.echo(f"replayed {sent} messages from {len(replay.files)} files")
+    for path in replay.truncated:
+        click.echo(f"{path} was cut short (no footer): replayed up to its last complete chunk", err=True)

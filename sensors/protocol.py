@@ -38,6 +38,13 @@ DTYPES = {
 }
 IMU_DTYPE = DTYPES["float32"]
 IMU_ROW_BYTES = len(IMU_COLUMNS) * IMU_DTYPE.itemsize
+JPEG_SCALE_FLAGS = {  # libjpeg's scaled decoding (`decode_image`): 1/f of each side
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    1: cv2.IMREAD_COLOR,
+}
+JPEG_SCALES = (8, 4, 2)
 DEVICE_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # no ':', which separates fields of Redis keys
 DEVICE_RULE = "1..64 of [A-Za-z0-9_.-]"
 
@@ -331,18 +338,30 @@ def decode(frames, limits: Limits = DEFAULT_LIMITS) -> SensorMessage:
     return SensorMessage(device, sensor, seq, t_ns, payload, **fields)
 
 
-def decode_image(msg: SensorMessage) -> np.ndarray:
-    """(h, w, 3) uint8 RGB pixels of a camera message; raises Rejected(BAD_IMAGE) if undecodable."""
+def jpeg_scale(shape: tuple[int, ...], min_side: int) -> int:
+    """The largest fraction 1/8, 1/4 or 1/2 (as 8, 4, 2; else 1) of a JPEG of `shape` that libjpeg can decode
+    exactly (both sides divide by it: the scaled image covers the same pixels) keeping `min_side` pixels on its
+    short side."""
+    h, w = shape[:2]
+    return next((f for f in JPEG_SCALES if h % f == 0 and w % f == 0 and min(h, w) // f >= min_side), 1)
+
+
+def decode_image(msg: SensorMessage, min_side: int = 0) -> np.ndarray:
+    """(h, w, 3) uint8 RGB pixels of a camera message; raises Rejected(BAD_IMAGE) if undecodable. With
+    `min_side`, a JPEG is decoded at the fraction `jpeg_scale` picks: libjpeg then scales in its inverse DCT,
+    which skips most of the decoding work of a large frame (the pixels are its `min_side`-scaled version)."""
     if msg.sensor != CAMERA:
         raise ValueError(f"decode_image needs a camera message, got {msg.sensor!r}")
     if msg.encoding == "raw":
         return msg.payload
     if msg.encoding == "png" and not png_inflates_within_size(msg.payload):  # too costly to check at ingest
         raise Rejected(TOO_COSTLY, f"png payload of {msg.device} seq {msg.seq} holds more data than its size")
+    assert msg.shape is not None  # decode() reads every camera message's size
+    scale = jpeg_scale(msg.shape, min_side) if msg.encoding == "jpeg" and min_side else 1
     # the pixels as stored: the declared shape is the stored one, whatever EXIF orientation says
-    bgr = cv2.imdecode(msg.payload, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    bgr = cv2.imdecode(msg.payload, JPEG_SCALE_FLAGS[scale] | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise Rejected(BAD_IMAGE, f"{msg.encoding} payload of {msg.device} seq {msg.seq} does not decode")
-    if bgr.shape != msg.shape:
-        raise Rejected(BAD_IMAGE, f"decoded size {bgr.shape} differs from the declared {msg.shape}")
+    if bgr.shape != (msg.shape[0] // scale, msg.shape[1] // scale, RGB_CHANNELS):
+        raise Rejected(BAD_IMAGE, f"decoded size {bgr.shape} differs from the declared {msg.shape} (1/{scale})")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -4,6 +4,8 @@ Content depends only on (seed, device, time since start): two generators with th
 arguments yield byte-identical payloads. One moving "subject" appears in every modality:
 a circle in the camera image, an object in the depth map and a warm blob in the thermal image.
 The mic hears tones and a hum, and at known times a chirp burst (`ChirpBursts`): an event for the demo to find.
+What moves, sounds and walks when is the wearable's `Profile` (`PROFILES`): `steady`, everything all the time
+(the default), or `day`, quiet stretches (a still scene, a quiet room, a wearer standing still) between events.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ GYRO_TURN_HZ = 0.05
 ACCEL_NOISE, GYRO_NOISE = 0.04, 0.005
 COMMON_KEYS = frozenset({"v", "device", "sensor", "seq", "t_ns"})
 SENSOR_ORDER = {sensor: i for i, sensor in enumerate(SENSORS)}
-SCENE, FRAME = 0, 1  # random stream tags
+SCENE, FRAME, SHIFT = 0, 1, 2  # random stream tags
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,72 @@ class ChirpBursts:
         return self.sound(self.first_s + np.arange(round(self.seconds * rate)) / rate).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """When one activity of a wearable is on: `on_s` seconds of every `every_s`, the first stretch starting
+    `first_s` seconds after the wearable's start (off before it). The default is on all the time."""
+
+    first_s: float = 0.0
+    on_s: float = math.inf
+    every_s: float = math.inf
+
+    def __post_init__(self):
+        if not (0 <= self.first_s and 0 < self.on_s <= self.every_s):
+            raise ValueError(f"a schedule needs 0 <= first_s and 0 < on_s <= every_s: {self}")
+
+    def level(self, t, fade_s: float = 0.0) -> np.ndarray:
+        """1 while on, 0 while off, at `t` seconds since the wearable's start; ramping over `fade_s` at each edge
+        (no click where a sound starts, no jolt where a walk does); one on without end has no edge to ramp at."""
+        since = np.asarray(t, dtype=np.float64) - self.first_s
+        if math.isinf(self.on_s):
+            return np.where(since >= 0, 1.0, 0.0)
+        into = np.where(since >= 0, np.mod(since, self.every_s), -1.0)  # seconds into the current stretch
+        left = self.on_s - into
+        on = (into >= 0) & (left > 0)
+        ramp = np.clip(np.minimum(into, left) / fade_s, 0.0, 1.0) if fade_s else 1.0
+        return np.where(on, ramp, 0.0)
+
+    def on_time(self, t: float) -> float:
+        """Seconds it was on from the wearable's start to `t`: the clock of what moves only while it is on."""
+        since = t - self.first_s
+        if since <= 0:
+            return 0.0
+        periods, into = divmod(since, self.every_s)
+        return (periods * self.on_s if periods else 0.0) + min(into, self.on_s)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a wearable's world does over time. While `motion` is on, the subject and the shapes move (camera,
+    depth, thermal); while off, the scene stands still (only sensor noise and the camera's clock overlay
+    change). While `sound` is on, the mic hears its tones, hum and noise; while off, a quiet room (noise at
+    `quiet_noise`). While `walking` is on, the IMU feels steps and a slow turn; while off, stillness (gravity
+    and sensor noise). With `stagger`, each wearable shifts the three schedules by offsets of its own, so that
+    a fleet is not active all at once. The mic's chirp bursts (`ChirpBursts`) play in every profile."""
+
+    motion: Schedule = Schedule()
+    sound: Schedule = Schedule()
+    walking: Schedule = Schedule()
+    quiet_noise: float = 0.0005  # RMS of a quiet room's noise, full scale 1 (-66 dBFS)
+    stagger: bool = False
+
+
+# A day: mostly nothing happens; now and then the subject moves for 6 s, a sound plays for 5 s, the wearer walks
+# for 8 s (periods of 40, 45 and 50 s, so the events meet in ever new combinations), and the chirp bursts
+PROFILES = {
+    "steady": Profile(),  # everything moves and sounds all the time (what the simulator always did)
+    "day": Profile(
+        motion=Schedule(12.0, 6.0, 40.0),
+        sound=Schedule(22.0, 5.0, 45.0),
+        walking=Schedule(4.0, 8.0, 50.0),
+        stagger=True,
+    ),
+}
+DEFAULT_PROFILE = "steady"
+SOUND_FADE_S = 0.05  # a sound stretch fades in and out over this
+WALK_FADE_S = 0.5  # a walk starts and stops over this
+
+
 def _gaussian_blob(sigma: float, amplitude: float) -> np.ndarray:
     r = math.ceil(3 * sigma)
     d = np.arange(-r, r + 1) ** 2
@@ -155,17 +223,32 @@ def _add_patch(dst: np.ndarray, patch: np.ndarray, cx: int, cy: int) -> None:
 class SimulatedWearable:
     """Smart glasses with camera (30 fps JPEG 640x480), mic (48 kHz int16 mono, 20 ms chunks),
     IMU (800 Hz, 50 ms chunks), depth (30 fps 640x480 uint16 mm) and thermal (9 fps 160x120 uint16 cK).
-    The mic also plays `bursts` (by default a chirp burst at 35 s, then every 90 s).
+    The mic also plays `bursts` (by default a chirp burst at 35 s, then every 90 s). `profile` says when the
+    scene moves, the background sounds and the wearer walks (default: all the time).
 
     Message k of a sensor sent m times per second is stamped start_ns + k * 1e9 // m exactly.
     """
 
-    def __init__(self, device: str, seed: int, start_ns: int | None = None, bursts: ChirpBursts = ChirpBursts()):
+    def __init__(
+        self,
+        device: str,
+        seed: int,
+        start_ns: int | None = None,
+        bursts: ChirpBursts = ChirpBursts(),
+        profile: Profile = PROFILES[DEFAULT_PROFILE],
+    ):
         self.device = device
         self.seed = seed
         self.start_ns = time.monotonic_ns() if start_ns is None else start_ns
         self.bursts = bursts
+        self.profile = profile
         self._key = zlib.crc32(device.encode())
+        schedules = (profile.motion, profile.sound, profile.walking)
+        shares = self._rng(SHIFT).uniform(0, 1, len(schedules)) if profile.stagger else np.zeros(len(schedules))
+        # seconds each schedule runs ahead of the wearable's clock (0 for one always on)
+        self._motion_shift, self._sound_shift, self._walk_shift = (
+            float(share * x.every_s) if math.isfinite(x.every_s) else 0.0 for share, x in zip(shares, schedules)
+        )
         rng = self._rng(SCENE)
         self._subject = _mover(rng, SUBJECT_RADIUS_PX * 2)
         self._subject_color = tuple(int(c) for c in rng.integers(60, 256, 3))
@@ -202,8 +285,12 @@ class SimulatedWearable:
     def _rng(self, *tags: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self._key, *tags])
 
+    def _scene_s(self, t: float) -> float:
+        """The scene's clock at t seconds: it runs only while the profile's `motion` is on."""
+        return self.profile.motion.on_time(t + self._motion_shift) - self.profile.motion.on_time(self._motion_shift)
+
     def _subject_at(self, t: float) -> tuple[int, int, int]:
-        """Camera-pixel position and distance (mm) of the subject at t seconds."""
+        """Camera-pixel position and distance (mm) of the subject at t seconds (t of the scene's clock)."""
         mean, swing = SUBJECT_DEPTH_MM
         x, y = self._subject.at(t)
         return x, y, round(mean + swing * math.sin(2 * math.pi * 0.15 * t + self._subject.phase[0]))
@@ -214,13 +301,14 @@ class SimulatedWearable:
 
     def camera(self, k: int) -> bytes:
         t = k / CAMERA_FPS
+        scene = self._scene_s(t)
         frame = self._background.copy()
         for mover, color, size, sides, spin in self._shapes:
-            cx, cy = mover.at(t)
-            angles = spin * t + np.arange(sides) * 2 * math.pi / sides
+            cx, cy = mover.at(scene)
+            angles = spin * scene + np.arange(sides) * 2 * math.pi / sides
             points = np.stack([cx + size * np.cos(angles), cy + size * np.sin(angles)], axis=1)
             cv2.fillPoly(frame, [np.round(points).astype(np.int32)], color, cv2.LINE_AA)
-        x, y, mm = self._subject_at(t)
+        x, y, mm = self._subject_at(scene)
         cv2.circle(frame, (x, y), SUBJECT_RADIUS_PX * 1000 // mm, self._subject_color, -1, cv2.LINE_AA)
         cv2.putText(
             frame,
@@ -237,7 +325,7 @@ class SimulatedWearable:
         return encode_jpeg(frame, JPEG_QUALITY).tobytes()
 
     def depth(self, k: int) -> bytes:
-        x, y, mm = self._subject_at(k / DEPTH_FPS)
+        x, y, mm = self._subject_at(self._scene_s(k / DEPTH_FPS))
         frame = self._floor.copy()
         cv2.circle(frame, (x, y), SUBJECT_RADIUS_PX * 1000 // mm, mm, -1)
         dy, dx = self._noise_offset(DEPTH, k)
@@ -246,7 +334,7 @@ class SimulatedWearable:
         return frame.tobytes()
 
     def thermal(self, k: int) -> bytes:
-        x, y, _ = self._subject_at(k / THERMAL_FPS)
+        x, y, _ = self._subject_at(self._scene_s(k / THERMAL_FPS))
         frame = self._thermal_background.copy()
         _add_patch(frame, self._blob, x // THERMAL_SCALE, y // THERMAL_SCALE)
         frame += self._rng(FRAME, SENSOR_ORDER[THERMAL], k).integers(
@@ -265,7 +353,8 @@ class SimulatedWearable:
         hum = 0.5 + 0.5 * np.sin(2 * math.pi * 0.25 * t)
         noise = self._rng(FRAME, SENSOR_ORDER[MIC], segment, k).normal(0, 1, MIC_CHUNK)
         signal = 0.25 * fade * np.sin(2 * math.pi * note * t) + 0.1 * hum * np.sin(2 * math.pi * self._hum_hz * t)
-        signal += 0.02 * noise + self.bursts.sound(t)
+        sound = self.profile.sound.level(t + self._sound_shift, SOUND_FADE_S)  # 0: a quiet room
+        signal = sound * signal + (0.02 * sound + self.profile.quiet_noise * (1 - sound)) * noise + self.bursts.sound(t)
         return np.round(np.clip(signal, -1.0, 1.0) * AUDIO_FULL_SCALE).astype("<i2").tobytes()
 
     def imu(self, k: int) -> bytes:
@@ -273,11 +362,13 @@ class SimulatedWearable:
         step = 2 * math.pi * self._step_hz * t
         p = self._imu_phase
         rng = self._rng(FRAME, SENSOR_ORDER[IMU], k)
-        accel = np.stack([0.8 * np.sin(step / 2 + p[0]), 0.4 * np.sin(step + p[1]), GRAVITY + 1.5 * np.sin(step)], 1)
+        walk = self.profile.walking.level(t + self._walk_shift, WALK_FADE_S)[:, None]  # 0: standing still
+        accel = np.stack([0.8 * np.sin(step / 2 + p[0]), 0.4 * np.sin(step + p[1]), 1.5 * np.sin(step)], 1)
         gyro = np.stack(
             [0.25 * np.sin(step / 2 + p[2]), 0.15 * np.sin(step + p[3]), 0.4 * np.sin(2 * math.pi * GYRO_TURN_HZ * t)],
             1,
         )
+        accel, gyro = walk * accel + [0.0, 0.0, GRAVITY], walk * gyro
         accel += rng.normal(0, ACCEL_NOISE, accel.shape)
         gyro += rng.normal(0, GYRO_NOISE, gyro.shape)
         return np.concatenate([accel, gyro], 1).astype("<f4").tobytes()
@@ -335,10 +426,12 @@ def simulate(
     realtime: bool = True,
     start_ns: int | None = None,
     bursts: ChirpBursts = ChirpBursts(),
+    profile: Profile = PROFILES[DEFAULT_PROFILE],
     **publisher_kwargs,
 ) -> SimulationStats:
     """Run `devices` wearables ("sim-000", ...) in this process, each on its own PUSH socket, their clocks
-    starting at `start_ns` (default: now, on the monotonic clock), their mics playing `bursts`.
+    starting at `start_ns` (default: now, on the monotonic clock), their mics playing `bursts`, their world
+    doing what `profile` says.
 
     Messages of all devices go out in device-time order. `realtime` paces them to the wall
     clock with non-blocking sends (a full queue drops and counts); otherwise they go as fast
@@ -346,7 +439,7 @@ def simulate(
     `publisher_kwargs` go to DevicePublisher (sndhwm, block, linger_ms, context, ...).
     """
     start_ns = time.monotonic_ns() if start_ns is None else start_ns
-    wearables = [SimulatedWearable(f"sim-{i:03d}", seed, start_ns, bursts) for i in range(devices)]
+    wearables = [SimulatedWearable(f"sim-{i:03d}", seed, start_ns, bursts, profile) for i in range(devices)]
     if not realtime:
         publisher_kwargs.setdefault("block", True)
         publisher_kwargs.setdefault("linger_ms", -1)

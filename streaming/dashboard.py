@@ -3,7 +3,8 @@ modality; and, in the summary, the devices whose data was dropped, rejected or r
 
 A stage's `out` is the next one's `in`: ingest passes messages on to windowing, which cuts windows for the
 embedders, whose embeddings the publisher writes, together with the `fused` records it forms, which the
-matchers read; a matcher's out is its alerts. What a stage dropped, rejected or refused is counted by
+matchers (and the search index's indexers) read; a matcher's out is its alerts, an indexer's the entries it
+indexed. What a stage dropped, rejected or refused is counted by
 reason (`dropped_*`, `rejected_*`, `refused_*`), per device where the stage knows it: not for ingest's
 refused connections (over the cap, or by CurveZMQ), nor the matcher's rejected queries and backgrounds.
 Every reason of every stage is shown, in the caption of the stage table.
@@ -19,10 +20,10 @@ from rich.table import Table
 from .records import QUERY_MODALITIES
 from .stage import Counts
 
-STAGE_ORDER = ("ingest", "window", "embed", "publish", "match", "notify")
+STAGE_ORDER = ("ingest", "window", "embed", "publish", "match", "notify", "index")
 DROPS = ("dropped_", "rejected_", "refused_")
 NOT_PER_DEVICE = ("rejected_query", "rejected_background")  # the matcher's: per query id, per model/modality
-OUT_EVENT = {"match": "alert", "notify": "sent"}  # a stage whose output is not counted as `out`
+OUT_EVENT = {"match": "alert", "notify": "sent", "index": "indexed"}  # a stage whose output is not counted as `out`
 SINK_STAGES = ("notify",)  # labelled by sink, not by device
 TOP_DEVICES = 10
 
@@ -83,14 +84,18 @@ def stats_table(stats: dict[str, list[dict]], title: str = "bindstream") -> Tabl
 
 
 def per_modality_table(stats: dict[str, list[dict]]) -> Table:
-    """Windows cut and embeddings published per modality."""
-    table = Table(title="per modality", caption="fused: summed by the publisher")
-    for column in ("modality", "windows", "embedded", "published"):
+    """Per modality: windows cut, those gated as unchanged (published again without a forward), those embedded
+    (model forwards), and entries published."""
+    caption = "gated: unchanged since the last embedded window (streaming/gating.py); fused: summed by the publisher"
+    table = Table(title="per modality", caption=caption)
+    for column in ("modality", "windows", "gated", "embedded", "published"):
         table.add_column(column, justify="left" if column == "modality" else "right")
+    window, embed, publish = (Counts.of(*stats.get(s, [])) for s in ("window", "embed", "publish"))
     for modality in QUERY_MODALITIES:
-        row = [Counts.of(*stats.get(s, [])).get("out", modality) for s in ("window", "embed", "publish")]
+        forwards = embed.get("out", modality) - embed.get("reused", modality)
+        row = [window.get("out", modality), window.get("gated", modality), forwards, publish.get("out", modality)]
         if any(row):
-            table.add_row(modality, *(["-", "-"] if modality == "fused" else map(str, row[:2])), str(row[2]))
+            table.add_row(modality, *(["-"] * 3 if modality == "fused" else map(str, row[:3])), str(row[3]))
     return table
 
 

@@ -8,6 +8,11 @@ duplicates. Nothing a windowing actor handed over is lost with an embedder.
 Every encoder output row is checked before it leaves: a row with a NaN or Inf, or whose norm is off 1 by
 more than `unit_tolerance` (zero included), is dropped, counted under the window's device; the others are
 renormalised in float32. Drops are counted per device: the device that lost the window sees it.
+
+Windows that carry their media instead of a model input (`Window.raw`: `preprocess_on`, streaming/windowing.py)
+are preprocessed here, a batch at once on the encoder's device (encoders/batch_transforms.py), before the forward.
+Gated windows (`Window.reuses`, streaming/gating.py) take no forward: they go on, in their place in the batch,
+as embeddings without a vector that the publisher fills with the one they repeat.
 """
 
 from __future__ import annotations
@@ -17,15 +22,18 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import ray
 
 from .publisher import unit_rows
-from .records import STREAM_MODALITIES, Embedding, Window
+from .records import NO_DATA, STREAM_MODALITIES, Embedding, Window
 from .retry import Backoff
 from .stage import Downstream, StageMetrics
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 PUBLISH_RETRY_MAX_S = 2.0  # backoff cap while the publisher is down
@@ -108,9 +116,10 @@ class WindowQueue:
         self.size -= 1
         return fifo.popleft()
 
-    def take(self, max_batch: int, max_wait_s: float, stop: threading.Event) -> list[Queued]:
+    def take(self, max_batch: int, max_wait_s: float, stop: threading.Event, wait: bool = True) -> list[Queued]:
         """Up to `max_batch` windows of the modality whose head waited longest. A partial batch waits until
-        its head is `max_wait_s` old (or `stop` is set) for more windows to arrive."""
+        its head is `max_wait_s` old (or `stop` is set) for more windows to arrive. Without `wait`, only a batch
+        due now, else []."""
         with self.cond:
             while True:
                 heads = [f for f in self.fifos.values() if f]
@@ -122,8 +131,10 @@ class WindowQueue:
                         self.size -= len(batch)
                         self.cond.notify_all()
                         return batch
+                    if not wait:
+                        return []
                     self.cond.wait(timeout=max(deadline - time.monotonic(), 0.001))
-                elif stop.is_set():
+                elif stop.is_set() or not wait:
                     return []
                 else:
                     self.cond.wait(timeout=0.1)
@@ -146,6 +157,9 @@ class Embedder:
         self.queue = WindowQueue(settings.queue_capacity)
         self.downstream = Downstream(publishers, max_inflight=1)
         self.metrics = StageMetrics("embed")
+        # CPU time of this worker thread in the encoder (all of the forward's when torch runs one thread; with
+        # more, their other threads' share counts as the process's): `bench capacity` tells it apart
+        self.forward_cpu_s = 0.0
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="embedder", daemon=True)
         self._worker.start()
@@ -173,29 +187,51 @@ class Embedder:
             item.ticket.settle()
 
     def _run(self) -> None:
-        wait_s = self.settings.max_wait_ms / 1000
-        while batch := self.queue.take(self.settings.max_batch, wait_s, self._stop):
+        wait_s, size = self.settings.max_wait_ms / 1000, self.settings.max_batch
+        while batch := self.queue.take(size, wait_s, self._stop):
+            # the batches of other modalities due by now go along: one call to the publisher for all of them
+            batches = [batch]
+            while len(batches) < len(STREAM_MODALITIES) and (due := self.queue.take(size, wait_s, self._stop, False)):
+                batches.append(due)
+            out: list[Embedding] = []
+            embedded: list[Queued] = []
+            for items in batches:
+                try:
+                    out += self._embed(items)
+                    embedded += items
+                except Exception:  # the stage must outlive one bad batch; its pushers must not hang
+                    log.exception("embedding a batch of %d %s windows failed", len(items), items[0].window.modality)
+                    self._drop(items, "embed_error")
             try:
-                self._embed(batch)
-            except Exception:  # the stage must outlive one bad batch; its pushers must not hang
-                log.exception("embedding a batch of %d %s windows failed", len(batch), batch[0].window.modality)
-                self._drop(batch, "embed_error")
+                if out:
+                    self._publish(out)
+            except Exception:
+                log.exception("handing %d embeddings to the publisher failed", len(out))
+                self._drop(embedded, "embed_error")
+                continue
+            for item in embedded:
+                item.ticket.settle()
 
-    def _embed(self, items: list[Queued]) -> None:
+    def _embed(self, items: list[Queued]) -> list[Embedding]:
+        """The batch's embeddings (its windows' tickets are settled by the caller, once they are published)."""
         start = time.perf_counter()
-        batch = [item.window for item in items]
-        modality = batch[0].modality
-        vectors: list[np.ndarray | None]
+        modality = items[0].window.modality
+        windows = [item.window for item in items]
+        fresh = [w for w in windows if w.reuses is None]  # gated windows repeat an embedding: no forward
+        batch, inputs = self._model_inputs(modality, fresh) if fresh else ([], NO_DATA)
+        vectors: list[np.ndarray | None] = []
+        forward_start = time.thread_time()
         try:
-            vectors = list(self.encoder.embed(modality, np.stack([w.data for w in batch])))
+            vectors = list(self.encoder.embed(modality, inputs)) if batch else []
         except ValueError:  # a malformed window must not take the batch down: embed one by one
             vectors = []
-            for window in batch:
+            for i, window in enumerate(batch):
                 try:
-                    vectors.append(self.encoder.embed(modality, window.data[None])[0])
+                    vectors.append(self.encoder.embed(modality, inputs[i : i + 1])[0])
                 except ValueError:
                     vectors.append(None)
                     self.metrics.count("rejected_by_encoder", window.device)
+        self.forward_cpu_s += time.thread_time() - forward_start
         if self.settings.throttle_ms:
             time.sleep(self.settings.throttle_ms / 1000)
         done = time.time_ns()
@@ -222,15 +258,68 @@ class Embedder:
                         dbfs=w.dbfs,
                     )
                 )
+        if len(fresh) < len(windows):
+            out = self._in_order(windows, out, done)
         self.metrics.count("out", modality, len(out))
         self.metrics.count("batches", modality)
         for e in out:
             self.metrics.latency((done - e.arrived_ns) / 1e9)
         self.metrics.queue_depth(self.queue.size)
-        if out:
-            self._publish(out)
-        for item in items:
-            item.ticket.settle()
+        return out
+
+    def _in_order(self, windows: list[Window], fresh: list[Embedding], done: int) -> list[Embedding]:
+        """The batch's embeddings in its windows' order, with a vector-less stand-in (`reused`) for each gated
+        window, which the publisher fills with the embedding it repeats (holding it until that one has come, should
+        concurrent calls have put it ahead). Counted as `reused`."""
+        made = {(e.device, e.epoch, e.t0): e for e in fresh}
+        out = []
+        for w in windows:
+            if w.reuses is None:
+                out += [made[key]] if (key := (w.device, w.epoch, w.t0)) in made else []
+                continue
+            self.metrics.count("reused", w.modality)
+            out.append(
+                Embedding(
+                    w.device,
+                    w.modality,
+                    w.t0,
+                    w.t1,
+                    NO_DATA,
+                    self.encoder.name,
+                    w.arrived_ns,
+                    done,
+                    epoch=w.epoch,
+                    dbfs=w.dbfs,
+                    reused=w.reuses,
+                )
+            )
+        return out
+
+    def _model_inputs(self, modality: str, batch: list[Window]) -> tuple[list[Window], np.ndarray | torch.Tensor]:
+        """The windows that have a model input, and their inputs stacked. Windows that carry their media
+        (`Window.raw`) are preprocessed here, on the encoder's device, all together; a window whose media fail is
+        lost alone, counted as `dropped_preprocess_error` under its device."""
+        import torch
+
+        from encoders.batch_transforms import preprocess
+
+        if batch[0].raw is None:  # the windowing stages ship every window of a modality one way
+            return batch, np.stack([w.data for w in batch])
+        device = self.encoder.device
+        media = [(w.raw.arrays, w.raw.rate) if w.raw else ((), 0) for w in batch]
+        try:
+            inputs = [preprocess(modality, media, device)]
+            kept = batch
+        except Exception:  # one window's media must not take the batch down: one by one
+            inputs, kept = [], []
+            for window, one in zip(batch, media):
+                try:
+                    inputs.append(preprocess(modality, [one], device))
+                    kept.append(window)
+                except Exception:
+                    self.metrics.count("dropped_preprocess_error", window.device)
+        self.metrics.count("preprocessed", modality, len(kept))
+        return kept, (torch.cat(inputs) if inputs else NO_DATA)
 
     def _publish(self, embeddings: list[Embedding]) -> None:
         """Hand embeddings to the publisher; while it is down (Ray restarts it) try again, with backoff."""
@@ -264,4 +353,5 @@ class Embedder:
             model=self.encoder.name,
             random_weights=self.encoder.random_weights,
             device=str(self.encoder.device),
+            forward_cpu_s=self.forward_cpu_s,
         )

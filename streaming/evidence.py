@@ -34,6 +34,7 @@ import redis
 from sensors.protocol import IMU, IMU_COLUMNS, MIC, NS_PER_S, SensorMessage
 
 from .records import text
+from .redis_access import connect
 from .redis_layout import (
     ALERTS_CHANNEL,
     ALERTS_STREAM,
@@ -257,7 +258,7 @@ class EvidenceWriter:
         self.settings = settings
         self.count = count
         self.buffer = RawBuffer(settings, count)
-        self.client = redis.Redis.from_url(
+        self.client = connect(
             redis_url, socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s
         )
         self.script = self.client.register_script(WRITE_EVIDENCE)

@@ -9,11 +9,16 @@ grow ingest's per-device state, devices that send keep their places, and a flood
 lock newcomers out.
 
 Frames that no window samples (most of a 30 fps stream: a window takes 2 camera frames, 1 depth frame)
-are forwarded without their pixels, as timestamps; see streaming/windowing.py."""
+are forwarded without their pixels, as timestamps; see streaming/windowing.py.
+
+With `record` (`run --record DIR`), the wire frames of each accepted message are also queued for a recorder
+thread (sensors/recorder.py, MCAP files): a full queue leaves a message out of the recording, counted, never out
+of the data path."""
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -24,6 +29,7 @@ import ray
 import zmq
 
 from sensors.protocol import DEFAULT_ENDPOINT, Limits, Rejected, decode
+from sensors.recorder import Recorder, RecordingSettings
 
 from .connections import ConnectionGuard, ConnectionLimits
 from .curve import CurveSettings, peer_user_id, secure_server
@@ -44,12 +50,17 @@ class IngestSettings:
     endpoint: str = DEFAULT_ENDPOINT  # bound; other interfaces than loopback must be named explicitly
     limits: Limits = Limits()
     batch_max: int = 512  # messages per call to a windowing actor
-    batch_ms: float = 10.0  # longest a received message waits before it is passed on
+    # longest a received message waits before it is passed on: each call to a windowing actor costs ~2 ms of CPU
+    # (its payloads go through Ray's object store), so fewer, larger calls; the windows' hop is 1 s
+    batch_ms: float = 50.0
+    drain_pause_ms: float = 2.0  # with a batch open, the wait between emptying the socket and looking again
     max_inflight: int = 4  # calls to windowing actors not yet returned; then ingest waits (ZeroMQ buffers)
     rcvhwm: int = 1_000  # messages the socket queues before devices' sends block or drop (devices buffer too)
     windowing: WindowingConfig = WindowingConfig()  # to know which frames windows sample
     curve: CurveSettings | None = None  # CurveZMQ with an allow-list of device keys (SECURITY.md)
     connections: ConnectionLimits = ConnectionLimits()
+    record: str | None = None  # folder to record what is accepted in (MCAP, sensors/recorder.py); None: not recorded
+    recording: RecordingSettings = RecordingSettings()
 
 
 class Ingest:
@@ -78,10 +89,23 @@ class Ingest:
         )
         self.socket.bind(settings.endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.recorder = None
+        if settings.record:
+            self.recorder = Recorder(
+                settings.record,
+                settings.recording,
+                tag=re.sub(r"[^A-Za-z0-9.]+", "-", self.endpoint),  # one series of files per endpoint
+                source=f"bindstream run, ingest {self.endpoint}",
+                count=self.metrics.count,
+            )
         self.bytes_in = 0
         self.reported: set[tuple[str, str]] = set()  # (device, reason) already logged; bounded by REPORTED_MAX
         self.devices: OrderedDict[str, float] = OrderedDict()  # device -> its last message (monotonic), oldest first
         self.last_frame_t: dict[tuple[str, str], int] = {}  # (device, sensor) -> time of its last frame
+        # the batch's counts ("in", "thinned" per modality) and busy time, counted with it: a count costs
+        # microseconds (it is a Ray metric too), a batch holds hundreds of messages
+        self.tally: Counter = Counter()
+        self.tally_busy_s = 0.0
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="ingest", daemon=True)
         self._worker.start()
@@ -95,6 +119,7 @@ class Ingest:
         poller.register(self.socket, zmq.POLLIN)
         batches: dict[str, list] = {}
         first_arrival: int | None = None
+        received = 0  # messages of the open batch
         while not self._stop.is_set():
             if poller.poll(timeout=int(self.settings.batch_ms)):
                 for _ in range(self.settings.batch_max):
@@ -105,14 +130,16 @@ class Ingest:
                         break
                     first_arrival = first_arrival or time.time_ns()
                     self._accept(frames, batches)
+                    received += 1
             else:
                 self.connections.drained()
             if first_arrival and (
-                time.time_ns() - first_arrival >= self.settings.batch_ms * 1e6
-                or sum(map(len, batches.values())) >= self.settings.batch_max
+                time.time_ns() - first_arrival >= self.settings.batch_ms * 1e6 or received >= self.settings.batch_max
             ):
                 self._flush(batches, first_arrival)
-                batches, first_arrival = {}, None
+                batches, first_arrival, received = {}, None, 0
+            elif first_arrival:  # messages then come in runs: a wake-up per message costs more than the wait
+                self._stop.wait(self.settings.drain_pause_ms / 1000)
         if batches and first_arrival:
             self._flush(batches, first_arrival)
 
@@ -137,12 +164,14 @@ class Ingest:
             return
         self.connections.seen(frames[0])
         self.bytes_in += msg.nbytes
+        if self.recorder:
+            self.recorder.put(msg, frames, time.time_ns())  # the wire frames, before thinning drops pixels
         modality = SENSOR_MODALITY[msg.sensor]
-        self.metrics.count("in", modality)
+        self.tally["in", modality] += 1
         if msg.sensor in FRAME_SENSORS:
             self._thin(msg, modality)
         batches.setdefault(msg.device, []).append(msg)
-        self.metrics.busy(time.perf_counter() - start)
+        self.tally_busy_s += time.perf_counter() - start
 
     def _admit(self, device: str) -> bool:
         """Whether `device` may send now: it is known, or there is room (see the module docstring)."""
@@ -175,11 +204,16 @@ class Ingest:
             previous = None
         if not frame_is_sampled(msg.sensor, self.settings.windowing.spec(modality), previous, msg.t_ns):
             msg.payload = NO_PIXELS
-            self.metrics.count("thinned", modality)
+            self.tally["thinned", modality] += 1
         self.last_frame_t[key] = msg.t_ns
 
     def _flush(self, batches: dict[str, list], arrived_ns: int) -> None:
         start = time.perf_counter()
+        for (event, label), n in self.tally.items():
+            self.metrics.count(event, label, n)
+        self.tally.clear()
+        self.metrics.busy(self.tally_busy_s)
+        self.tally_busy_s = 0.0
         by_actor: dict[int, list] = {}
         for device, messages in batches.items():
             by_actor.setdefault(id(self.downstream.actor_for(device)), []).extend(messages)
@@ -201,6 +235,8 @@ class Ingest:
         if self._worker.is_alive():
             self._worker.join()
         self.downstream.wait()
+        if self.recorder:  # writes what it queued (at most its queue_bytes) and ends the file with its summary
+            self.recorder.close()
         self.socket.close()
         if self.auth:
             self.auth.stop()  # after the socket is closed (SECURITY.md: its monitor must be read until then)

@@ -28,6 +28,7 @@ import zmq
 
 from encoders.weights import default_model_name
 from sensors.protocol import DEFAULT_ENDPOINT, Limits
+from sensors.recorder import RecordingSettings
 
 from .alerts.matcher import DEFAULT_GROUP, MatcherSettings, start_matchers
 from .alerts.notify import NotifySettings, start_notifier
@@ -35,12 +36,15 @@ from .connections import ConnectionLimits
 from .curve import CurveSettings
 from .embedder import Embedder, EmbedderSettings
 from .evidence import EvidenceSettings
+from .gating import GatingSettings
+from .index.indexer import start_indexers
+from .index.shard import IndexSettings
 from .ingest import Ingest, IngestSettings
 from .publisher import Publisher, PublisherSettings
 from .redis_access import RedisAccessError, check_redis, redact_url
 from .redis_server import RedisPortInUse, RedisServer
 from .stage import Counts, NamedActor
-from .windowing import LIVE, REPLAY, WindowingConfig, WindowSpec, WindowStage, WindowStageSettings
+from .windowing import LIVE, PREPROCESS_ON, REPLAY, WindowingConfig, WindowSpec, WindowStage, WindowStageSettings
 
 log = logging.getLogger(__name__)
 # Ingest, windowing and publisher actors run their calls one at a time (Ray's default), in the order they
@@ -126,6 +130,9 @@ class PipelineConfig:
     notify: NotifySettings = field(default_factory=NotifySettings)  # [notify]: global sinks; with the matchers
     overload: str = LIVE  # "drop_oldest" for live input; REPLAY ("block") for replays (see WindowStageSettings)
     window_backlog: int = 256
+    # where vision, depth, thermal and audio windows are preprocessed: "windowing", "embedder" (on its device,
+    # batched), or "auto": "embedder" when the embedders have a GPU (WindowStageSettings, streaming/windowing.py)
+    preprocess_on: str = "auto"
     embedder_throttle_ms: float = 0.0  # tests only: make embedders slower than the input
     publish_queue: int = 4096
     drain_timeout_s: float = 30.0  # the whole drain at exit; then what is left is dropped (dropped_drain_timeout)
@@ -145,6 +152,11 @@ class PipelineConfig:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # per ingest socket, and devices
     curve: CurveSettings | None = None  # CurveZMQ for devices, [curve] table in TOML (SECURITY.md)
     evidence: EvidenceSettings = field(default_factory=EvidenceSettings)  # [evidence]: raw buffer, evidence writer
+    gating: GatingSettings = field(default_factory=GatingSettings)  # [gating]: unchanged windows not embedded again
+    record: str | None = None  # folder where ingest records what it accepts (MCAP, PROTOCOL.md section 8); None: off
+    recording: RecordingSettings = field(default_factory=RecordingSettings)  # [recording]: file size, age, disk budget
+    index_dir: str | None = None  # folder of the search index's snapshots (ALERTS.md "Search"); None: no index
+    index: IndexSettings = field(default_factory=IndexSettings)  # [index]: the search index's bounds and tuning
 
     @classmethod
     def from_toml(cls, path: str | Path) -> PipelineConfig:
@@ -169,9 +181,20 @@ class PipelineConfig:
                 for k, v in data["windowing"].items()
             }
             data["windowing"] = WindowingConfig(**windowing)
-        for name, table in (("limits", Limits), ("connections", ConnectionLimits), ("curve", CurveSettings)):
+        for name, table in (
+            ("limits", Limits),
+            ("connections", ConnectionLimits),
+            ("curve", CurveSettings),
+            ("recording", RecordingSettings),
+            ("gating", GatingSettings),
+            ("index", IndexSettings),
+        ):
             if name in data:
-                data[name] = table(**check_keys(table, data[name], f"[{name}]"))
+                values = check_keys(table, data[name], f"[{name}]")
+                try:
+                    data[name] = table(**values)
+                except ValueError as err:  # a value the table's own checks refuse
+                    raise ConfigError(f"[{name}]: {err}") from err
         if "notify" in data:
             notify = check_keys(NotifySettings, data["notify"], "[notify]")
             try:
@@ -207,6 +230,8 @@ class PipelineConfig:
                 raise ConfigError(f"{name} must be a table of resource = amount, got {resources!r}")
         if self.overload not in (LIVE, REPLAY):
             raise ConfigError(f"overload must be {LIVE!r} or {REPLAY!r}, got {self.overload!r}")
+        if self.preprocess_on not in PREPROCESS_ON:
+            raise ConfigError(f"preprocess_on must be one of {', '.join(PREPROCESS_ON)}, got {self.preprocess_on!r}")
         if self.redis_port is not None and not 0 < self.redis_port < 65536:
             raise ConfigError(f"redis_port must be a TCP port (1-65535), got {self.redis_port}")
         if self.redis and self.redis_port:
@@ -378,6 +403,9 @@ class Pipeline:
                     max_windows_per_call=config.max_batch,
                     redis_url=redis_url,
                     evidence=config.evidence,
+                    gating=config.gating,
+                    preprocess_on=config.preprocess_on,
+                    embedders_have_gpu=bool(gpus) and (config.device or "cuda").startswith("cuda"),
                 ),
                 [NamedActor(n) for n in embedder_names],
             )
@@ -393,6 +421,9 @@ class Pipeline:
                     windowing=config.windowing,
                     curve=config.curve,
                     connections=config.connections,
+                    # absolute: the ingest actor's working folder is Ray's, not this one
+                    record=str(Path(config.record).expanduser().absolute()) if config.record else None,
+                    recording=config.recording,
                 ),
                 [NamedActor(n) for n in window_names],
             )
@@ -404,6 +435,9 @@ class Pipeline:
                 MatcherSettings(group=config.matcher_group), redis_url, config.matchers
             )
             self.stages["notify"] = [start_notifier(config.notify, redis_url)]
+        if config.index_dir:  # absolute: the indexers' working folder is Ray's, not this one
+            folder = Path(config.index_dir).expanduser().absolute()
+            self.stages["index"] = start_indexers(config.index, redis_url, folder, model)
         self.endpoints: list[str] = []
 
     def start(self, cancel: threading.Event | None = None) -> list[str]:
@@ -459,6 +493,7 @@ class Pipeline:
         )
         final["match"] = results("match", [a.stop.remote() for a in self.stages.get("match", [])], report_by)
         final["notify"] = results("notify", [a.stop.remote() for a in self.stages.get("notify", [])], report_by)
+        final["index"] = results("index", [a.stop.remote() for a in self.stages.get("index", [])], report_by)
         return final
 
     def _matchers_catch_up(self, published: int, deadline: float) -> None:

@@ -1,16 +1,25 @@
 """Publisher stage: writes embeddings to Redis Streams and forms the `fused` embedding of each moment.
 
 Layout (`redis_layout.py`; REDIS.md has the full description for consumers):
-    XADD bindstream:emb:{device}:{modality} MAXLEN ~ N * t0 t1 epoch model dtype dim emb [modalities] [dbfs]
+    XADD bindstream:emb:{<device>}:<modality> MAXLEN ~ N * t0 t1 epoch model dtype dim emb [modalities] [dbfs] [reused]
 
-Each batch is one EVALSHA of `WRITE_ONCE`: an entry is added only if its window key (run, epoch, t0) is
-not in the stream's index (`bindstream:embidx:{device}:{modality}`, the newest `dedup_window` keys). So
-a batch sent again after a refused or lost reply, or by a restarted publisher, adds no second entry.
+Each batch is one EVALSHA of `WRITE_ONCE` (in a Redis Cluster, one per hash slot of the batch's devices): an
+entry is added only if its window key (run, epoch, t0) is not in the stream's index
+(`bindstream:embidx:{<device>}:<modality>`, the newest `dedup_window` keys). So a batch sent again after a refused
+or lost reply, or by a restarted publisher, adds no second entry. Then the streams written go into the registry
+(`bindstream:streams`), from which the matchers learn of new streams and of new entries.
 
 `fused` is the paper's embedding arithmetic: the sum of the unit-norm vision, audio, depth and thermal
 embeddings of one window (they share its bounds), renormalised. IMU windows (5 s) have other bounds and
 take no part. A window is fused once every fused modality of its device has arrived, or has moved past
 it (a later window of that modality arrived: this one was dropped), or `fused_wait_s` has passed.
+
+A gated window (streaming/gating.py) arrives without a vector, `reused` naming the t0 of the window it repeats:
+`push` fills in that window's vector and queues it after that window (`Repeats`: it waits up to `repeat_wait_s`
+for one that has not come yet; a publisher that restarted since reads it back from the stream); if that window
+does not come (dropped or rejected on the way), the gated window is dropped, counted as `dropped_reuse_missing`.
+A fused window whose members all repeat the members of the device's last fused window repeats that one
+(`reused`); any other is summed as usual.
 """
 
 from __future__ import annotations
@@ -18,14 +27,16 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import redis
 
+from .gating import Repeats
 from .records import FUSED, FUSED_MODALITIES, Embedding
-from .redis_layout import encode_embedding, index_key, stream_key
+from .redis_access import connect, run_scripts, slot_groups
+from .redis_layout import BadRecord, decode_embedding, encode_embedding, index_key, register_streams, stream_key
 from .retry import Backoff
 from .stage import StageMetrics
 
@@ -87,6 +98,9 @@ PUBLISHER_ACL = (
     "+zadd",
     "+zremrangebyrank",
     "+pexpire",
+    "+time",
+    "+zrevrange",
+    "+zremrangebyscore",
 )
 
 
@@ -105,6 +119,15 @@ class PublisherSettings:
     dedup_keys: int = 200_000  # recent (device, modality, epoch, t0) kept to drop re-sent windows' duplicates
     dedup_window: int = 256  # window keys kept per stream in Redis to refuse a second entry; >= max_batch
     dedup_ttl_s: float = 3600.0  # a stream's index expires after this long without writes
+    # gated windows (streaming/gating.py, `Repeats`): the streams whose newest embedded windows are kept for them
+    # to repeat (the least recently used go), how many per stream (calls may come a little out of order), how long
+    # one waits for the window it repeats to come, and how many may wait (the oldest give way); then they are
+    # dropped, counted as `dropped_reuse_missing`
+    repeat_streams: int = 20_000
+    repeat_keep: int = 4
+    repeat_wait_s: float = 5.0
+    repeat_waiting: int = 4096
+    repeat_recall: int = 64  # a stream's newest entries searched for a repeated window it does not hold (a restart)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])  # keeps apart runs that repeat (epoch, t0)
 
     def __post_init__(self):
@@ -126,6 +149,8 @@ class FusedWindows:
         self.first_seen: dict[tuple, float] = {}
         self.latest_t0: dict[tuple, int] = {}  # (device, epoch, modality) -> newest t0 seen
         self.fused: OrderedDict[tuple, None] = OrderedDict()  # windows already fused, the newest `remember`
+        # (device, epoch) -> t0 of its last fused window that repeated none, and its members' (modality, source t0)
+        self.last_fused: OrderedDict[tuple, tuple[int, tuple]] = OrderedDict()
 
     def add(self, e: Embedding) -> bool:
         """Take a member; False if its window was already fused (it comes too late)."""
@@ -161,6 +186,16 @@ class FusedWindows:
         if bad:
             self.metrics.count(f"rejected_{bad}", first.device)
             return []
+        # which window's vector each member is: a window that repeats that of its last fused one sums the same
+        sources = tuple((e.modality, e.t0 if e.reused is None else e.reused) for e in members)
+        device = (first.device, first.epoch)
+        last = self.last_fused.pop(device, None)
+        if last is None or last[1] != sources or last[0] >= first.t0:
+            last = (first.t0, sources)  # this one repeats none: it is the one later windows may repeat
+        reused = last[0] if last[0] < first.t0 else None
+        self.last_fused[device] = last
+        if len(self.last_fused) > self.remember:
+            self.last_fused.popitem(last=False)
         return [
             Embedding(
                 first.device,
@@ -173,6 +208,7 @@ class FusedWindows:
                 max(e.embedded_ns for e in members),
                 members=tuple(e.modality for e in members),
                 epoch=first.epoch,
+                reused=reused,
             )
         ]
 
@@ -182,7 +218,7 @@ class Publisher:
 
     def __init__(self, settings: PublisherSettings):
         self.settings = settings
-        self.redis = redis.Redis.from_url(
+        self.redis = connect(
             settings.redis_url, socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s
         )
         self.write_once = self.redis.register_script(WRITE_ONCE)
@@ -191,6 +227,9 @@ class Publisher:
         self.metrics = StageMetrics("publish")
         self.fused = FusedWindows(settings.fused_wait_s, settings.dedup_keys, settings.fused_min_norm, self.metrics)
         self.seen: OrderedDict[tuple, None] = OrderedDict()  # bounded by settings.dedup_keys
+        self.repeats = Repeats(
+            settings.repeat_streams, settings.repeat_keep, settings.repeat_wait_s, settings.repeat_waiting
+        )
         self._stop = threading.Event()
         self._deadline = float("inf")  # monotonic time at which a drain gives up
         self._closed = False  # the worker has ended: later embeddings are dropped
@@ -199,7 +238,8 @@ class Publisher:
         self._worker.start()
 
     def push(self, embeddings: list[Embedding]) -> int:
-        """Queue embeddings for Redis; a window already published (re-sent after a failure) is dropped."""
+        """Queue embeddings for Redis; a window already published (re-sent after a failure) is dropped, a gated
+        one gets the vector it repeats."""
         with self.cond:
             for e in embeddings:
                 self.metrics.count("in", e.modality)
@@ -212,13 +252,39 @@ class Publisher:
                 self.seen[e.key] = None
                 if len(self.seen) > self.settings.dedup_keys:
                     self.seen.popitem(last=False)
-                if len(self.queue) >= self.settings.queue_capacity:
-                    self.metrics.count("dropped_queue_full", self.queue.popleft().device)
-                self.queue.append(e)
+                if e.reused is not None and not self.repeats.knows(e):
+                    self._recall(e)
+                ready, gave_way = self.repeats.take(e, time.monotonic())
+                for lost in gave_way:
+                    self.metrics.count("dropped_reuse_missing", lost.device)
+                for r in ready:
+                    if len(self.queue) >= self.settings.queue_capacity:
+                        self.metrics.count("dropped_queue_full", self.queue.popleft().device)
+                    self.queue.append(r)
             self.cond.notify()
             depth = len(self.queue)
         self.metrics.queue_depth(depth)
         return depth
+
+    def _recall(self, e: Embedding) -> None:
+        """Read back from Redis the window that gated `e` repeats, when this publisher holds none of its stream
+        (it restarted since, or let the stream go): among the stream's newest `repeat_recall` entries. Not
+        found (or Redis failing), `e` waits for it as for any window not come yet."""
+        key = stream_key(e.device, e.modality)
+        try:
+            entries = self.redis.xrevrange(key, count=self.settings.repeat_recall)
+        except redis.RedisError:
+            return
+        for entry_id, fields in entries:
+            try:
+                r = decode_embedding(key, entry_id, fields)
+            except BadRecord:
+                continue
+            if (r.epoch, r.t0, r.reused, r.model) == (e.epoch, e.reused, None, e.model):
+                self.repeats.remember(
+                    Embedding(e.device, e.modality, r.t0, r.t1, r.emb, r.model, 0, 0, epoch=r.epoch, dbfs=r.dbfs)
+                )
+                return
 
     def _run(self) -> None:
         backoff, failing = Backoff(self.settings.retry_max_s), False
@@ -230,6 +296,10 @@ class Publisher:
                 room = max(self.settings.max_batch - len(pending), 0)
                 batch = [self.queue.popleft() for _ in range(min(len(self.queue), room))]
                 stopping, queue_empty = self._stop.is_set(), not self.queue
+                # at the drain nothing more comes: a gated window still waiting waits in vain
+                lost = self.repeats.expired(time.monotonic(), all_of_them=stopping and queue_empty)
+            for e in lost:
+                self.metrics.count("dropped_reuse_missing", e.device)
             for e in batch:
                 if not self.fused.add(e):
                     self.metrics.count("fused_late", e.modality)
@@ -253,29 +323,50 @@ class Publisher:
         """End the worker: drop, counted per device as `dropped_{reason}`, what was not written; later
         embeddings are dropped as `dropped_drain_timeout`."""
         with self.cond:
-            pending += list(self.queue)
+            pending += list(self.queue) + self.repeats.expired(time.monotonic(), all_of_them=True)
             self.queue.clear()
             self._closed = True
         for e in pending + self.fused.ready(flush=True):
             self.metrics.count(f"dropped_{reason}", e.device)
 
     def _write(self, embeddings: list[Embedding]) -> None:
-        """One EVALSHA of WRITE_ONCE for the batch (raises redis.RedisError: nothing, or part, was added).
-        `out` counts what is in Redis now, each window once."""
+        """WRITE_ONCE for the batch: one EVALSHA, or in a Redis Cluster one per hash slot (a device's keys share
+        one), in one round trip per node; then the streams written go into the registry (`register_streams`).
+        Raises redis.RedisError when nothing, or part, was added (the batch is sent again). `out` counts what is
+        in Redis now, each window once."""
         if not embeddings:
             return
         start = time.perf_counter()
         s = self.settings
-        keys: list[str] = []
-        args: list[int | str | bytes] = [s.maxlen, s.dedup_window, int(s.dedup_ttl_s * 1000), int(s.retention_s * 1000)]
+        head: list[int | str | bytes] = [s.maxlen, s.dedup_window, int(s.dedup_ttl_s * 1000), int(s.retention_s * 1000)]
+        by_stream: dict[str, list[Embedding]] = defaultdict(list)  # in batch order
         for e in embeddings:
-            fields = encode_embedding(e)
-            keys += [stream_key(e.device, e.modality), index_key(e.device, e.modality)]
-            args += [f"{s.run_id}:{e.epoch}:{e.t0}", 2 * len(fields), *(x for item in fields.items() for x in item)]
-        replies = self.write_once(keys=keys, args=args)
+            by_stream[stream_key(e.device, e.modality)].append(e)
+        groups = slot_groups(self.redis, by_stream, len(by_stream))
+        batches = [[e for key in keys for e in by_stream[key]] for keys in groups]
+        calls = []
+        for batch in batches:
+            keys: list[str] = []
+            args = list(head)
+            for e in batch:
+                fields = encode_embedding(e)
+                keys += [stream_key(e.device, e.modality), index_key(e.device, e.modality)]
+                args += [f"{s.run_id}:{e.epoch}:{e.t0}", 2 * len(fields), *(x for item in fields.items() for x in item)]
+            calls.append((self.write_once, keys, args))
+        results = run_scripts(self.redis, calls)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        written = [e for batch in batches for e in batch]
+        replies = [reply for result in results for reply in result]
+        register_streams(
+            self.redis,
+            list(dict.fromkeys(stream_key(e.device, e.modality) for e, r in zip(written, replies) if r != WRONG_TYPE)),
+            int(s.retention_s * 1000),
+        )
         self.metrics.busy(time.perf_counter() - start)
         done = time.time_ns()
-        for e, reply in zip(embeddings, replies):
+        for e, reply in zip(written, replies):
             if reply == WRONG_TYPE:
                 self.metrics.count("dropped_wrong_type", e.device)
                 continue

@@ -40,9 +40,24 @@ def text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+@dataclass(frozen=True)
+class RawInput:
+    """A window's media before the costly steps of its preprocessing (decoding, resizing, resampling, fbank),
+    which the embedder then runs on its own device (`preprocess_on`, streaming/windowing.py), batched across
+    windows (encoders/batch_transforms.py). The windowing stage has checked them as it checks its own input."""
+
+    # vision: each sampled frame, JPEG bytes (1-D uint8) or RGB pixels (h, w, 3) uint8; depth, thermal: the
+    # sampled frame in metres (NaN: no reading) or in [0, 1], (h, w) float32; audio: its (n, channels) float32 samples
+    arrays: tuple[np.ndarray, ...]
+    rate: int = 0  # audio: the samples' rate, Hz
+
+
+NO_DATA = np.empty(0, np.float32)  # `Window.data` of a window whose `raw` media the embedder preprocesses
+
+
 @dataclass
 class Window:
-    """One window of one device's sensor, preprocessed into the encoder's input."""
+    """One window of one device's sensor, preprocessed into the encoder's input (or carrying its raw media)."""
 
     device: str
     modality: str
@@ -52,6 +67,8 @@ class Window:
     arrived_ns: int  # wall clock at which ingest received the batch holding the window's last message
     epoch: int = 0  # the device's session (+1 at each restart): windows of two sessions may share t0
     dbfs: float | None = None  # audio windows: RMS loudness of the samples in dBFS (full scale 1), >= MIN_DBFS
+    reuses: int | None = None  # gated (streaming/gating.py): t0 of the embedded window it repeats; data is empty
+    raw: RawInput | None = None  # its media, which the embedder preprocesses (then `data` is NO_DATA)
 
 
 @dataclass
@@ -69,6 +86,7 @@ class Embedding:
     members: tuple[str, ...] = ()  # for fused embeddings: the modalities summed
     epoch: int = 0
     dbfs: float | None = None  # audio embeddings: their window's loudness (Window.dbfs)
+    reused: int | None = None  # the t0 of the window of its stream whose vector this repeats (Window.reuses)
 
     @property
     def key(self) -> tuple[str, str, int, int]:

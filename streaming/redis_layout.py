@@ -1,39 +1,59 @@
-"""The Redis layout of bindstream (v1): every key and channel name, and how each entry is encoded and decoded.
+"""The Redis layout of bindstream (v2): every key and channel name, and how each entry is encoded and decoded.
 
 The one home of the layout; REDIS.md (embedding streams) and ALERTS.md (queries, alert state, alerts)
 describe it for clients in any language. It imports neither Ray nor any pipeline stage, so a reader of the
 streams needs only redis-py and numpy.
 
-    STREAM bindstream:emb:{device}:{modality}     t0 t1 epoch model dtype dim emb [modalities] [dbfs]
-    ZSET   bindstream:embidx:{device}:{modality}  the publisher's write index (window keys of the newest entries)
-    HASH   bindstream:query:{id}                  text modality device emb dim model source created
+Braces are part of the keys: a Redis Cluster places a key by the text between its first `{` and `}` (its hash
+tag), so every key of one device (`{<device>}`) lives in one hash slot, and so does every key of one event
+(`{<event>}`) and every key of the notifier (`{bindstream:alerts}`, the slot of `bindstream:alerts` itself): each
+script and transaction touches one slot. On a single instance the same keys serve unchanged.
+
+    STREAM bindstream:emb:{<device>}:<modality>   t0 t1 epoch model dtype dim emb [modalities] [dbfs] [reused]
+    ZSET   bindstream:embidx:{<device>}:<modality>  the publisher's write index (window keys of the newest entries)
+    ZSET   bindstream:streams                     the registry: every embedding stream key, scored by the ms of its
+                                                  last write (server clock, never decreasing): how matchers find
+                                                  new streams and those with news without SCAN
+    HASH   bindstream:query:<id>                  text modality device emb dim model source created
                                                   threshold k n cooldown_s hysteresis notify min_dbfs
                                                   example_min_cos example_z example_min_sd example_memory
                                                   example_warmup
     SET    bindstream:queries                     the ids of the active queries
     INT    bindstream:queries:version             bumped on every change of queries or backgrounds
     PUB    bindstream:queries                     "{add|rm|update} {id}" on every change of a query
-    HASH   bindstream:background:{model}:{modality}
+    HASH   bindstream:background:<model>:<modality>
                                                   prompts emb dim count logit_scale exclude_cos created
-    HASH   bindstream:alertstate:{group}:{stream} last_id, and per query id its decision state (and open event)
-    STRING bindstream:alerted:{query}:{stream}:{entry}[:{state}]  an alerts entry was emitted for this entry
+    ZSET   bindstream:matchers:<group>            the live matchers of a group, scored by their last heartbeat (ms)
+    STRING bindstream:owner:<group>:{<device>}    the matcher that holds the device's streams (reads and commits
+                                                  of any other are refused)
+    HASH   bindstream:alertstate:<group>:<stream> last_id, and per query id its decision state (and open event)
+    STRING bindstream:alerted:<query>:<stream>:<entry>[:<state>]  an alerts entry was emitted for this entry
                                                   (dedup; starts without the suffix, as before events existed)
-    HASH   bindstream:health:{group}              per silent stream of the group's shards: its open health event
-    STREAM bindstream:alerts                      one entry per event state change (start, update, end); also
+    HASH   bindstream:health:<group>:{<device>}   per silent stream of the device: its open health event
+    STREAM bindstream:alerts:{<device>}           the device's alerts entries, written by the matcher's commit,
+                                                  each with its event record's fields (`record`)
+    STREAM bindstream:alerts                      every device's alerts entries, copied in order (the fan-in): one
+                                                  entry per event state change (start, update, end); also
                                                   PUBLISHed as JSON on channel bindstream:alerts
-    HASH   bindstream:event:{id}                  one event (class Event): id kind device query query_text modality
+    HASH   bindstream:fanin:{bindstream:alerts}   per device, the last entry of its alerts stream copied
+    HASH   bindstream:event:{<id>}                one event (class Event): id kind device query query_text modality
                                                   model source start_ns end_ns peak peak_source_id windows state
                                                   detected_ns ended_ns review reviewed_ns notify
     ZSET   bindstream:events                      event ids by their start (wall clock, ms): listing by time
-    HASH   bindstream:evidence:{event}            what the device sent around the event (audio, frames, IMU rows)
-    STREAM bindstream:outbox:{sink}               notifications waiting for one sink (at-least-once delivery)
-    HASH   bindstream:sinks                       sink id -> its URL, for every sink that was ever queued to
+    HASH   bindstream:evidence:{<id>}             what the device sent around the event (audio, frames, IMU rows)
+    STREAM bindstream:outbox:{bindstream:alerts}:<sink>  notifications waiting for one sink (at-least-once)
+    HASH   bindstream:sinks:{bindstream:alerts}   sink id -> its URL, for every sink that was ever queued to
+    HASH   bindstream:searchindex:<model>:<modality>  one shard of the search index: lineage dir host vectors saved_ms
+                                                  dim dtype (where its snapshots are, for `bindstream search`)
+    STRING bindstream:searchindex:<model>:<modality>:lease  the indexer that keeps the shard now (one at a time)
+    GROUP  bindstream-index:<model>               the search index's consumer group on every embedding stream
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import time
 import wave
@@ -60,13 +80,23 @@ ALERTS_CHANNEL = "bindstream:alerts"
 EVENT_PREFIX = "bindstream:event"
 EVENTS_INDEX = "bindstream:events"
 EVIDENCE_PREFIX = "bindstream:evidence"
-OUTBOX_PREFIX = "bindstream:outbox"
 HEALTH_PREFIX = "bindstream:health"
-SINKS = "bindstream:sinks"
+STREAM_REGISTRY = "bindstream:streams"
+MEMBERS_PREFIX = "bindstream:matchers"
+OWNER_PREFIX = "bindstream:owner"
+NOTIFIER_TAG = "{" + ALERTS_STREAM + "}"  # the hash tag of the notifier's keys: the slot of bindstream:alerts
+FANIN_CURSORS = f"bindstream:fanin:{NOTIFIER_TAG}"
+OUTBOX_PREFIX = f"bindstream:outbox:{NOTIFIER_TAG}"
+SINKS = f"bindstream:sinks:{NOTIFIER_TAG}"
+SEARCH_INDEX_PREFIX = "bindstream:searchindex"
+INDEX_GROUP_PREFIX = "bindstream-index"
+INDEX_CONSUMER = "indexer"  # the one consumer of an index group (a lease keeps a second indexer out)
+RECORD_FIELD = "record"  # in a device's alerts entry: its event record's fields to write, as JSON
+LAYOUT_VERSION = 2  # REDIS.md "Versions": what changed since v1, and how to move v1 keys
 NOTIFY_FIELD = "notify"  # of a query's hash and an event's: its sink URLs, one a line (absent or "": none)
 SINK_ID_CHARS = 12  # hex characters of a sink id: 48 bits, no collision among any realistic number of URLs
 LAST_ID_FIELD = "last_id"  # in a stream's state hash; every other field is a query id
-EMB_DTYPE = "float32"  # the one dtype of v1; stored little-endian ("<f4")
+EMB_DTYPE = "float32"  # the one dtype of entries; stored little-endian ("<f4")
 CALIBRATION_PREFIX = "example_"  # a query hash's calibration fields: example_min_cos, example_z, ...
 
 # What a stored hash that does not parse raises (a missing field, text where a number belongs, dim 0,
@@ -77,13 +107,18 @@ PARSE_ERRORS = (KeyError, ValueError, TypeError, IndexError, ArithmeticError)
 # ----- keys ----------------------------------------------------------------------------------------------
 
 
+def tag(name: str) -> str:
+    """`name` as a hash tag: the part of a key that places it in a Redis Cluster."""
+    return f"{{{name}}}"
+
+
 def stream_key(device: str, modality: str) -> str:
     """The embedding stream of one device and modality (globs give a SCAN pattern)."""
-    return f"{EMB_PREFIX}:{device}:{modality}"
+    return f"{EMB_PREFIX}:{tag(device)}:{modality}"
 
 
 def index_key(device: str, modality: str) -> str:
-    return f"{INDEX_PREFIX}:{device}:{modality}"
+    return f"{INDEX_PREFIX}:{tag(device)}:{modality}"
 
 
 def query_key(query_id: str) -> str:
@@ -94,8 +129,30 @@ def background_key(model: str, modality: str) -> str:
     return f"{BACKGROUND_PREFIX}:{model}:{modality}"
 
 
+def check_group(group: str) -> str:
+    """A matcher group's name as it goes into keys; ValueError for braces (they would make a hash tag of it)."""
+    if not group or "{" in group or "}" in group:
+        raise ValueError(f"a matcher group name must be non-empty and without braces, got {group!r}")
+    return group
+
+
 def state_key(group: str, stream: str) -> str:
     return f"{STATE_PREFIX}:{group}:{stream}"
+
+
+def members_key(group: str) -> str:
+    """The live matchers of a group: member -> its last heartbeat (server ms)."""
+    return f"{MEMBERS_PREFIX}:{group}"
+
+
+def owner_key(group: str, device: str) -> str:
+    """Which matcher of `group` holds the device's streams now."""
+    return f"{OWNER_PREFIX}:{group}:{tag(device)}"
+
+
+def device_alerts_key(device: str) -> str:
+    """The device's alerts entries, as the matcher's commit writes them (before they are copied to ALERTS_STREAM)."""
+    return f"{ALERTS_STREAM}:{tag(device)}"
 
 
 def dedup_key(query_id: str, stream: str, entry_id: str, state: str) -> str:
@@ -105,17 +162,18 @@ def dedup_key(query_id: str, stream: str, entry_id: str, state: str) -> str:
     return f"{DEDUP_PREFIX}:{query_id}:{stream}:{entry_id}{suffix}"
 
 
-def health_key(group: str) -> str:
-    """The open health events of a matcher group's streams: field stream key, value `encode_silence`."""
-    return f"{HEALTH_PREFIX}:{group}"
+def health_key(group: str, device: str) -> str:
+    """The open health events of a device's streams in a matcher group: field stream key, value `encode_silence`."""
+    return f"{HEALTH_PREFIX}:{group}:{tag(device)}"
 
 
 def event_key(event_id: str) -> str:
-    return f"{EVENT_PREFIX}:{event_id}"
+    return f"{EVENT_PREFIX}:{tag(event_id)}"
 
 
 def evidence_key(event_id: str) -> str:
-    return f"{EVIDENCE_PREFIX}:{event_id}"
+    """An event's evidence: in the slot of its record (the evidence writer sets the record's `evidence` field)."""
+    return f"{EVIDENCE_PREFIX}:{tag(event_id)}"
 
 
 def outbox_key(sink_id: str) -> str:
@@ -132,10 +190,10 @@ class BadRecord(ValueError):
 
 
 def parse_key(key: str) -> tuple[str, str]:
-    """(device, modality) of a `bindstream:emb:{device}:{modality}` key; BadRecord for any other key."""
-    prefix, _, rest = key.partition(f"{EMB_PREFIX}:")
-    device, _, modality = rest.rpartition(":")
-    if prefix or not device or not modality:
+    """(device, modality) of a `bindstream:emb:{<device>}:<modality>` key; BadRecord for any other key."""
+    prefix, _, rest = key.partition(f"{EMB_PREFIX}:{{")
+    device, _, modality = rest.rpartition("}:")
+    if prefix or not device or not modality or ":" in modality:
         raise BadRecord(f"not an embedding stream key: {key!r}")
     return device, modality
 
@@ -149,6 +207,92 @@ def id_tuple(entry_id: str) -> tuple[int, int]:
 def now_id() -> str:
     """A stream id at the current time: a consumer group created there skips everything older."""
     return f"{time.time_ns() // 1_000_000}-0"
+
+
+# ----- the stream registry -------------------------------------------------------------------------------
+
+# The registry's one write, by every writer of an embedding stream once its entries are in: each stream key scored
+# by the server's clock in ms, and above every earlier score (by 1/1024 ms when the clock has not moved on, or went
+# back): a matcher reads the members scored above the highest score it saw, so every later write is news to it.
+# Members older than the retention are dropped. KEYS: the registry. ARGV: retention ms (0: keep all), then the
+# stream keys. Returns the score.
+REGISTER_STREAMS = """
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+if top and tonumber(top) >= ms then ms = tonumber(top) + 1 / 1024 end
+for first = 2, #ARGV, 1000 do  -- ZADD 1,000 members at a time: Lua's unpack takes at most ~8,000 values
+  local scored = {}
+  for i = first, math.min(first + 999, #ARGV) do
+    scored[#scored + 1] = ms
+    scored[#scored + 1] = ARGV[i]
+  end
+  redis.call('ZADD', KEYS[1], unpack(scored))
+end
+local keep = tonumber(ARGV[1])
+if keep > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.17g', ms - keep)) end
+return string.format('%.17g', ms)
+"""
+
+
+def register_streams(client, keys: Sequence[str], retention_ms: int = 0) -> float:
+    """Record in the registry that the streams `keys` were just written (after their entries are in: a reader
+    that sees a stream's new score finds its new entries); drop members not written for `retention_ms` (0:
+    none). Returns the score given. (EVALSHA, so that a user without EVAL may write: the publisher's ACL.)"""
+    return float(client.register_script(REGISTER_STREAMS)(keys=[STREAM_REGISTRY], args=[retention_ms, *keys]))
+
+
+# ----- the search index ----------------------------------------------------------------------------------
+
+
+def search_index_key(model: str, modality: str) -> str:
+    return f"{SEARCH_INDEX_PREFIX}:{model}:{modality}"
+
+
+def index_lease_key(model: str, modality: str) -> str:
+    return f"{search_index_key(model, modality)}:lease"
+
+
+def index_group(model: str) -> str:
+    """The consumer group of the search index of `model`'s shards: one per model, so that the shards of two
+    models reading one stream each see every entry."""
+    return f"{INDEX_GROUP_PREFIX}:{model}"
+
+
+@dataclass
+class IndexInfo:
+    """HASH bindstream:searchindex:<model>:<modality>: where one shard of the search index keeps its snapshots
+    (streaming/index/), written by its indexer at each snapshot and read by `bindstream search`."""
+
+    lineage: str  # names the snapshots of this Redis's data: a directory holding another Redis's is never loaded
+    dir: str = ""  # the shard's snapshot directory on `host` ("" until the first snapshot)
+    host: str = ""
+    vectors: int = 0  # in the last snapshot
+    saved_ms: int = 0  # wall clock of the last snapshot
+    dim: int = 0
+    dtype: str = ""  # how the index stores a vector: f16 or i8
+
+    def encode(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def decode(cls, raw: dict) -> IndexInfo | None:
+        """The info a hash holds (None for an empty hash); BadRecord if a field does not parse."""
+        f = {text(k): text(v) for k, v in raw.items()}
+        if not f:
+            return None
+        try:
+            return cls(
+                f["lineage"],
+                f.get("dir", ""),
+                f.get("host", ""),
+                int(f.get("vectors", 0)),
+                int(f.get("saved_ms", 0)),
+                int(f.get("dim", 0)),
+                f.get("dtype", ""),
+            )
+        except PARSE_ERRORS as err:
+            raise BadRecord(f"search index info: {err!r}") from err
 
 
 # ----- embedding entries ---------------------------------------------------------------------------------
@@ -169,6 +313,7 @@ class EmbeddingRecord:
     modalities: tuple[str, ...] = ()  # fused records: the modalities summed
     epoch: int = 0  # the device's session (entries written before the field existed: 0)
     dbfs: float | None = None  # audio entries: the window's RMS loudness in dBFS (entries without the field: None)
+    reused: int | None = None  # the t0 of the earlier window whose vector this repeats (gated: it did not change)
 
 
 def encode_embedding(e: Embedding) -> dict:
@@ -186,6 +331,8 @@ def encode_embedding(e: Embedding) -> dict:
         fields["modalities"] = ",".join(e.members)
     if e.dbfs is not None:
         fields["dbfs"] = round(e.dbfs, 2)
+    if e.reused is not None:
+        fields["reused"] = e.reused
     return fields
 
 
@@ -203,18 +350,22 @@ def decode_embedding(stream: str, entry_id, fields: dict) -> EmbeddingRecord:
         dbfs = float(f["dbfs"]) if "dbfs" in f else None
         if dbfs is not None and not math.isfinite(dbfs):
             raise BadRecord(f"{stream} {entry_id}: dbfs {dbfs} is not a loudness")
+        t0, reused = int(f["t0"]), int(f["reused"]) if "reused" in f else None
+        if reused is not None and not 0 <= reused < t0:
+            raise BadRecord(f"{stream} {entry_id}: reused {reused} is not the t0 of an earlier window")
         return EmbeddingRecord(
             stream=stream,
             id=text(entry_id),
             device=device,
             modality=modality,
-            t0=int(f["t0"]),
+            t0=t0,
             t1=int(f["t1"]),
             model=text(f["model"]),
             emb=np.frombuffer(f["emb"], dtype="<f4").astype(np.float32),
             modalities=tuple(text(f["modalities"]).split(",")) if "modalities" in f else (),
             epoch=int(f.get("epoch", 0)),
             dbfs=dbfs,
+            reused=reused,
         )
     except (KeyError, ValueError, TypeError) as err:
         if isinstance(err, BadRecord):
@@ -374,6 +525,23 @@ class Alert:
             if k in types
         }
         return cls(**values, id=text(entry_id))
+
+
+def encode_device_alert(alert: Alert, record: dict[str, str]) -> dict[str, str]:
+    """The fields of an entry of a device's alerts stream: the alert's, and the fields it writes to its event's
+    record (as JSON in `record`) when it is copied to bindstream:alerts."""
+    return {**alert.fields(), RECORD_FIELD: json.dumps(record)}
+
+
+def decode_device_alert(entry_id, raw: dict) -> tuple[Alert, dict[str, str]]:
+    """(the alert, its record's fields) of a device's alerts entry; BadRecord if it does not decode."""
+    try:
+        record = json.loads(text(raw[RECORD_FIELD.encode()] if RECORD_FIELD.encode() in raw else raw[RECORD_FIELD]))
+        if not isinstance(record, dict):
+            raise TypeError(f"record is {type(record).__name__}, not an object")
+        return Alert.from_entry(entry_id, raw), {str(k): str(v) for k, v in record.items()}
+    except PARSE_ERRORS as err:
+        raise BadRecord(f"device alerts entry {text(entry_id)}: {err!r}") from err
 
 
 # ----- events --------------------------------------------------------------------------------------------
@@ -545,3 +713,56 @@ def decode_outbox(raw: dict) -> Alert:
         return Alert.from_entry(f[ALERT_ID_FIELD], f)
     except PARSE_ERRORS as err:
         raise BadRecord(f"outbox entry: {err!r}") from err
+
+
+# ----- layout v1 -----------------------------------------------------------------------------------------
+
+
+def v2_name(key: str) -> str | None:
+    """The v2 name of a key of layout v1 that moves (REDIS.md "Versions"), or None: a v2 key, a key that keeps its
+    name (queries, backgrounds, bindstream:alerts, bindstream:events) or one left to expire (dedup marks)."""
+    kind, _, rest = key.partition(":")[2].partition(":")
+    if key.count("{") or not rest:
+        return None
+    if kind in ("emb", "embidx") and ":" in rest:
+        device, _, modality = rest.rpartition(":")
+        return (stream_key if kind == "emb" else index_key)(device, modality)
+    if kind == "alertstate" and f":{EMB_PREFIX}:" in rest:
+        group, _, stream = rest.partition(f":{EMB_PREFIX}:")
+        device, _, modality = stream.rpartition(":")
+        return state_key(group, stream_key(device, modality))
+    if kind in ("event", "evidence") and ":" not in rest:
+        return (event_key if kind == "event" else evidence_key)(rest)
+    if kind == "outbox" and ":" not in rest:
+        return outbox_key(rest)
+    return None
+
+
+def migrate_v1(client) -> dict[str, int]:
+    """Move the keys of a v1 layout on a single instance to their v2 names (RENAME keeps a stream's consumer groups
+    and every TTL), register the embedding streams, and split v1's health hashes per device; stop the pipeline,
+    the matchers and the notifier first. Returns how many keys were `moved`, and how many were `kept` because
+    their v2 name exists already."""
+    moved = kept = 0
+    streams = []
+    for raw in list(client.scan_iter(match="bindstream:*", count=1000)):
+        key = text(raw)
+        new: str | None = SINKS if key == "bindstream:sinks" else v2_name(key)
+        if key.startswith(f"{HEALTH_PREFIX}:") and key.count(":") == 2 and client.type(key) == b"hash":
+            for field, value in client.hgetall(key).items():
+                if stream := v2_name(text(field)):
+                    client.hset(health_key(key.rpartition(":")[2], parse_key(stream)[0]), stream, value)
+            client.delete(key)
+            moved += 1
+            continue
+        if new is None:
+            continue
+        if client.renamenx(key, new):
+            moved += 1
+            if new.startswith(f"{EMB_PREFIX}:"):
+                streams.append(new)
+        else:
+            kept += 1
+    for i in range(0, len(streams), 1000):
+        register_streams(client, streams[i : i + 1000])
+    return {"moved": moved, "kept": kept}

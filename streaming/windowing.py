@@ -26,13 +26,19 @@ Per message, in order:
 
 What each window holds:
 - vision: 2 frames sampled uniformly: the first frames at or after the centres of the window's two
-  halves (t0 + 0.5 s and t0 + 1.5 s), 3 x 2 x 224 x 224.
+  halves (t0 + 0.5 s and t0 + 1.5 s), 3 x 2 x 224 x 224; a large JPEG is decoded at a fraction of its size
+  (`jpeg_min_side`).
 - depth, thermal: the first frame at or after the window's middle (t0 + 1 s), 1 x 224 x 224.
 Since a frame's use follows from its time alone, ingest forwards only the pixels of frames some window
 samples (`frame_is_sampled`); the others travel as timestamps, which the checks above still see.
 - audio: the window's samples, resampled to 16 kHz, 128-bin log-mel, 1 x 128 x 204; and their loudness
   (`Window.dbfs`, RMS in dBFS, see `rms_dbfs`), which a query's `min_dbfs` gate reads.
 - imu: the window's rows resampled to 2000 steps, 6 x 2000.
+Where the embedders have a GPU (`preprocess_on`), vision, depth, thermal and audio windows carry their media
+instead (`Window.raw`): the sampled frames (JPEG as sent, other images decoded to pixels; depth and thermal
+converted per pixel) or the samples, checked here as for preprocessing; the embedder decodes, resizes,
+resamples and makes the fbank on its device, batched (encoders/batch_transforms.py). A window whose media fail
+there is lost alone, counted by the embedder (`preprocess_error`).
 
 A device's messages and windows are metered: each device may spend `device_cpu_share` seconds of this
 stage's CPU per second (bursts up to `device_cpu_burst_s`); beyond, its messages and windows are dropped
@@ -55,15 +61,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from encoders import transforms
+from encoders import batch_transforms, transforms
 from sensors.protocol import NS_PER_S, TOO_COSTLY, Rejected, SensorMessage, decode_image
 
 from .evidence import EvidenceSettings, EvidenceWriter
-from .records import FRAME_SENSORS, MIN_DBFS, SENSOR_MODALITY, STREAMS, Window
+from .gating import Gate, GatingSettings
+from .records import FRAME_SENSORS, MIN_DBFS, NO_DATA, SENSOR_MODALITY, STREAMS, RawInput, Window
 from .stage import Downstream, StageMetrics
 
 SECOND = NS_PER_S
 SEQ_SKIP = "seq_skip"  # a message far ahead in `seq` not (yet) confirmed by the next one
+WindowData = tuple[np.ndarray | RawInput, float | None]  # a window's model input or raw media, its loudness (audio)
 log = logging.getLogger(__name__)
 
 
@@ -89,6 +97,10 @@ class WindowingConfig:
     max_clock_jump_ns: int = 10 * SECOND  # a jump in time beyond this, either way, starts a new session
     device_cpu_share: float = 0.25  # CPU seconds per second of this stage one device may use
     device_cpu_burst_s: float = 0.5  # ... and how much of it at once (a legitimate window costs ~0.05 s)
+    # a JPEG frame is decoded at 1/2, 1/4 or 1/8 of its size (in libjpeg's inverse DCT: a fraction of the work)
+    # while its short side keeps this many pixels, twice the model's 224: the resize to 224 then makes the same
+    # input as from the whole frame within mean abs 0.006 (tests/test_windowing.py); 0: always decoded whole
+    jpeg_min_side: int = 2 * transforms.IMAGE_SIZE
 
     def spec(self, modality: str) -> WindowSpec:
         return getattr(self, STREAMS[modality].cadence)
@@ -166,10 +178,14 @@ class Windower:
     (device, reason); `take_drops()` hands over and clears them (what the pipeline stage does)."""
 
     def __init__(
-        self, config: WindowingConfig = WindowingConfig(), keep: Callable[[SensorMessage, int], None] | None = None
+        self,
+        config: WindowingConfig = WindowingConfig(),
+        keep: Callable[[SensorMessage, int], None] | None = None,
+        ship_raw: bool = False,
     ):
         self.config = config
         self.keep = keep  # given every message windows are cut from, and its session (streaming/evidence.py)
+        self.ship_raw = ship_raw  # vision, depth, thermal and audio windows carry their media (`Window.raw`)
         self.streams: OrderedDict[tuple[str, str], SensorStream] = OrderedDict()  # least recently used first
         self.drops: Counter = Counter()
         self.cpu = CpuAllowance(config.device_cpu_share, config.device_cpu_burst_s, config.max_streams)
@@ -318,7 +334,13 @@ class Windower:
             if data is None:
                 self.drops[device, reason] += 1
             else:
-                out.append(Window(device, modality, t0, t1, data[0], arrived_ns, epoch=stream.epoch, dbfs=data[1]))
+                x, dbfs = data
+                window = Window(device, modality, t0, t1, NO_DATA, arrived_ns, epoch=stream.epoch, dbfs=dbfs)
+                if isinstance(x, RawInput):
+                    window.raw = x
+                else:
+                    window.data = x
+                out.append(window)
             stream.next_t0 += spec.hop_ns
         self._prune(stream)
         return out
@@ -347,8 +369,8 @@ class Windower:
         if stream.frames:
             stream.frames = {t: x for t, x in stream.frames.items() if t >= t0}
 
-    def _window_data(self, stream: SensorStream, t0: int, t1: int) -> tuple[np.ndarray, float | None] | None:
-        """(the window's model input, its loudness: audio only), or None when it has no data."""
+    def _window_data(self, stream: SensorStream, t0: int, t1: int) -> WindowData | None:
+        """(the window's model input or raw media, its loudness: audio only), or None when it has no data."""
         if stream.sensor in FRAME_SENSORS:
             frames = [m for m in stream.items if t0 <= m.t_ns < t1]
             picked = []
@@ -357,37 +379,45 @@ class Windower:
                 if frame is None:
                     return None
                 picked.append(self._frame(stream, frame))
+            if self.ship_raw:
+                return RawInput(tuple(picked)), None
             if stream.sensor == "camera":
                 return np.stack(picked, axis=1), None  # (3, 2, 224, 224)
             return picked[0], None
         return self._samples_window(stream, t0, t1)
 
-    @staticmethod
-    def _frame(stream: SensorStream, msg: SensorMessage) -> np.ndarray:
-        """The model input of one frame ((3, 224, 224) camera, (1, 224, 224) depth or thermal), made once:
-        a camera frame sampled by two windows is decoded once."""
+    def _frame(self, stream: SensorStream, msg: SensorMessage) -> np.ndarray:
+        """The model input of one frame ((3, 224, 224) camera, (1, 224, 224) depth or thermal), or with `ship_raw`
+        its checked media (see `RawInput`), made once: a camera frame sampled by two windows is decoded once."""
         if msg.t_ns not in stream.frames:
             stream.frames[msg.t_ns] = None  # undecodable, unless the lines below finish
-            if msg.sensor == "camera":
-                x = transforms.image_tensor(decode_image(msg))
+            if msg.sensor == "camera" and self.ship_raw:  # a JPEG as sent (ingest bounded its cost), else pixels
+                x = msg.payload if msg.encoding == "jpeg" else decode_image(msg)
+            elif msg.sensor == "camera":
+                x = transforms.image_tensor(decode_image(msg, self.config.jpeg_min_side)).numpy()
+            elif self.ship_raw:
+                x = batch_transforms.frame_media(SENSOR_MODALITY[msg.sensor], msg.payload)
             else:
-                x = (transforms.depth_tensor if msg.sensor == "depth" else transforms.thermal_tensor)(msg.payload)
-            stream.frames[msg.t_ns] = x.numpy()
+                tensor = transforms.depth_tensor if msg.sensor == "depth" else transforms.thermal_tensor
+                x = tensor(msg.payload).numpy()
+            stream.frames[msg.t_ns] = x
         frame = stream.frames[msg.t_ns]
         if frame is None:
             raise ValueError(f"{msg.sensor} frame of {msg.device} at {msg.t_ns} ns did not decode")
         return frame
 
-    def _samples_window(self, stream: SensorStream, t0: int, t1: int) -> tuple[np.ndarray, float | None] | None:
+    def _samples_window(self, stream: SensorStream, t0: int, t1: int) -> WindowData | None:
         """Concatenate the chunks' samples covering [t0, t1) and preprocess them; audio also gets its loudness."""
         chunks = [m for m in stream.items if m.end_ns() > t0 and m.t_ns < t1]
         if not chunks:
             return None
         rate = chunks[0].rate
-        samples = np.concatenate([_as_float(m.payload) for m in chunks])  # (n, channels)
         first = round((t0 - chunks[0].t_ns) * rate / SECOND)
         count = round((t1 - t0) * rate / SECOND)
-        samples = samples[max(first, 0) : max(first, 0) + count]
+        # a stream's chunks share one format (a change leaves a hole): joined as sent, only the window converted
+        samples = _as_float(np.concatenate([m.payload for m in chunks])[max(first, 0) : max(first, 0) + count])
+        if stream.sensor == "mic" and self.ship_raw:
+            return RawInput((samples,), rate), rms_dbfs(samples)
         if stream.sensor == "mic":
             return transforms.audio_tensor(samples.T, rate).numpy(), rms_dbfs(samples)
         return transforms.imu_tensor(samples, rate).numpy(), None
@@ -407,6 +437,7 @@ def _as_float(payload: np.ndarray) -> np.ndarray:
 
 
 LIVE, REPLAY = "drop_oldest", "block"
+PREPROCESS_ON = ("auto", "windowing", "embedder")
 PUMP_INTERVAL_S = 0.01
 
 
@@ -424,11 +455,23 @@ class WindowStageSettings:
     torch_threads: int = 1  # preprocessing is many small ops: scale out with more windowing actors instead
     redis_url: str | None = None  # where the evidence of events goes; None: no raw messages kept
     evidence: EvidenceSettings = EvidenceSettings()
+    # where vision, depth, thermal and audio windows are preprocessed: "windowing" (here), "embedder" (their media
+    # travel, see the module docstring), or "auto": "embedder" when `embedders_have_gpu`, else "windowing"
+    preprocess_on: str = "auto"
+    embedders_have_gpu: bool = False  # set by the pipeline from where it places the embedders
+    gating: GatingSettings = GatingSettings()  # windows that did not change are not embedded (streaming/gating.py)
+
+    def ships_raw(self) -> bool:
+        """Whether this stage's windows carry their media to the embedders (`preprocess_on` resolved)."""
+        if self.preprocess_on not in PREPROCESS_ON:
+            raise ValueError(f"preprocess_on must be one of {', '.join(PREPROCESS_ON)}, got {self.preprocess_on!r}")
+        return self.preprocess_on == "embedder" or (self.preprocess_on == "auto" and self.embedders_have_gpu)
 
 
 class WindowStage:
-    """The windowing actor: owns the windows of the devices routed to it, sends them to the embedders; with a
-    `redis_url`, keeps their raw messages and writes the evidence of their events (streaming/evidence.py)."""
+    """The windowing actor: owns the windows of the devices routed to it, sends them to the embedders (a window
+    that did not change goes as a data-less stand-in, streaming/gating.py); with a `redis_url`, keeps their raw
+    messages and writes the evidence of their events (streaming/evidence.py)."""
 
     def __init__(self, settings: WindowStageSettings, embedders: list):
         if settings.overload not in (LIVE, REPLAY):
@@ -439,8 +482,11 @@ class WindowStage:
         self.evidence = None
         if settings.redis_url and settings.evidence.enabled:
             self.evidence = EvidenceWriter(settings.evidence, settings.redis_url, self.metrics.count)
-        self.windower = Windower(settings.windowing, keep=self.evidence.buffer.add if self.evidence else None)
+        self.windower = Windower(
+            settings.windowing, keep=self.evidence.buffer.add if self.evidence else None, ship_raw=settings.ships_raw()
+        )
         self.downstream = Downstream(embedders, settings.max_inflight)
+        self.gate = Gate(settings.gating)
         self.backlog: deque[Window] = deque()
         self._lock = threading.Lock()  # backlog and downstream: push() and the pump thread share them
         self._pump = threading.Thread(target=self._pump_backlog, name="window-pump", daemon=True)
@@ -450,15 +496,17 @@ class WindowStage:
         start = time.perf_counter()
         windows = []
         for msg in messages:
-            self.metrics.count("in", SENSOR_MODALITY[msg.sensor])
             try:
                 windows += self.windower.add(msg, arrived_ns)
             except Exception:  # a bug met by one message: that message is lost, counted under its device
                 log.exception("windowing a %s message of %s failed", msg.sensor, msg.device)
                 self.metrics.count("dropped_stage_error", msg.device)
         self.metrics.busy(time.perf_counter() - start)
-        for window in windows:
-            self.metrics.count("out", window.modality)
+        # counted per call, not per item: a count costs microseconds (it is a Ray metric too)
+        for modality, n in Counter(SENSOR_MODALITY[msg.sensor] for msg in messages).items():
+            self.metrics.count("in", modality, n)
+        for modality, n in Counter(window.modality for window in windows).items():
+            self.metrics.count("out", modality, n)
         for (device, reason), n in self.windower.take_drops().items():
             self.metrics.count(f"dropped_{reason}", device, n)
         with self._lock:
@@ -487,7 +535,16 @@ class WindowStage:
             window = self.backlog.popleft()
             (batch if self.downstream.actor_for(window.device) is embedder else rest).append(window)
         self.backlog.extendleft(reversed(rest))
-        self.downstream.push(batch, key=batch[0].device)
+        self.downstream.push([self._gated(w) for w in batch], key=batch[0].device)
+
+    def _gated(self, window: Window) -> Window:
+        """The window, or its data-less stand-in if the gate finds it unchanged (counted per modality and per
+        device). Decided as it leaves: a window dropped from the backlog never becomes one that others repeat."""
+        out = self.gate.check(window)
+        if out.reuses is not None:
+            self.metrics.count("gated", out.modality)
+            self.metrics.count("gated_by_device", out.device)
+        return out
 
     def _pump_backlog(self) -> None:
         """Send waiting windows as soon as an embedder call returns, also when no new data comes in."""

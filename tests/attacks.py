@@ -275,9 +275,10 @@ def padded_pngs(endpoint: str, victim: str, seconds: float = 4.0, pad_mb: int = 
 
 
 def costly_frames(endpoint: str, victim: str, seconds: float = 6.0, speed: float = 5.0) -> None:
-    """Valid 4096 x 4096 progressive JPEGs at 30 fps, sent at `speed` x real time: within every limit, but
-    each sampled frame (2 a second) costs ~0.15 s to decode."""
-    jpeg = progressive_jpeg(4096)
+    """Valid 4095 x 4095 progressive JPEGs at 30 fps, sent at `speed` x real time: within every limit, but
+    each sampled frame (2 a second) costs ~0.1 s to decode. Odd sides, as an attacker would pick them: a frame
+    whose sides divide by 2 is decoded at a fraction of its size (`jpeg_min_side`, streaming/windowing.py)."""
+    jpeg = progressive_jpeg(4095)
     push = _push(endpoint)
     began = time.monotonic()
     for k in range(int(seconds * 30)):

@@ -34,6 +34,7 @@ from streaming.redis_layout import (
     Alert,
     encode_embedding,
     query_key,
+    register_streams,
     state_key,
     stream_key,
 )
@@ -105,6 +106,7 @@ def write(client, device: str, vectors, start_s: float = 0.0, model: str = MODEL
         t0 = int((start_s + i * WINDOW_S) * SECOND)
         e = Embedding(device, "audio", t0, t0 + WINDOW_S * SECOND, np.asarray(v, np.float32), model, 0, 0)
         ids.append(client.xadd(stream_key(device, "audio"), encode_embedding(e)).decode())
+    register_streams(client, [stream_key(device, "audio")])  # as the publisher does: matchers find it there
     return ids
 
 
@@ -222,7 +224,7 @@ def test_redelivery_gives_no_second_alert(server, client):
     add_query(client, Decision(k=2, n=3))
     key = stream_key("dev", "audio")
     write(client, "dev", [QUIET, MATCH, MATCH, MATCH])
-    m = matcher(server)
+    m = matcher(server, discover_s=0)  # XGROUP SETID is no write: read at a discovery
     drain(m)
     assert len(alerts(client)) == 1
     client.xgroup_setid(key, m.settings.group, "0")  # every entry delivered again

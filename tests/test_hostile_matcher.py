@@ -21,7 +21,15 @@ from streaming.alerts.records import Decision, Query
 from streaming.alerts.timeline import timeline
 from streaming.cli.alerts import alert
 from streaming.records import Embedding
-from streaming.redis_layout import QUERY_SET, background_key, encode_embedding, query_key, state_key, stream_key
+from streaming.redis_layout import (
+    QUERY_SET,
+    background_key,
+    encode_embedding,
+    query_key,
+    register_streams,
+    state_key,
+    stream_key,
+)
 from streaming.stage import Counts
 
 from .conftest import wait_for
@@ -104,6 +112,7 @@ def test_bad_entries_are_acked_counted_under_the_attacker_and_do_not_block_the_b
     for fields in (f for group in bad.values() for f in group):
         client.xadd(key, fields)
     after_attack = client.xadd(key, entry("attacker", 20 * SECOND)).decode()  # the attacker's own good window
+    register_streams(client, [key])
     m = matcher(server)
     assert m.step() == 4 + sum(map(len, bad.values())) + 1  # one batch holds both streams
     assert settle(m) == 0
@@ -237,11 +246,13 @@ def test_device_clock_near_the_end_of_int64_alerts_with_exact_cooldown(server, c
     base = INT64_MAX - 100 * SECOND
     windows = [(MATCH, 0), (QUIET, 2), (MATCH, 4), (QUIET, 6), (MATCH, 8)]  # 4 s < cooldown 5 s <= 8 s
     ids = [client.xadd(key, entry("old-clock", base + s * SECOND, v)).decode() for v, s in windows[:3]]
+    register_streams(client, [key])
     settle(matcher(server))
     state = client.hgetall(state_key(MatcherSettings.group, key))
     (query_state,) = [QueryState.decode(v.decode()) for k, v in state.items() if k != b"last_id"]
     assert query_state.last_alert_ns == base  # persisted exactly
     ids += [client.xadd(key, entry("old-clock", base + s * SECOND, v)).decode() for v, s in windows[3:]]
+    register_streams(client, [key])
     settle(matcher(server))  # a new matcher: the state is read back from Redis
     got = alerts(client)
     assert [a.source_id for a in got] == [ids[0], ids[4]]
@@ -251,6 +262,7 @@ def test_device_clock_near_the_end_of_int64_alerts_with_exact_cooldown(server, c
 def test_a_batch_read_again_after_a_refused_commit_is_counted_once(server, client):
     add_query(client, ONE_SHOT)
     client.xgroup_create(stream_key("wearable", "audio"), MatcherSettings.group, id="0", mkstream=True)
+    register_streams(client, [stream_key("wearable", "audio")])
     m = matcher(server, retry_max_s=0.05)
     m.step()  # joins the stream
     ids = write(client, "wearable", [QUIET, MATCH, QUIET, MATCH])

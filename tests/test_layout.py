@@ -78,7 +78,9 @@ def test_a_truncated_vector_or_foreign_key_is_a_bad_record():
         decode_embedding(stream_key("d", "audio"), "1-0", fields | {b"emb": fields[b"emb"][:-1]})
     with pytest.raises(BadRecord):
         parse_key("bindstream:alerts")
-    assert parse_key("bindstream:emb:a:b:audio") == ("a:b", "audio")  # the modality is the last field
+    assert parse_key("bindstream:emb:{a:b}:audio") == ("a:b", "audio")  # the device is the hash tag
+    with pytest.raises(BadRecord):
+        parse_key("bindstream:emb:a:audio")  # a v1 key (REDIS.md "Versions")
 
 
 def test_queries_and_backgrounds_decode_to_what_was_written():

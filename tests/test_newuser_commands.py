@@ -334,7 +334,7 @@ def test_device_record_binds_loopback_by_default_and_says_when_the_port_is_taken
     port = taken.bind_to_random_port("tcp://127.0.0.1")
     try:
         line = one_error_line(
-            cli("device", "record", str(tmp_path / "s.bin"), "--bind", f"tcp://127.0.0.1:{port}", "--seconds", "0.1")
+            cli("device", "record", str(tmp_path / "rec"), "--bind", f"tcp://127.0.0.1:{port}", "--seconds", "0.1")
         )
     finally:
         taken.close(linger=0)

@@ -271,7 +271,7 @@ def test_run_pins_its_redis_stops_on_ctrl_c_and_its_summary_adds_up(bindstream):
     for seq in range(3):  # a payload one byte short: rejected (payload_size), counted under its device
         push.send_multipart([msgpack.packb({**header, "seq": seq}), payload[:-1]])
     push.close(linger=5000)
-    wait_for(lambda: len(client.keys("bindstream:emb:sim-000:*")) >= 4, RAY_S, "embeddings of every 2 s modality")
+    wait_for(lambda: len(client.keys("bindstream:emb:{sim-000}:*")) >= 4, RAY_S, "embeddings of every 2 s modality")
     run.ctrl_c()
     assert run.wait(RAY_S) == 0, run.output()
     run.assert_nothing_left()

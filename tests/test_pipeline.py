@@ -92,7 +92,7 @@ def test_published_embeddings_equal_offline_encoder(pipeline_run):
 
 def test_records_decode_as_documented(pipeline_run, redis_server):
     client = redis.Redis.from_url(redis_server.url)
-    key = f"bindstream:emb:{DEVICE}:audio"
+    key = f"bindstream:emb:{{{DEVICE}}}:audio"  # the braces are part of the key: its hash tag (REDIS.md)
     entry_id, fields = client.xrange(key, count=1)[0]
     assert set(fields) >= {b"t0", b"t1", b"model", b"dtype", b"dim", b"emb"}
     assert fields[b"dtype"] == b"float32" and fields[b"model"] == b"tiny"

@@ -354,7 +354,7 @@ def test_publisher_writes_with_acl_user(ray_local, acl_redis):
     final = publisher.drain()
     assert Counts.of(final).get("out", "imu") == 3, final
     admin = redis.Redis.from_url(acl_redis.url)
-    assert admin.xlen("bindstream:emb:glasses-1:imu") == 3
+    assert admin.xlen("bindstream:emb:{glasses-1}:imu") == 3
     limited = redis.Redis.from_url(url)
     with pytest.raises(redis.exceptions.NoPermissionError):
         limited.set("not-bindstream", 1)  # outside its keys
@@ -368,7 +368,7 @@ def test_publisher_writes_with_password(ray_local, acl_redis):
     publisher = Publisher(PublisherSettings(acl_redis.url))  # redis://:admin-pw@127.0.0.1:port/0
     publisher.push([embedding(device="glasses-2")])
     assert Counts.of(publisher.drain()).get("out", "imu") == 1
-    assert redis.Redis.from_url(acl_redis.url).xlen("bindstream:emb:glasses-2:imu") == 1
+    assert redis.Redis.from_url(acl_redis.url).xlen("bindstream:emb:{glasses-2}:imu") == 1
 
 
 def test_wrong_password_fails_clearly(ray_local, acl_redis):
@@ -387,7 +387,7 @@ def test_wrong_password_fails_clearly(ray_local, acl_redis):
         assert "invalid username-password pair" in stats["last_error"], stats["last_error"]
         assert "not-the-password" not in stats["last_error"]
     publisher.drain()
-    assert redis.Redis.from_url(acl_redis.url).xlen("bindstream:emb:glasses-3:imu") == 0
+    assert redis.Redis.from_url(acl_redis.url).xlen("bindstream:emb:{glasses-3}:imu") == 0
 
 
 def test_redact_url():
@@ -492,7 +492,7 @@ def test_publisher_over_tls(ray_local, tmp_path, monkeypatch):
         publisher = Publisher(PublisherSettings(url))
         publisher.push([embedding(device="glasses-tls")])
         assert Counts.of(publisher.drain()).get("out", "imu") == 1
-        assert redis.Redis.from_url(server.url).xlen("bindstream:emb:glasses-tls:imu") == 1
+        assert redis.Redis.from_url(server.url).xlen("bindstream:emb:{glasses-tls}:imu") == 1
         with pytest.raises(RedisAccessError, match="TLS|certificate"):
             check_redis(f"{base}?ssl_cert_reqs=required", timeout_s=3)  # server certificate not trusted
         with pytest.raises(RedisAccessError):

@@ -1,8 +1,7 @@
-"""Simulator, publishers, recorder and replay, over real loopback ZeroMQ sockets."""
+"""Simulator and publishers, over real loopback ZeroMQ sockets (recordings: tests/test_recording.py)."""
 
 import hashlib
 import importlib.util
-import threading
 import time
 from collections import Counter, defaultdict
 
@@ -15,9 +14,7 @@ import zmq
 from sensors import (
     DevicePublisher,
     ImuRecording,
-    Recorder,
     Rejected,
-    Replay,
     SimulatedWearable,
     decode,
     decode_image,
@@ -27,7 +24,6 @@ from sensors import (
     publish_frames,
     publish_imu,
     publish_microphone,
-    read_session,
     simulate,
 )
 from sensors.simulator import COMMON_KEYS
@@ -192,57 +188,6 @@ def test_queue_buffers_while_disconnected_and_drops_show_as_gaps():
         pub.close(linger_ms=0)
     finally:
         ctx.destroy(linger=0)
-
-
-# --- recorder / replay -------------------------------------------------------------------------
-
-
-def test_record_and_replay_round_trip(pull, tmp_path):
-    source = list(SimulatedWearable("rec-1", 1, start_ns=0).messages(0.5))
-    with DevicePublisher(endpoint(pull), "rec-1") as pub:
-        for h, payload in source:
-            pub.send(h["sensor"], h["t_ns"], payload, **fields_of(h))
-    path = tmp_path / "session.bsr"
-    originals = receive(pull, len(source))
-    with Recorder(path) as recorder:
-        for received in originals:
-            recorder.write(received)
-        assert len(list(read_session(path))) == len(source)  # readable while being written
-    with Recorder(path) as recorder:  # appending keeps one file header
-        recorder.write([b"\xc1", b"not a message"], rx_ns=1)
-        originals.append([b"\xc1", b"not a message"])
-    with open(path, "ab") as f:  # a torn record from a crash is skipped
-        f.write(msgpack.packb({"rx": 2, "f": [b"x" * 100]})[:50])
-    records = list(read_session(path))
-    assert [r.frames for r in records] == originals and records[-1].rx_ns == 1
-
-    replay_pull = pull.context.socket(zmq.PULL)
-    replay_pull.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
-    replay_pull.setsockopt(zmq.RCVHWM, 2)
-    replay_pull.bind("tcp://127.0.0.1:*")
-    replayed = []
-
-    def slow_reader():
-        for _ in originals:
-            replayed.append([f.bytes for f in replay_pull.recv_multipart(copy=False)])
-            time.sleep(0.002)
-
-    reader = threading.Thread(target=slow_reader)
-    reader.start()
-    assert Replay(path).play(endpoint(replay_pull), speed=None, sndhwm=2) == len(originals)
-    reader.join()
-    assert replayed == originals  # nothing dropped, order and bytes kept
-
-
-def test_replay_follows_the_device_clock(pull, tmp_path):
-    path = tmp_path / "paced.bsr"
-    with Recorder(path) as recorder:
-        for k in range(4):
-            recorder.write([encode_header("dev", "imu", k, 10 * NS + k * 100_000_000, rate=100), bytes(24)], rx_ns=k)
-    start = time.monotonic()
-    Replay(path).play(endpoint(pull), speed=2.0)
-    assert time.monotonic() - start >= 0.14  # 300 ms of device time at 2x: paced, not sent at once
-    assert [decode(pull.recv_multipart(copy=False)).seq for _ in range(4)] == [0, 1, 2, 3]
 
 
 # --- file and array publishers -----------------------------------------------------------------

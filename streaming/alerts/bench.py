@@ -22,19 +22,27 @@ import paho.mqtt.client as mqtt
 import redis
 
 from ..records import Embedding, text
+from ..redis_access import connect
 from ..redis_layout import (
     ALERTS_STREAM,
     END,
+    FANIN_CURSORS,
     SINKS,
     START,
+    STREAM_REGISTRY,
     Alert,
     background_key,
     decode_embedding,
+    device_alerts_key,
     encode_embedding,
     event_id,
+    health_key,
     id_tuple,
+    members_key,
     now_id,
     outbox_key,
+    owner_key,
+    register_streams,
     sink_id,
     state_key,
     stream_key,
@@ -112,7 +120,7 @@ def run_bench(bench: AlertBench, url: str | None = None) -> AlertFigures:
                 scoring_rate, bench.queries, bench.dim, batch, bench.score_rows, bench.seed
             ).result()
         url = url or stack.enter_context(RedisServer()).url
-        client = redis.Redis.from_url(url)
+        client = connect(url)
         written, due, alerts, stats, notified = alert_run(client, url, bench, receiver)
         search_s = search_cost(client, bench.search_records, bench.dim, bench.seed) if bench.search_records else None
     latency = np.array([id_tuple(a.id)[0] - id_tuple(a.source_id)[0] for a in alerts], dtype=float)
@@ -359,6 +367,7 @@ def write_stream(
     t_dev, left = [0] * len(devices), [0] * len(devices)  # left: windows of the device's event to write, the end's too
     current: dict[int, WrittenEvent] = {}  # device -> its latest event
     events: list[WrittenEvent] = []
+    written: set[str] = set()  # the streams of the batch
     sent = 0
     start = time.monotonic()
     next_event = start
@@ -388,10 +397,13 @@ def write_stream(
             left[d] = max(left[d] - 1, 0)
             e = Embedding(devices[d], BENCH_MODALITY, t_dev[d], t_dev[d] + WINDOW_NS, v, BENCH_MODEL, 0, 0)
             pipe.xadd(stream_key(devices[d], BENCH_MODALITY), encode_embedding(e))
+            written.add(stream_key(devices[d], BENCH_MODALITY))
             t_dev[d] += WINDOW_NS
             sent += 1
         sent_at = time.time()  # the receivers' clock: a Redis elsewhere may have another
         ids = pipe.execute()
+        register_streams(client, sorted(written))  # as the publisher does: the matcher reads what it lists
+        written.clear()
         for i, event in fired:
             event.fired_id, event.fired_at = text(ids[i]), sent_at
         for event in ended:
@@ -457,6 +469,7 @@ def alert_run(
     )
     for n in names:  # the streams exist before the run: stream discovery is not part of the latency
         client.xgroup_create(stream_key(n, BENCH_MODALITY), settings.group, id="0", mkstream=True)
+    register_streams(client, [stream_key(n, BENCH_MODALITY) for n in names])
     added = [
         save_query(client, Query(f"q{i}", BENCH_MODALITY, v, BENCH_MODEL, device=f"{tag}-*", decision=BENCH_DECISION))
         for i, v in enumerate(query_vectors)
@@ -497,6 +510,8 @@ def alert_run(
         if client.exists(ALERTS_STREAM):
             client.xgroup_destroy(ALERTS_STREAM, notify.group)
         client.hdel(SINKS, sink_id(receiver.url))
+        client.hdel(FANIN_CURSORS, *names)
+        client.zrem(STREAM_REGISTRY, *[stream_key(n, BENCH_MODALITY) for n in names])
         client.delete(
             background_key(BENCH_MODEL, BENCH_MODALITY),
             ready,
@@ -504,10 +519,17 @@ def alert_run(
             notify_ready,
             notified,
             outbox_key(sink_id(receiver.url)),
+            members_key(settings.group),
             *[
                 k
                 for n in names
-                for k in (stream_key(n, BENCH_MODALITY), state_key(settings.group, stream_key(n, BENCH_MODALITY)))
+                for k in (
+                    stream_key(n, BENCH_MODALITY),
+                    state_key(settings.group, stream_key(n, BENCH_MODALITY)),
+                    owner_key(settings.group, n),
+                    health_key(settings.group, n),
+                    device_alerts_key(n),
+                )
             ],
         )
     return written, due, alerts, stats, notifier_stats

@@ -6,24 +6,22 @@ ends when entries flow again. ALERTS.md "Device health events" describes it for 
   group started, or still being read) does not raise.
 - Ends: at the stream's first entry after the last one before the silence. A deleted stream's silence is
   dropped without an end: it never flows again.
-- Kept in Redis: `bindstream:health:{group}` (`health_key`), one field per silent stream of the group's
-  shards, `encode_silence(last entry before the silence, its window's t1)`; read back at the first check
-  after a (re)start, where a field of this shard that does not parse is deleted and counted
-  (`rejected_state` per device).
+- Kept in Redis: `bindstream:health:<group>:{<device>}` (`health_key`), one field per silent stream of the
+  device, `encode_silence(last entry before the silence, its window's t1)`; read back at the first check after
+  the matcher took the device (a start, or a device moving to it from another matcher), where a field that does
+  not parse is deleted and counted (`rejected_state` per device).
 - Asked of Redis: only about the streams whose health may change, with the read-only SILENT_STREAMS, one call
-  per `sweep_chunk` streams, all in one round trip. A delivered id found not to be its stream's last entry (a
-  group's start) is remembered (for at most `max_remembered` streams) and not asked about again until it
-  changes. While nothing changes a check costs one `TIME`.
+  per `sweep_chunk` streams of one hash slot, all in one round trip per node. A delivered id found not to be its
+  stream's last entry (a group's start) is remembered (for at most `max_remembered` streams) and not asked about
+  again until it changes. While nothing changes a check costs one `TIME`.
 - Committed: by the matcher, each change exactly once per (stream, entry, state) like its query events'
-  changes, in MULTI/EXECs of `health_commit` streams so that a mass silence (a network outage) does not hold
-  Redis in one long transaction; `queue` adds each change's field to such a transaction and `applied` takes
-  the changes into memory once it is committed.
+  changes, with its device's commit script (`health_commit` devices per script, so that a mass silence, a
+  network outage, does not hold Redis in one long one); `applied` takes the changes into memory once committed.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -31,6 +29,7 @@ import redis
 from sensors.protocol import INT64_MAX
 
 from ..records import text
+from ..redis_access import run_scripts, slot_groups
 from ..redis_layout import (
     END,
     ENDED,
@@ -40,7 +39,6 @@ from ..redis_layout import (
     START,
     Event,
     decode_silence,
-    encode_silence,
     event_id,
     health_key,
     id_tuple,
@@ -52,13 +50,16 @@ from ..stage import StageMetrics
 # per stream 'p' .. the id of the last entry the group delivered (no open health event: silent if that is
 # the stream's last entry), or 'o' .. the last entry before its open health event. Returns, for each stream
 # whose health changes, its index in KEYS (from 1) and {id, t0, t1, model} of the entry that shows it: its
-# last entry, or its first entry after the silence.
+# last entry, or its first entry after the silence; and for a silent stream that is gone, its index and {}.
 SILENT_STREAMS = """
 local out = {}
 for i, key in ipairs(KEYS) do
   local mark, id = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 2)
   local e
-  if mark == 'o' then
+  if mark == 'o' and redis.call('EXISTS', key) == 0 then
+    out[#out + 1] = i
+    out[#out + 1] = {}
+  elseif mark == 'o' then
     e = redis.pcall('XRANGE', key, '(' .. id, '+', 'COUNT', 1)
   else
     e = redis.pcall('XREVRANGE', key, '+', '-', 'COUNT', 1)
@@ -106,8 +107,8 @@ def device_time(raw: bytes) -> int:
 
 class HealthWatch:
     """The health of one matcher's streams (the rule: this module's docstring): `check` finds the changes,
-    the matcher commits them with `queue`, then `applied` takes them into memory. `in_shard` tells the
-    streams of this matcher's shard; `metrics` is the matcher's."""
+    the matcher commits them, then `applied` takes them into memory; `forget` drops devices another matcher
+    took. `metrics` is the matcher's."""
 
     def __init__(
         self,
@@ -116,49 +117,57 @@ class HealthWatch:
         silence_s: float,
         sweep_chunk: int,
         max_remembered: int,
-        in_shard: Callable[[str], bool],
         metrics: StageMetrics,
     ):
         self.client = client
-        self.key = health_key(group)
+        self.group = group
         self.silence_s = silence_s
         self.sweep_chunk = sweep_chunk
         self.max_remembered = max_remembered
-        self.in_shard = in_shard
         self.metrics = metrics
         self.silent = client.register_script(SILENT_STREAMS)
-        # stream key of this shard -> its open health event; read from Redis at the first check
-        self.silences: dict[str, Silence] | None = None
+        self.silences: dict[str, Silence] = {}  # stream key -> its open health event
+        self.loaded: set[str] = set()  # devices whose open health events were read from Redis
         # stream key -> the delivered id at which a check found that it is not the stream's last entry (never
         # delivered: a group's start), so that it is not asked again until it changes
         self.not_last: dict[str, str] = {}
 
-    def _silences(self) -> dict[str, Silence]:
-        """This shard's open health events, read from Redis the first time; a field of this shard that does
-        not parse is deleted and counted (`rejected_state` per device)."""
-        if self.silences is None:
-            silences, unreadable = {}, []
-            for name, value in self.client.hgetall(self.key).items():
-                stream = name.decode(errors="replace")
-                if not self.in_shard(stream):
-                    continue  # another shard's (or not a stream key: no matcher reads it)
+    def _load(self, devices: set[str]) -> None:
+        """Read the open health events of `devices` from Redis; a field that does not parse is deleted and
+        counted (`rejected_state` per device)."""
+        new = sorted(devices - self.loaded)
+        if not new:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for device in new:
+            pipe.hgetall(health_key(self.group, device))
+        unreadable: dict[str, list] = {}
+        for device, fields in zip(new, pipe.execute()):
+            for name, value in fields.items():
                 try:
-                    silences[stream] = decode_silence(value)
+                    self.silences[name.decode(errors="replace")] = decode_silence(value)
                 except ValueError:
-                    unreadable.append(name)
-                    self.metrics.count("rejected_state", parse_key(stream)[0])
-            if unreadable:
-                self.client.hdel(self.key, *unreadable)
-            self.silences = silences
-        return self.silences
+                    unreadable.setdefault(device, []).append(name)
+                    self.metrics.count("rejected_state", device)
+        for device, names in unreadable.items():
+            self.client.hdel(health_key(self.group, device), *names)
+        self.loaded |= set(new)
+
+    def forget(self, devices: set[str]) -> None:
+        """Drop what is kept of devices another matcher reads now (their health events stay in Redis, for it)."""
+        for key in [k for k in [*self.silences, *self.not_last] if parse_key(k)[0] in devices]:
+            self.silences.pop(key, None)
+            self.not_last.pop(key, None)
+        self.loaded -= devices
 
     def check(self, positions: dict[str, str], unread: set[str]) -> list[HealthChange]:
-        """The health event changes of this shard's streams, `positions` the last entries the group delivered
+        """The health event changes of this matcher's streams, `positions` the last entries the group delivered
         of each (as far as the matcher knows), `unread` those known to have newer entries. Looks in Redis
         only at the streams whose delivered id is `silence_s` old and not known to be no last entry, and at
-        the silent ones that were read since or have unread entries; drops (HDEL) the silences of streams
-        no longer in `positions` (deleted)."""
-        silences = self._silences()
+        the silent ones; drops (HDEL) the silences of the streams that are gone (deleted, expired) or no longer
+        in `positions`: they will not flow again."""
+        self._load({parse_key(k)[0] for k in positions})
+        silences = self.silences
         gone = [k for k in silences if k not in positions]  # deleted: it will not flow again
         self.not_last = {k: p for k, p in self.not_last.items() if positions.get(k) == p}
         seconds, micros = self.client.time()
@@ -166,34 +175,37 @@ class HealthWatch:
         marks = {}
         for key, position in positions.items():
             if key in silences:
-                if key in unread or position != silences[key][0]:
-                    marks[key] = f"o{silences[key][0]}"
+                marks[key] = f"o{silences[key][0]}"
             elif (
                 key not in unread
                 and self.not_last.get(key) != position
                 and now_ms - id_tuple(position)[0] >= self.silence_s * 1000
             ):
                 marks[key] = f"p{position}"
-        keys = list(marks)
-        pipe = self.client.pipeline(transaction=False)
-        for i in range(0, len(keys), self.sweep_chunk):
-            chunk = keys[i : i + self.sweep_chunk]
-            self.silent(keys=chunk, args=[marks[k] for k in chunk], client=pipe)
-        replies = pipe.execute() if keys else []
+        chunks = slot_groups(self.client, marks, self.sweep_chunk)
+        replies = run_scripts(self.client, [(self.silent, chunk, [marks[k] for k in chunk]) for chunk in chunks])
         now_ns = time.time_ns()
         changes = []
-        for i, found in enumerate(replies):
-            for index, (entry_raw, t0, t1, model_raw) in zip(found[::2], found[1::2]):
-                key = keys[i * self.sweep_chunk + index - 1]
+        for chunk, found in zip(chunks, replies):
+            if isinstance(found, Exception):
+                raise found
+            for index, row in zip(found[::2], found[1::2]):
+                key = chunk[index - 1]
+                if not row:
+                    gone.append(key)
+                    continue
+                entry_raw, t0, t1, model_raw = row
                 changes.append(self._change(key, text(entry_raw), t0, t1, model_raw, now_ms, now_ns))
-        answered = {c.stream for c in changes}
-        for key in keys:
+        answered = {c.stream for c in changes} | set(gone)
+        for key in marks:
             if key not in answered and key not in silences and len(self.not_last) < self.max_remembered:
                 self.not_last[key] = positions[key]
         if gone:
-            self.client.hdel(self.key, *gone)
+            pipe = self.client.pipeline(transaction=False)
             for key in gone:
+                pipe.hdel(health_key(self.group, parse_key(key)[0]), key)
                 del silences[key]
+            pipe.execute()
         return changes
 
     def _change(
@@ -202,7 +214,7 @@ class HealthWatch:
         """The change SILENT_STREAMS's entry `entry_id` (of times t0, t1) shows for stream `key`: the end of its
         open health event (the first entry after the silence), or the start of one (its last entry)."""
         device, modality = parse_key(key)
-        silences = self._silences()
+        silences = self.silences
         silence: Silence | None = None
         if key in silences:  # flows again: the silence lasted from the last entry before to this one
             last_id, start_ns = silences[key]
@@ -235,17 +247,9 @@ class HealthWatch:
         )
         return HealthChange(key, record, state, entry_id, silent_s, t_first, t_last, silence)
 
-    def queue(self, pipe, changes: list[HealthChange]) -> None:
-        """On `pipe`, the matcher's commit of `changes`: each stream's silence kept, or its field deleted."""
-        for c in changes:
-            if c.silence is None:
-                pipe.hdel(self.key, c.stream)
-            else:
-                pipe.hset(self.key, c.stream, encode_silence(*c.silence))
-
     def applied(self, changes: list[HealthChange]) -> None:
         """Take committed `changes` into memory."""
-        silences = self._silences()
+        silences = self.silences
         for c in changes:
             if c.silence is None:
                 del silences[c.stream]

@@ -1,11 +1,13 @@
-"""The matcher: reads the embedding streams, scores them against the standing queries, decides, and commits
-the decision state, the alerts entries of events (start, update, end) and the event records to Redis; and
-commits the health events that its health watch (health.py) finds for the streams of its shard.
+"""The matcher: reads the embedding streams of the devices it owns, scores them against the standing queries,
+decides, and commits the decision state and the alerts entries of events (start, update, end) to Redis; copies
+those entries to the cluster-wide alerts stream (fanin.py); and commits the health events that its health watch
+(health.py) finds for its streams.
 
-A plain class (`Matcher(settings, redis_url)`: `step()` for one read-score-commit cycle, `run()` to loop)
-that also runs as a restartable Ray actor (`start_matchers`). Scoring is scoring.py's, the decision rule
-decision.py's and the silence rule health.py's; this module owns the Redis side. ALERTS.md describes the
-decision rule, the state kept in Redis and the delivery guarantees.
+A plain class (`Matcher(settings, redis_url)`: `step()` for one read-score-commit cycle, `run()` to loop) that also
+runs as a restartable Ray actor (`start_matchers`). Scoring is scoring.py's, the decision rule decision.py's, the
+silence rule health.py's, and which matcher reads which device shards.py's; this module owns the Redis side of a
+matcher. It works the same on one Redis and on a Redis Cluster: every script touches one device, or several of
+one hash slot. ALERTS.md describes the decision rule, the state kept in Redis and the delivery guarantees.
 """
 
 from __future__ import annotations
@@ -14,23 +16,21 @@ import logging
 import math
 import threading
 import time
-import zlib
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 
+import msgpack
 import numpy as np
 import ray
 import redis
 
 from ..records import QUERY_MODALITIES, text
+from ..redis_access import connect, run_scripts, slot_groups
 from ..redis_layout import (
-    ALERTS_CHANNEL,
-    ALERTS_STREAM,
     END,
     ENDED,
-    EVENTS_INDEX,
     HEALTH_EVENT,
     LAST_ID_FIELD,
     OPEN,
@@ -38,27 +38,35 @@ from ..redis_layout import (
     QUERY_EVENT,
     QUERY_VERSION,
     START,
+    STREAM_REGISTRY,
     Alert,
     BadRecord,
     EmbeddingRecord,
     Event,
+    check_group,
     decode_embedding,
     dedup_key,
+    device_alerts_key,
+    encode_device_alert,
+    encode_silence,
     event_id,
     event_key,
+    health_key,
     id_tuple,
     now_id,
+    owner_key,
     parse_key,
     state_key,
-    stream_key,
 )
 from ..retry import Backoff
 from ..stage import StageMetrics, WarnOnce
 from .decision import INITIAL_STATE, MAX_EVENT_S, Change, OpenEvent, QueryState, Rules, decide
-from .health import HealthWatch
+from .fanin import FanIn
+from .health import HealthChange, HealthWatch
 from .queries import read_backgrounds, read_queries
 from .records import Query
 from .scoring import Baselines, ModalityIndex, build_indexes, entry_problem
+from .shards import CLAIM, READ, Membership, read_reply, stream_entries
 
 log = logging.getLogger(__name__)
 
@@ -67,31 +75,60 @@ DEFAULT_CONSUMER = "matcher"
 MAX_EVENT_LIMIT_S = 365 * 86400.0  # max_event_s beyond a year of device time is a typo (and must fit in int64 ns)
 ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-# One state change of an event, exactly once per (query, source entry, state): SET NX the dedup key, and only
-# if it was not there XADD the alerts entry, PUBLISH it (as JSON with its id) and write the event record: a
-# start creates it and indexes it (dropping index members older than the records' TTL); a later change sets
-# its fields only while the record exists, so that an expired record never comes back partial.
-# KEYS: dedup key, alerts stream, event key, events index. ARGV: dedup ttl s, alerts maxlen, channel, event
-# ttl s, event id, index score (the start's wall ms; '' for a later change), index cutoff ms, the number of
-# record field/value pairs, those pairs, then the alert's field/value pairs.
-EMIT_ALERT = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return false
+# The commit of one batch's effects for the devices of one hash slot, each device's part only if this matcher
+# holds its token (else 0 for it): per stream its decision state (HSET, TTL renewed) and the XACK of what was read;
+# per alerts entry, exactly once per (query, source entry, state), SET NX of its dedup key and, if it was not set,
+# the XADD to the device's alerts stream; the fields of its health hash (value '': deleted); the token's TTL
+# renewed. The first write of a device is checked: one Redis refuses (out of memory: nothing of the script ran;
+# a key of another type) leaves the device out with the error text. KEYS per device: token, alerts stream, health
+# hash, per stream (stream, state hash), per alerts entry its dedup key. ARGV: one MessagePack array (one argument
+# to encode, not ~16 per device), {group, member, state ttl s, dedup ttl s, alerts maxlen, devices}, a device
+# {streams, entries, health fields}, a stream {its state's field/value pairs, the ids to acknowledge}, an entry its
+# field/value pairs, a health field {field, value}. Returns, packed with MessagePack, per device 0, the error text,
+# or per entry its id in the device's alerts stream (false: emitted before).
+COMMIT = """
+local p = cmsgpack.unpack(ARGV[1])
+local group, member, state_ttl, dedup_ttl, maxlen = p[1], p[2], p[3], p[4], p[5]
+local out, k = {}, 1
+for _, device in ipairs(p[6]) do
+  local streams, emits, fields = device[1], device[2], device[3]
+  local token, alerts, health, first = KEYS[k], KEYS[k + 1], KEYS[k + 2], k + 3
+  k = first + 2 * #streams + #emits
+  local held, failed, ids = redis.call('GET', token) == member, nil, {}
+  local function write(...)
+    if held and not failed then
+      local r = redis.pcall(...)
+      if type(r) == 'table' and r.err then failed = r.err end
+      return r
+    end
+  end
+  for s, stream in ipairs(streams) do
+    local key, state = KEYS[first + 2 * s - 2], KEYS[first + 2 * s - 1]
+    write('HSET', state, unpack(stream[1]))
+    write('EXPIRE', state, state_ttl)
+    if #stream[2] > 0 then write('XACK', key, group, unpack(stream[2])) end
+  end
+  for e, entry in ipairs(emits) do
+    if write('SET', KEYS[first + 2 * #streams + e - 1], '1', 'NX', 'EX', dedup_ttl) then
+      ids[#ids + 1] = write('XADD', alerts, 'MAXLEN', '~', maxlen, '*', unpack(entry))
+      write('EXPIRE', alerts, dedup_ttl)
+    else
+      ids[#ids + 1] = false
+    end
+  end
+  for _, f in ipairs(fields) do
+    if f[2] == '' then write('HDEL', health, f[1]) else write('HSET', health, f[1], f[2]) end
+  end
+  write('EXPIRE', token, state_ttl)
+  if not held then
+    out[#out + 1] = 0
+  elseif failed then
+    out[#out + 1] = failed
+  else
+    out[#out + 1] = ids
+  end
 end
-local record_end = 8 + 2 * tonumber(ARGV[8])
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, record_end + 1))
-local msg = {id = id}
-for i = record_end + 1, #ARGV, 2 do msg[ARGV[i]] = ARGV[i + 1] end
-redis.call('PUBLISH', ARGV[3], cjson.encode(msg))
-if ARGV[6] ~= '' then
-  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[7])
-elseif redis.call('EXISTS', KEYS[3]) == 0 then
-  return id
-end
-redis.call('HSET', KEYS[3], unpack(ARGV, 9, record_end))
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-return id
+return cmsgpack.pack(out)
 """
 
 # An open event's record extended by windows that made no alerts entry (its end, its windows), while the
@@ -110,55 +147,59 @@ GROW_FIELDS = ("end_ns", "windows")  # written by windows that extend an open ev
 
 @dataclass(frozen=True)
 class MatcherSettings:
-    """How one matcher reads its shard of the streams, keeps its state and backs off; checked when built."""
+    """How one matcher reads the streams of the devices it owns, keeps its state and backs off; checked when
+    built."""
 
-    group: str = DEFAULT_GROUP  # consumer group on every embedding stream
-    consumer: str = DEFAULT_CONSUMER  # keep it stable across restarts: pending entries are per consumer
+    group: str = DEFAULT_GROUP  # consumer group on every embedding stream; the matchers sharing the streams
+    consumer: str = DEFAULT_CONSUMER  # this matcher's name in the group: unique, and stable across restarts
     devices: str = "*"  # glob of the devices whose streams this matcher reads
-    shard: int = 0  # this matcher reads the streams whose crc32(key) % shards == shard
-    shards: int = 1
     start_id: str = field(default_factory=now_id)  # where groups this matcher creates start
-    read_count: int = 256  # entries per stream per XREADGROUP
-    block_ms: int = 100  # longest XREADGROUP wait
+    read_count: int = 256  # entries per stream per read
+    batch_entries: int = 4_096  # entries per step in all (one per stream at least): a step's time and memory
+    block_ms: int = 20  # wait after a step that read nothing (the registry is polled that often)
     reload_s: float = 1.0  # query version poll (pub/sub notifications reload at once)
-    discover_s: float = 2.0  # SCAN for new streams (new devices)
+    discover_s: float = 2.0  # heartbeat, membership, idle streams, health; every polled stream is read then
+    member_ttl_s: float = 10.0  # a matcher silent this long leaves its group: the others take its devices
     dedup_ttl_s: int = 7 * 86400  # life of a bindstream:alerted:* key
-    alerts_maxlen: int = 100_000  # approximate (MAXLEN ~)
+    alerts_maxlen: int = 100_000  # of bindstream:alerts, approximate (MAXLEN ~)
+    device_alerts_maxlen: int = 1_000  # of each bindstream:alerts:{<device>}, approximate: alerts not yet copied
     event_ttl_s: int = 7 * 86400  # life of a bindstream:event:* record after its last change (and of its index entry)
     max_event_s: float = MAX_EVENT_S  # an event ends this long (device time) after its start; the query stays disarmed
     silence_s: float = 30.0  # a stream whose last entry is this old (server clock) raises a health event
-    health_commit: int = 100  # health event changes per MULTI/EXEC (each a Lua call: ~0.2 ms of Redis)
+    health_commit: int = 100  # devices whose health changes one script commits (each change ~0.2 ms of Redis)
     retry_max_s: float = 2.0  # backoff cap while Redis fails
-    state_ttl_s: int = 86_400  # a bindstream:alertstate:* hash expires this long after its stream's last commit
-    idle_s: float = 60.0  # a stream without a new entry this long is no longer polled (discovery resumes it)
+    state_ttl_s: int = 86_400  # a state hash, and a device's token, expire this long after the device's last commit
+    idle_s: float = 60.0  # a stream without a new entry this long is no longer polled (its next entry brings it back)
     max_streams: int = 10_000  # streams polled at once; more with unread entries are refused (counted) meanwhile
-    max_idle: int = 100_000  # idle streams whose read position is kept (others are looked up at every discovery)
-    scan_count: int = 1_000  # SCAN COUNT of discovery: keys Redis looks at per round trip
-    sweep_chunk: int = 1_000  # streams looked at per round trip when discovery checks for unread entries
+    max_idle: int = 100_000  # idle streams whose read position is kept (and whose health is watched)
+    sweep_chunk: int = 1_000  # devices per read or commit script, streams per health script
     max_logged: int = 1_000  # (reason, device or query) pairs warned about in the log; later ones are only counted
     baseline_streams: int = 10_000  # streams whose example-query estimates stay in memory; least recently used go
     autostart: bool = False  # start the run loop's thread in the constructor (actors: also after a restart)
 
     def __post_init__(self):
-        if not 0 <= self.shard < self.shards:
-            raise ValueError(f"shard {self.shard} must lie in [0, shards={self.shards})")
+        check_group(self.group)
         try:
             id_tuple(self.start_id)  # discovery compares stream ids with it
         except ValueError as err:
             raise ValueError(f"start_id {self.start_id!r} must be a stream id: 0 or ms-seq") from err
         for name in (
             "read_count",
+            "batch_entries",
             "state_ttl_s",
             "max_streams",
             "max_idle",
-            "scan_count",
             "sweep_chunk",
             "baseline_streams",
+            "device_alerts_maxlen",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.idle_s > 0:
-            raise ValueError(f"idle_s must be > 0, got {self.idle_s}")
+        if not self.idle_s > 0 or not self.member_ttl_s > self.discover_s:
+            raise ValueError(
+                f"idle_s ({self.idle_s}) must be > 0, member_ttl_s ({self.member_ttl_s}) > discover_s "
+                f"({self.discover_s}): a member heartbeats at every discovery"
+            )
         if not 0 < self.max_event_s <= MAX_EVENT_LIMIT_S:  # NaN fails too
             raise ValueError(f"max_event_s must lie in (0, {MAX_EVENT_LIMIT_S:g}] seconds, got {self.max_event_s}")
         if not 0 < self.silence_s < math.inf or self.event_ttl_s < 1 or self.health_commit < 1:
@@ -199,6 +240,16 @@ class Emit:
 
     alert: Alert
     record: dict[str, str]
+
+
+@dataclass
+class DeviceCommit:
+    """What one commit writes for one device: per stream its state fields and the ids to acknowledge, its alerts
+    entries, and the fields of its health hash (None: deleted)."""
+
+    streams: dict[str, tuple[dict[str, str], list[str]]] = field(default_factory=dict)
+    emits: list[Emit] = field(default_factory=list)
+    silences: dict[str, str | None] = field(default_factory=dict)
 
 
 def event_emit(event: Event, state: str, source_id: str, score: float, threshold: float, t0: int, t1: int) -> Emit:
@@ -255,48 +306,52 @@ def query_emit(q: Query, r: EmbeddingRecord, score: float, rules: Rules, c: Chan
 
 
 class Matcher:
-    """Reads the embedding streams of its shard through a consumer group, scores, decides, and commits
-    the new decision state, the events' alerts entries and records, and the acknowledgements in one Redis
-    transaction; at each discovery, commits the health events of its streams (`HealthWatch`, health.py)."""
+    """Reads the embedding streams of the devices it owns (shards.py) through a consumer group, scores, decides,
+    and commits per device, in one script per hash slot, the new decision state, the events' alerts entries and
+    the acknowledgements; copies the alerts entries to bindstream:alerts (fanin.py); at each discovery, commits
+    the health events of its streams (`HealthWatch`, health.py)."""
 
     def __init__(self, settings: MatcherSettings, redis_url: str):
-        self.settings = settings
-        self.client = redis.Redis.from_url(redis_url)
+        s = self.settings = settings
+        self.client = connect(redis_url)
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(QUERY_CHANNEL)
-        self.emit = self.client.register_script(EMIT_ALERT)
+        self.claim = self.client.register_script(CLAIM)
+        self.read = self.client.register_script(READ)
+        self.commit = self.client.register_script(COMMIT)
         self.grow = self.client.register_script(GROW_EVENT)
         self.metrics = StageMetrics("match")
+        self.members = Membership(self.client, s.group, s.consumer, int(s.member_ttl_s * 1000))
+        self.fanin = FanIn(self.client, s.alerts_maxlen, s.event_ttl_s, s.read_count, self.metrics)
+        self.cursor = 0.0  # the highest registry score read: news are the streams scored above it
         # polled stream key -> (monotonic time of its last entry or of its join, last id delivered to the group)
         self.active: dict[str, tuple[float, str]] = {}
         self.idle: dict[str, str] = {}  # stream key no longer polled -> last id delivered to the group
-        self.pending = True  # first drain this consumer's delivered-but-unacknowledged entries
-        self.first_discovery = True  # the first discovery polls every stream, later ones those with news
+        self.waiting: dict[str, None] = {}  # idle streams with unread entries, refused for want of room
+        self.retry: set[str] = set()  # polled streams to read at the next step: a full read, or a failed commit
+        self.held: set[str] = set()  # devices whose token this matcher took
+        self.lost: dict[
+            str, float
+        ] = {}  # device whose token another took -> when (monotonic): not taken back for discover_s
+        self.rebalance_due = True  # read the whole registry at the next discovery (first, and after a change)
+        self.grows: list[tuple[str, OpenEvent]] = []  # open events to extend once the batch's alerts are copied
         self.indexes: dict[tuple[str, str], ModalityIndex] = {}
         self.rules: dict[tuple[str, str], Rules] = {}  # the decision settings of each index's queries
         self.query_ids: set[str] = set()  # of the queries in `indexes`
         self.rejected: dict[tuple[str, str], str] = {}  # (event, query id or model/modality) -> why, at last reload
         self.states: dict[str, StreamState] = {}  # polled stream key -> state
-        self.health = HealthWatch(
-            self.client,
-            settings.group,
-            settings.silence_s,
-            settings.sweep_chunk,
-            settings.max_idle,
-            self._in_shard,
-            self.metrics,
-        )
-        self.baselines = Baselines(settings.baseline_streams)  # example queries' running estimates (scoring.py)
-        self._warn_once = WarnOnce(log, settings.max_logged)
+        self.health = HealthWatch(self.client, s.group, s.silence_s, s.sweep_chunk, s.max_idle, self.metrics)
+        self.baselines = Baselines(s.baseline_streams)  # example queries' running estimates (scoring.py)
+        self._warn_once = WarnOnce(log, s.max_logged)
         self.version: bytes | None = None
         self.next_reload = self.next_discover = 0.0
         self.last_error = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if settings.autostart:
+        if s.autostart:
             self.start()
 
-    # ----- queries and streams -----
+    # ----- queries -----
 
     def reload(self) -> None:
         """Rebuild the score matrices from the queries and backgrounds in Redis. One that does not load is
@@ -344,115 +399,142 @@ class Matcher:
             if notified or self.version is None or self.client.get(QUERY_VERSION) != self.version:
                 self.reload()
 
-    def _in_shard(self, key: str) -> bool:
-        """Whether this matcher reads `key`: the stream of a device matching `devices` (the device as parsed
-        from the key: the SCAN pattern for device `a` also returns a device `a:x`'s streams) and of a query
-        modality, in this shard."""
-        s = self.settings
+    # ----- devices and streams -----
+
+    def _mine(self, key: str) -> str | None:
+        """The device of `key` when this matcher reads it: the stream of a query modality, of a device matching
+        `devices` that this matcher owns in its view of the group; else None."""
         try:
             device, modality = parse_key(key)
         except BadRecord:
-            return False
-        return (
-            modality in QUERY_MODALITIES
-            and fnmatchcase(device, s.devices)
-            and zlib.crc32(key.encode()) % s.shards == s.shard
-        )
+            return None
+        if modality in QUERY_MODALITIES and fnmatchcase(device, self.settings.devices) and self.members.owns(device):
+            return device
+        return None
 
     def discover(self) -> None:
-        """Stop polling the streams without a new entry for `idle_s` (once nothing is pending), then poll
-        this shard's streams: all of them at the first discovery after a start, later those with entries
-        the group has not read (new devices, idle streams that woke up). At most `max_streams` are polled;
-        a stream beyond that is refused (`refused_stream_cap` per device, at each discovery that finds it
-        with unread entries) and read once there is room. Then checks the health of every stream of the
-        shard, polled or not (`_check_health`)."""
+        """Heartbeat; after a change of the group's members (and at the first discovery) find this matcher's
+        streams in the registry, let go of the devices it no longer owns and take the new ones; stop polling the
+        streams without a new entry for `idle_s` (once none has a batch to read again); poll the refused streams
+        there is room for now; then check the health of every stream it knows, polled or not (`_check_health`)."""
         s = self.settings
         now = time.monotonic()
-        if not self.pending:  # pending entries are re-read from the polled streams only
+        self.lost = {d: t for d, t in self.lost.items() if now - t < s.discover_s}
+        if self.members.refresh() or self.rebalance_due:
+            self.metrics.count("rebalance")
+            self._rebalance()
+        if not self.retry:  # streams of a batch to read again stay polled
             for key in [k for k, (seen, _) in self.active.items() if now - seen > s.idle_s]:
                 self._let_go(key)
-        keys = [k for k in self._scan() if k not in self.active and self._in_shard(k)]
-        self.idle = {k: self.idle[k] for k in keys if k in self.idle}  # deleted streams are forgotten
-        known = list(self.idle)
-        unknown = [k for k in keys if k not in self.idle]
-        looked = []  # (key, whether the group exists on it, whether it has unread entries, last delivered id)
-        for i in range(0, len(known), s.sweep_chunk):
-            after = {k: self.idle[k] for k in known[i : i + s.sweep_chunk]}
-            found = self._unread(after)
-            looked += [(k, True, k in found, position) for k, position in after.items()]
-        for i in range(0, len(unknown), s.sweep_chunk):
-            looked += self._look(unknown[i : i + s.sweep_chunk])
-        for key, joined, unread, position in looked:
-            if (unread or self.first_discovery) and len(self.active) < s.max_streams:
-                if not joined:
-                    try:
-                        self.client.xgroup_create(key, s.group, id=s.start_id)
-                    except redis.ResponseError as err:
-                        if "BUSYGROUP" not in str(err):
-                            raise
-                self.idle.pop(key, None)
-                self.active[key] = (now, position)
+        for key in list(self.waiting):
+            if len(self.active) >= s.max_streams:
+                self.metrics.count("refused_stream_cap", parse_key(key)[0])
                 continue
-            if unread:
-                device = parse_key(key)[0]
-                self.metrics.count("refused_stream_cap", device)
-                self._warn_once("refused_stream_cap", "", f"{key} and maybe others: {s.max_streams} streams polled")
-            if joined:
-                self._remember_idle(key, position)
-        self.first_discovery = False
-        self._check_health(
-            {key: position for key, _, _, position in looked} | {k: p for k, (_, p) in self.active.items()},
-            {key for key, _, unread, _ in looked if unread},
-        )
+            self._poll(key, self.idle.pop(key, "0-0"), now)
+        self._check_health({k: p for k, (_, p) in self.active.items()} | self.idle, set(self.waiting))
 
-    def _scan(self) -> list[str]:
-        """The stream keys of the devices matching `devices` (a SCAN, `scan_count` keys a round trip); a
-        key that is not UTF-8 is no embedding stream."""
-        s = self.settings
-        out = []
-        for key in self.client.scan_iter(match=stream_key(s.devices, "*"), count=s.scan_count, _type="stream"):
-            try:
-                out.append(key.decode())
-            except UnicodeDecodeError:
+    def _rebalance(self) -> None:
+        """Read the whole registry: let go of the devices this matcher no longer owns, take those it owns now."""
+        self.rebalance_due, self.lost = False, {}
+        rows = self.client.zrange(STREAM_REGISTRY, 0, -1, withscores=True)
+        self.cursor = max([self.cursor, *(score for _, score in rows)])
+        known = {parse_key(k)[0] for k in [*self.active, *self.idle]} | self.held
+        self._drop_devices({d for d in known if not self.members.owns(d)})
+        mine: dict[str, list[str]] = defaultdict(list)
+        for raw, _ in rows:
+            key = raw.decode(errors="replace")
+            device = self._mine(key)
+            if device is not None and key not in self.active and key not in self.idle:
+                mine[device].append(key)
+        self._claim(mine)
+
+    def _news(self) -> set[str]:
+        """The polled streams of this matcher with entries written since the last look (the registry's members
+        scored above `cursor`); streams new to it (a new device, a device it took) are taken first, and idle ones
+        that got an entry polled again, or refused (`refused_stream_cap`) while `max_streams` are."""
+        rows = self.client.zrangebyscore(STREAM_REGISTRY, f"({self.cursor!r}", "+inf", withscores=True)
+        news, fresh = set(), defaultdict(list)
+        now = time.monotonic()
+        for raw, score in rows:
+            self.cursor = max(self.cursor, score)
+            key = raw.decode(errors="replace")
+            device = self._mine(key)
+            if device is None:
                 continue
-        return out
+            if key in self.active:
+                news.add(key)
+            elif key in self.idle and device in self.held:
+                if self._poll(key, self.idle[key], now):
+                    news.add(key)
+            elif now - self.lost.get(device, -math.inf) >= self.settings.discover_s:
+                fresh[device].append(key)
+        return news | self._claim(fresh)
 
-    def _unread(self, after: dict[str, str]) -> set[str]:
-        """The keys of `after` (key -> stream id) with an entry after that id: one XREAD, replies only for those."""
-        return {text(key) for key, _ in self.client.xread(after, count=1) or []} if after else set()
-
-    def _look(self, keys: list[str]) -> list[tuple[str, bool, bool, str]]:
-        """(key, whether the group exists on it, whether it has unread entries, the group's last delivered
-        id) for each of the `keys` that is still a stream. Unread: after the last delivered entry (after
-        `start_id` where there is no group yet), or, while this consumer may have pending entries, pending
-        in the group. Two round trips, whatever the number of keys."""
+    def _claim(self, streams: dict[str, list[str]]) -> set[str]:
+        """Take the token of each device and its streams (shards.CLAIM: the pending entries of the group move to
+        this matcher); returns the streams it polls now (those with unread or pending entries, while there is
+        room). A device taken may hold alerts entries not copied yet (fanin.py): they are copied next."""
         s = self.settings
-        pipe = self.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.xinfo_groups(key)
-        joined, pending = set(), set()
-        after: dict[str, str] = {}
-        for key, groups in zip(keys, pipe.execute(raise_on_error=False)):
-            if isinstance(groups, Exception):
-                continue  # deleted, or no longer a stream, since the SCAN
-            ours = next((g for g in groups if text(g["name"]) == s.group), None)
-            after[key] = text(ours["last-delivered-id"]) if ours is not None else s.start_id
-            if ours is not None:
-                joined.add(key)
-                if self.pending and ours["pending"]:
-                    pending.add(key)
-        found = self._unread({k: v for k, v in after.items() if k not in pending}) | pending
-        return [(k, k in joined, k in found, position) for k, position in after.items()]
+        devices = [d for d, keys in streams.items() if keys]
+        calls = [
+            (
+                self.claim,
+                [owner_key(s.group, d), *streams[d]],
+                [s.group, s.consumer, s.start_id, s.state_ttl_s, s.read_count],
+            )
+            for d in devices
+        ]
+        polled, now = set(), time.monotonic()
+        failed = None
+        for device, result in zip(devices, run_scripts(self.client, calls)):
+            if isinstance(result, Exception):
+                failed = failed or result
+                continue
+            if device not in self.held:
+                self.held.add(device)
+                self.fanin.due.add(device)
+                self.metrics.count("device_taken")
+            for key, found in zip(streams[device], result):
+                self.states.pop(key, None)  # another matcher may have committed since: read the state afresh
+                if found is None:  # no such stream (any more)
+                    self.active.pop(key, None)
+                    self.idle.pop(key, None)
+                    continue
+                position, unread = text(found[0]), bool(found[1])
+                if unread and self._poll(key, position, now):
+                    polled.add(key)
+                elif key not in self.active:
+                    self._remember_idle(key, position)
+        if failed is not None:
+            raise failed
+        return polled
+
+    def _poll(self, key: str, position: str, now: float) -> bool:
+        """Poll `key` (last delivered id `position`) if there is room, else keep it waiting and count
+        `refused_stream_cap`; whether it is polled."""
+        if key in self.active:
+            return True
+        if len(self.active) >= self.settings.max_streams:
+            if key not in self.waiting:
+                self.metrics.count("refused_stream_cap", parse_key(key)[0])
+                self._warn_once("refused_stream_cap", "", f"{key} and maybe others: {len(self.active)} streams polled")
+            self.waiting[key] = None
+            self._remember_idle(key, position)
+            return False
+        self.waiting.pop(key, None)
+        self.idle.pop(key, None)
+        self.active[key] = (now, position)
+        return True
 
     def _remember_idle(self, key: str, position: str) -> None:
-        """Keep an unpolled stream's last delivered id (at most `max_idle` of them; the others are looked up
-        again at each discovery)."""
+        """Keep an unpolled stream's last delivered id (at most `max_idle` of them; a stream forgotten comes back
+        with its next entry)."""
         if key in self.idle or len(self.idle) < self.settings.max_idle:
             self.idle[key] = position
 
     def _let_go(self, key: str) -> None:
         """Stop polling an idle stream and drop what is kept of it in memory but its position (its state
-        hash stays in Redis until it expires); discovery polls it again once it has a new entry."""
+        hash stays in Redis until it expires); its next entry brings it back."""
         self._remember_idle(key, self.active.pop(key)[1])
         self.states.pop(key, None)
         device, modality = parse_key(key)
@@ -460,76 +542,140 @@ class Matcher:
             if index_modality == modality:
                 index.forget(device)
 
-    def forget_streams(self) -> None:
-        """After a stream or its group vanished: find the streams again, and re-read pending entries."""
-        self.active, self.idle, self.states, self.pending, self.first_discovery = {}, {}, {}, True, True
+    def _drop_devices(self, devices: set[str]) -> None:
+        """Forget devices another matcher reads now: their streams, their states, tokens and health (one pass
+        over what is kept, however many devices go)."""
+        if not devices:
+            return
+        for key in [k for k in [*self.active, *self.idle, *self.waiting] if parse_key(k)[0] in devices]:
+            if key in self.active:
+                self._let_go(key)
+            self.idle.pop(key, None)
+            self.waiting.pop(key, None)
+            self.retry.discard(key)
+        self.held -= devices
+        self.fanin.due -= devices
+        self.health.forget(devices)
+
+    def _lose(self, devices: set[str]) -> None:
+        """Another matcher took these devices' tokens: let them go, and look at the group's members at the next
+        step (a member came, most likely). Their news are not taken for `discover_s` (unless the members change),
+        so that two views of the group do not take a device from each other at every step."""
+        if not devices:
+            return
+        self._drop_devices(devices)
+        self.lost |= dict.fromkeys(devices, time.monotonic())
         self.next_discover = 0.0
+        self.metrics.count("device_lost", n=len(devices))
+
+    def forget_streams(self) -> None:
+        """Find every stream again from the registry (after a stream or its group vanished)."""
+        self.active, self.idle, self.waiting, self.states, self.retry = {}, {}, {}, {}, set()
+        self.held.clear()
+        self.rebalance_due, self.next_discover = True, 0.0
 
     # ----- one cycle -----
 
     def step(self) -> int:
-        """Reload queries and discover streams when due, read one batch, score, decide, commit.
-        Returns the number of entries read (0: nothing new)."""
+        """Reload queries and discover when due, read the polled streams with news (all of them after a
+        discovery), score, decide, commit, copy the alerts entries. Returns the number of entries read (0:
+        nothing new; the step then waits `block_ms`)."""
         self._maybe_reload()
         now = time.monotonic()
+        keys = set(self.retry)
         if now >= self.next_discover:
             self.next_discover = now + self.settings.discover_s
             self.discover()
-        if not self.active:
-            time.sleep(self.settings.block_ms / 1000)
-            return 0
-        entries = self._read()
+            keys |= set(self.active)
+        keys |= self._news()
+        entries = self._read(keys)
         if entries:
             self._process(entries)
+        self.fanin.copy()
+        self._grow()
+        if not entries:
+            time.sleep(self.settings.block_ms / 1000)
         return len(entries)
 
-    def _read(self) -> list[tuple[str, str, dict | None]]:
-        """This consumer's pending entries while there are any (after a restart or a failed commit), then
-        new ones."""
+    def _read(self, keys: set[str]) -> list[tuple[str, str, dict | None]]:
+        """One READ per hash slot of the devices of `keys` (polled streams) and `sweep_chunk` devices: each
+        stream's pending entries of this consumer, then new ones, `read_count` at most, and `batch_entries` in all
+        (each stream one at least, a script its share by its streams; streams beyond `batch_entries` wait for the
+        next step); a stream that may have more is read again at the next step. A device whose token another took
+        is let go (`_lose`); a stream whose group or key vanished sends the matcher back to the registry."""
         s = self.settings
-        if self.pending:
-            entries = self._xreadgroup("0", None)
-            if entries:
-                return entries
-            self.pending = False
-        return self._xreadgroup(">", s.block_ms)
-
-    def _xreadgroup(self, marker: str, block_ms: int | None) -> list[tuple[str, str, dict | None]]:
-        s = self.settings
-        reply = self.client.xreadgroup(
-            s.group, s.consumer, {k: marker for k in self.active}, count=s.read_count, block=block_ms
-        )
-        return [(text(key), text(entry_id), f) for key, items in reply or [] for entry_id, f in items]
+        by_device: dict[str, list[str]] = defaultdict(list)
+        polled = sorted(k for k in keys if k in self.active)
+        polled, later = polled[: s.batch_entries], polled[s.batch_entries :]  # one entry a stream at least
+        for key in polled:
+            by_device[parse_key(key)[0]].append(key)
+        tokens = {owner_key(s.group, d): d for d in by_device}
+        calls, order = [], []
+        for group in slot_groups(self.client, tokens, s.sweep_chunk):
+            devices = [tokens[t] for t in group]
+            keys_of = [k for d in devices for k in (owner_key(s.group, d), *by_device[d])]
+            counts = [len(by_device[d]) for d in devices]
+            budget = s.batch_entries * sum(counts) // len(polled)
+            calls.append((self.read, keys_of, [s.group, s.consumer, s.read_count, budget, *counts]))
+            order.append(devices)
+        out: list[tuple[str, str, dict | None]] = []
+        failed = None
+        self.retry = set(later)
+        lost: set[str] = set()
+        for devices, result in zip(order, run_scripts(self.client, calls)):
+            if isinstance(result, Exception):
+                failed = failed or result
+                continue
+            for device, got in zip(devices, read_reply(result)):
+                if got == 0:
+                    lost.add(device)
+                    continue
+                for key, read in zip(by_device[device], got):
+                    if read == 0:
+                        self.rebalance_due, self.next_discover = True, 0.0
+                        self.active.pop(key, None)
+                        continue
+                    more, entries = read
+                    out += [(key, entry_id, fields) for entry_id, fields in stream_entries(entries)]
+                    if more:
+                        self.retry.add(key)
+        self._lose(lost)
+        if failed is not None:
+            self.retry = set(keys) & set(self.active)
+            raise failed
+        return out
 
     def _process(self, entries: list[tuple[str, str, dict | None]]) -> None:
         """Score and decide one batch and commit it. An entry that cannot be used is acknowledged and
         counted (`rejected_{reason}` per device) without touching the others; a failure while deciding one
-        stream's entries drops those entries only (`rejected_error`). Counts are applied once the batch
-        is committed, so a batch read again after a failed commit is counted once."""
-        tally: Counter = Counter()  # (event, label) -> n
+        stream's entries drops those entries only (`rejected_error`). Counts are applied per device once its
+        part of the batch is committed, so a batch read again after a failed commit is counted once."""
+        tallies: dict[str, Counter] = defaultdict(Counter)  # device -> (event, label) -> n
         acks: dict[str, list[str]] = defaultdict(list)
         groups: dict[tuple[str, str], list[EmbeddingRecord]] = defaultdict(list)
         now = time.monotonic()
         for key, entry_id, f in entries:
             acks[key].append(entry_id)
+            tally = tallies[parse_key(key)[0]]
             r = self._record(key, entry_id, f, tally)
             if r is not None:
                 tally["in", r.modality] += 1
                 groups[r.model, r.modality].append(r)
-        emits: list[Emit] = []
+        emits: dict[str, list[Emit]] = defaultdict(list)  # by device
         changed: dict[str, dict[str, QueryState]] = defaultdict(dict)
-        open_events: dict[str, OpenEvent] = {}  # by event id: their records grow
+        open_events: dict[str, list[tuple[str, OpenEvent]]] = defaultdict(list)  # by device: (event id, event)
         for (model, modality), records in groups.items():
             index = self.indexes.get((model, modality))
             if index is None:
-                tally["no_query", modality] += len(records)
+                for r in records:
+                    tallies[r.device]["no_query", modality] += 1
                 continue
             fit = []
             for r in records:
                 if r.emb.shape[0] == index.dim:
                     fit.append(r)
                 else:
-                    tally["rejected_wrong_dim", r.device] += 1
+                    tallies[r.device]["rejected_wrong_dim", r.device] += 1
                     self._warn_once(
                         "rejected_wrong_dim",
                         r.device,
@@ -538,28 +684,49 @@ class Matcher:
             if not fit:
                 continue
             scores = index.scores(fit, self.baselines)  # example queries' estimates, min_dbfs gates
-            tally["scored", modality] += len(fit)
             rows: dict[str, list[int]] = defaultdict(list)
             for i, r in enumerate(fit):
                 rows[r.stream].append(i)
+                tallies[r.device]["scored", modality] += 1
             for stream, idx in rows.items():
+                device = fit[idx[0]].device
                 try:  # the stream states were loaded by _record: no Redis call here
                     new_emits, new_states, new_open = self._decide(
                         index, self.rules[model, modality], [fit[i] for i in idx], scores[idx]
                     )
                 except Exception as err:
-                    device = fit[idx[0]].device
-                    tally["rejected_error", device] += len(idx)
+                    tallies[device]["rejected_error", device] += len(idx)
                     self._warn_once("rejected_error", device, f"deciding {stream}: {err!r}")
                     continue
-                emits += new_emits
+                emits[device] += new_emits
                 changed[stream].update(new_states)
-                open_events |= new_open
+                open_events[device] += new_open.items()
+        commits: dict[str, DeviceCommit] = defaultdict(DeviceCommit)
         last_ids = {key: max(ids, key=id_tuple) for key, ids in acks.items()}
-        self.active.update((key, (now, last_id)) for key, last_id in last_ids.items())
-        self._commit(emits, changed, open_events, last_ids, acks)
-        for (event, label), n in tally.items():
+        for key, ids in acks.items():
+            states = {qid: st.encode() for qid, st in changed.get(key, {}).items()}
+            commits[parse_key(key)[0]].streams[key] = ({LAST_ID_FIELD: last_ids[key], **states}, ids)
+        for device, device_emits in emits.items():
+            commits[device].emits = device_emits
+        results = self._commit(commits)
+        committed: Counter = Counter()  # (event, label) -> n of the devices committed
+        for device, result in results.items():
+            streams = commits[device].streams
+            if isinstance(result, Exception):
+                self.retry |= streams.keys() & self.active.keys()
+                continue
+            for key in streams:
+                if key in self.active:
+                    self.active[key] = (now, last_ids[key])
+                state = self._stream_state(key)
+                state.last_id = last_ids[key]
+                state.queries.update(changed.get(key, {}))
+            self._count_emits(commits[device].emits, result)
+            self.grows += open_events.get(device, [])
+            committed.update(tallies[device])
+        for (event, label), n in committed.items():
             self.metrics.count(event, label, n)
+        self._raise_first(results.values())
 
     def _record(self, key: str, entry_id: str, f: dict | None, tally: Counter) -> EmbeddingRecord | None:
         """The entry as a record to score, or None (counted in `tally`): applied before (`replayed`, per
@@ -626,59 +793,73 @@ class Matcher:
         }
         return emits, {queries[j].id: state for j, state in changed.items()}, open_events
 
-    def _commit(
-        self,
-        emits: list[Emit],
-        changed: dict[str, dict[str, QueryState]],
-        open_events: dict[str, OpenEvent],
-        last_ids: dict[str, str],
-        acks: dict[str, list[str]],
-    ) -> None:
-        """Decision state (its hash's TTL renewed), the alerts entries with their event records, the records
-        of the open events, and the acknowledgements in one MULTI/EXEC: all of a batch's effects or none."""
+    def _commit(self, commits: dict[str, DeviceCommit]) -> dict[str, list | Exception]:
+        """COMMIT the devices' parts, one script per hash slot and `sweep_chunk` devices, in one round trip per
+        node: per device the ids of its new alerts entries (None: emitted before), or the error that kept its part
+        out (it is read again). A device whose token another took is let go (`_lose`) and left out."""
         s = self.settings
-        pipe = self.client.pipeline(transaction=True)
-        for stream, last_id in last_ids.items():
-            states = {qid: st.encode() for qid, st in changed.get(stream, {}).items()}
-            pipe.hset(state_key(s.group, stream), mapping={LAST_ID_FIELD: last_id, **states})
-            pipe.expire(state_key(s.group, stream), s.state_ttl_s)
-        self._queue_emits(pipe, emits)
-        for eid, e in open_events.items():
-            grown = [x for name in GROW_FIELDS for x in (name, getattr(e, name))]
-            self.grow(keys=[event_key(eid)], args=[s.event_ttl_s, *grown], client=pipe)
-        for key, ids in acks.items():
-            pipe.xack(key, s.group, *ids)
-        results = pipe.execute()
-        for stream, last_id in last_ids.items():
-            state = self._stream_state(stream)
-            state.last_id = last_id
-            state.queries.update(changed.get(stream, {}))
-        self._count_emits(emits, results[2 * len(last_ids) : 2 * len(last_ids) + len(emits)])
+        tokens = {owner_key(s.group, d): d for d in commits}
+        calls, order = [], []
+        for group in slot_groups(self.client, tokens, s.sweep_chunk):
+            keys: list[str] = []
+            parts: list = []
+            devices = [tokens[t] for t in group]
+            for device in devices:
+                c = commits[device]
+                keys += [owner_key(s.group, device), device_alerts_key(device), health_key(s.group, device)]
+                streams = []
+                for stream, (fields, ids) in c.streams.items():
+                    keys += [stream, state_key(s.group, stream)]
+                    streams.append([[x for item in fields.items() for x in item], ids])
+                entries = []
+                for x in c.emits:
+                    a = x.alert
+                    keys.append(dedup_key(a.query, a.source, a.source_id, a.state))
+                    entries.append([v for item in encode_device_alert(a, x.record).items() for v in item])
+                silences = [[stream, "" if value is None else value] for stream, value in c.silences.items()]
+                parts.append([streams, entries, silences])
+            args = [msgpack.packb([s.group, s.consumer, s.state_ttl_s, s.dedup_ttl_s, s.device_alerts_maxlen, parts])]
+            calls.append((self.commit, keys, args))
+            order.append(devices)
+        out: dict[str, list | Exception] = {}
+        lost: set[str] = set()
+        for devices, result in zip(order, run_scripts(self.client, calls)):
+            replies = [result] * len(devices) if isinstance(result, Exception) else msgpack.unpackb(result, raw=True)
+            for device, got in zip(devices, replies):
+                if got == 0:
+                    lost.add(device)
+                elif isinstance(got, bytes):
+                    out[device] = redis.ResponseError(f"committing device {device}: {got.decode(errors='replace')}")
+                else:
+                    out[device] = [None if x is False else x for x in got]
+        self._lose(lost)
+        return out
 
-    def _queue_emits(self, pipe, emits: list[Emit]) -> None:
-        """EMIT_ALERT for each alerts entry, on `pipe`; a start indexes its event and trims the index."""
+    def _raise_first(self, results) -> None:
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise failed
+
+    def _grow(self) -> None:
+        """Extend the records of the open events the last batches' windows extended (once their starts are
+        copied: the record exists then), while the records exist."""
+        grows, self.grows = self.grows, []
         s = self.settings
-        cutoff_ms = time.time_ns() // 1_000_000 - s.event_ttl_s * 1000
-        for x in emits:
-            a = x.alert
-            score = a.detected_ns // 1_000_000 if a.state == START else ""
-            args = [s.dedup_ttl_s, s.alerts_maxlen, ALERTS_CHANNEL, s.event_ttl_s, a.event, score, cutoff_ms]
-            args.append(len(x.record))
-            for name, value in (*x.record.items(), *a.fields().items()):
-                args += [name, value]
-            keys = [dedup_key(a.query, a.source, a.source_id, a.state), ALERTS_STREAM, event_key(a.event), EVENTS_INDEX]
-            self.emit(keys=keys, args=args, client=pipe)
+        calls = [(self.grow, [event_key(eid)], [s.event_ttl_s, *grown(e)]) for eid, e in dict(grows).items()]
+        self._raise_first(run_scripts(self.client, calls))
 
     def _count_emits(self, emits: list[Emit], results: list) -> None:
         """Count committed alerts entries: `duplicate_alert` (per modality) for one written before; per
         modality `event_start|update|end` of query events, with `alert` and the latency for their starts; per
-        device `health_start|end` of health events."""
+        device `health_start|end` of health events. A device with a new entry has it copied (fanin.py)."""
         done_ms = time.time_ns() / 1e6
         for x, result in zip(emits, results):
             a = x.alert
             if result is None:
                 self.metrics.count("duplicate_alert", a.modality)
-            elif a.kind == HEALTH_EVENT:
+                continue
+            self.fanin.due.add(a.device)
+            if a.kind == HEALTH_EVENT:
                 self.metrics.count(f"health_{a.state}", a.device)
             else:
                 self.metrics.count(f"event_{a.state}", a.modality)
@@ -690,26 +871,42 @@ class Matcher:
 
     def _check_health(self, positions: dict[str, str], unread: set[str]) -> None:
         """Commit the health watch's changes (`HealthWatch.check` of `positions`, the last entries the group
-        delivered of each stream, and `unread`, those known to have newer ones): each stream's alerts entry,
-        with its silence kept or dropped, in MULTI/EXECs of `health_commit` streams, so that a mass silence
-        (a network outage) does not hold Redis in one long one."""
+        delivered of each stream, and `unread`, those known to have newer ones): per device its alerts entries and
+        its silences kept or dropped, `health_commit` devices a script, so that a mass silence (a network outage)
+        does not hold Redis in one long one."""
         s = self.settings
-        changes = self.health.check(positions, unread)
-        for i in range(0, len(changes), s.health_commit):
-            chunk = changes[i : i + s.health_commit]
-            emits = [event_emit(c.record, c.state, c.source_id, c.score, s.silence_s, c.t0, c.t1) for c in chunk]
-            pipe = self.client.pipeline(transaction=True)
-            self._queue_emits(pipe, emits)
-            self.health.queue(pipe, chunk)
-            results = pipe.execute()
-            self.health.applied(chunk)
-            self._count_emits(emits, results[: len(chunk)])
+        by_device: dict[str, list[HealthChange]] = defaultdict(list)
+        for c in self.health.check(positions, unread):
+            by_device[parse_key(c.stream)[0]].append(c)
+        devices = list(by_device)
+        for i in range(0, len(devices), s.health_commit):
+            commits = {}
+            for device in devices[i : i + s.health_commit]:
+                changes = by_device[device]
+                commits[device] = DeviceCommit(
+                    emits=[
+                        event_emit(c.record, c.state, c.source_id, c.score, s.silence_s, c.t0, c.t1) for c in changes
+                    ],
+                    silences={c.stream: encode_silence(*c.silence) if c.silence else None for c in changes},
+                )
+            results = self._commit(commits)
+            for device, result in results.items():
+                if not isinstance(result, Exception):
+                    self.health.applied(by_device[device])
+                    self._count_emits(commits[device].emits, result)
+            self._raise_first(results.values())
 
     # ----- running -----
 
     def run(self) -> None:
-        """`step` until `stop`; errors back off and the unacknowledged entries are read again."""
-        backoff = Backoff(self.settings.retry_max_s)
+        """`step` until `stop`, heartbeating from a thread meanwhile; errors back off and the batches that did not
+        commit are read again."""
+        s = self.settings
+        beat = threading.Thread(
+            target=self.members.beat, args=(min(s.discover_s, s.member_ttl_s / 3), self._stop), daemon=True
+        )
+        beat.start()
+        backoff = Backoff(s.retry_max_s)
         while not self._stop.is_set():
             try:
                 self.step()
@@ -719,9 +916,7 @@ class Matcher:
                 self.last_error = str(err)
                 if not isinstance(err, redis.RedisError):
                     log.exception("matching failed; retrying")
-                if "NOGROUP" in str(err):
-                    self.forget_streams()
-                self.pending = True
+                self.retry |= self.active.keys()
                 backoff.wait(self._stop)
 
     def start(self) -> None:
@@ -729,32 +924,42 @@ class Matcher:
         self._thread.start()
 
     def stop(self) -> dict:
+        """Stop the loop and leave the group: the other matchers take this one's devices at their next discovery."""
         self._stop.set()
         if self._thread:
             self._thread.join()
         self.pubsub.close()
+        try:
+            self.members.leave()
+        except redis.RedisError as err:  # Redis down: the member expires after member_ttl_s instead
+            log.warning("leaving the group: %s", err)
         return self.stats()
 
     def stats(self) -> dict:
         return self.metrics.snapshot(
             streams=len(self.active),
+            devices=len(self.held),
+            members=len(self.members.members),
             queries=sum(i.m for i in self.indexes.values()),
-            pending=self.pending,
+            pending=bool(self.retry),
             last_error=self.last_error,
         )
+
+
+def grown(e: OpenEvent) -> list:
+    """The field/value pairs by which an open event's record grows."""
+    return [x for name in GROW_FIELDS for x in (name, getattr(e, name))]
 
 
 def start_matchers(
     settings: MatcherSettings, redis_url: str, count: int = 1, max_restarts: int = -1, num_cpus: float = 0
 ) -> list:
-    """`count` matcher actors, each owning a shard of the streams (consumer `{settings.consumer}-{i}`),
-    running from construction and restarted by Ray (up to `max_restarts`, -1: always) with the same
-    settings after a crash. Each scores on one core: its BLAS runs one thread (more only add latency)."""
+    """`count` matcher actors sharing the streams (members `{settings.consumer}-{i}` of the group), running from
+    construction and restarted by Ray (up to `max_restarts`, -1: always) with the same settings after a crash.
+    Each scores on one core: its BLAS runs one thread (more only add latency)."""
     return [
         ray.remote(Matcher)
         .options(max_restarts=max_restarts, num_cpus=num_cpus, runtime_env={"env_vars": ONE_BLAS_THREAD})
-        .remote(
-            replace(settings, shard=i, shards=count, consumer=f"{settings.consumer}-{i}", autostart=True), redis_url
-        )
+        .remote(replace(settings, consumer=f"{settings.consumer}-{i}", autostart=True), redis_url)
         for i in range(count)
     ]

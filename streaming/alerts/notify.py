@@ -26,6 +26,7 @@ import ray
 import redis
 
 from ..records import text
+from ..redis_access import connect
 from ..redis_layout import (
     ALERTS_STREAM,
     HEALTH_EVENT,
@@ -96,7 +97,7 @@ class Notifier:
 
     def __init__(self, settings: NotifySettings, redis_url: str):
         self.settings = settings
-        self.client = redis.Redis.from_url(redis_url)
+        self.client = connect(redis_url)
         self.metrics = StageMetrics("notify")
         self.sinks: dict[str, Sink] = {}  # sink id -> sink, for every sink queued to (at most max_sinks)
         self.senders: dict[str, Sender] = {}

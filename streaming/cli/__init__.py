@@ -1,8 +1,8 @@
 """The `bindstream` command line: the `main` group (--verbose, --debug; every command's --help shows its
 defaults) and its commands, one module per subject: embed, pipeline (run, demo), events (tail, watch), review
-(event), alerts (alert, match, notify), search (search, timeline), bench, ui (the web console), and the device
-commands of sensors/cli.py (`device ...`, and `simulate`), which stay with the sensors: sensors/ imports nothing of
-streaming/."""
+(event), alerts (alert, match, notify), search (search, index, timeline), bench, ui (the web console), and the device
+commands of sensors/cli.py (`device ...`, and `simulate` and `replay`), which stay with the sensors: sensors/
+imports nothing of streaming/."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ for _command in (
     alerts.match,
     alerts.notify_command,
     search.search_command,
+    search.index_command,
     search.timeline_command,
     bench.bench,
     ui.ui,
@@ -47,3 +48,4 @@ for _command in (
     main.add_command(_command)
 main.add_command(device_commands, name="device")
 main.add_command(device_commands.commands["simulate"], name="simulate")
+main.add_command(device_commands.commands["replay"], name="replay")

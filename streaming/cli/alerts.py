@@ -14,7 +14,7 @@ import redis
 from rich.live import Live
 from rich.table import Table
 
-from streaming.alerts.matcher import DEFAULT_GROUP, Matcher, MatcherSettings, start_matchers
+from streaming.alerts.matcher import DEFAULT_CONSUMER, DEFAULT_GROUP, Matcher, MatcherSettings, start_matchers
 from streaming.alerts.notify import Notifier, NotifySettings
 from streaming.alerts.prompts import check_modality, ensemble
 from streaming.alerts.queries import (
@@ -148,7 +148,7 @@ def alert_add(
     client = connect(redis_url)
     encoder = None
     if vector:
-        emb, source = _load_vector(vector, name), f"vector:{vector}"
+        emb, source = load_vector(vector, name), f"vector:{vector}"
     else:
         encoder = load_encoder(name, checkpoint)
         try:
@@ -156,7 +156,7 @@ def alert_add(
         except QueryError as err:
             raise click.BadParameter(str(err), param_hint="--modality") from err
         if example:
-            emb, source = _embed_example(encoder, example, modality), f"example:{example}"
+            emb, source = embed_example(encoder, example, modality), f"example:{example}"
         else:
             emb, source = ensemble(encoder, [text], modality)[0], "text"
     try:  # checked before a background is embedded: a refused query leaves nothing behind
@@ -190,7 +190,8 @@ def alert_add(
         )
 
 
-def _load_vector(path: str, name: str) -> np.ndarray:
+def load_vector(path: str, name: str) -> np.ndarray:
+    """A --vector file, normalised, of model `name`'s dimension (`alert add`, `search`); else a usage error."""
     from encoders.config import resolve_config
 
     try:
@@ -205,7 +206,8 @@ def _load_vector(path: str, name: str) -> np.ndarray:
     return v
 
 
-def _embed_example(encoder, path: str, modality: str) -> np.ndarray:
+def embed_example(encoder, path: str, modality: str) -> np.ndarray:
+    """An --example file embedded as `modality` (`alert add`, `search`); else a usage error."""
     from encoders.transforms import load_file
 
     try:
@@ -495,16 +497,22 @@ def matcher_table(stats: list[dict], title: str = "bindstream matchers") -> Tabl
 @redis_option()
 @click.option("--group", default=DEFAULT_GROUP, help="Consumer group on the embedding streams.")
 @click.option("--devices", default="*", help="Glob of the devices to match.")
-@click.option("--matchers", type=click.IntRange(1), default=1, help="Matcher actors; the streams are split among them.")
+@click.option("--matchers", type=click.IntRange(1), default=1, help="Matcher actors; the devices are split among them.")
+@click.option(
+    "--name",
+    default=DEFAULT_CONSUMER,
+    help="This command's matchers are NAME-0, NAME-1, ... in the group (NAME with --in-process): the other "
+    "matchers of the group (on other machines) need other names; keep it across restarts.",
+)
 @click.option("--from-start", is_flag=True, help="Also match windows stored before now (streams new to the group).")
 @click.option("--in-process", is_flag=True, help="One matcher in this process instead of Ray actors.")
 @click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")
-def match(redis_url, group, devices, matchers, from_start, in_process, seconds):
+def match(redis_url, group, devices, matchers, name, from_start, in_process, seconds):
     """Match the embedding streams against the queries and publish alerts, until Ctrl-C."""
     import ray
 
     connect(redis_url)
-    settings = MatcherSettings(group=group, devices=devices, start_id="0" if from_start else now_id())
+    settings = MatcherSettings(group=group, consumer=name, devices=devices, start_id="0" if from_start else now_id())
     stop = until_stopped(seconds)
     if in_process:
         local = [Matcher(replace(settings, autostart=True), redis_url)]

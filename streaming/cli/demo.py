@@ -28,6 +28,7 @@ from streaming.alerts.notify import Notifier, NotifySettings
 from streaming.alerts.queries import delete_query, load_queries
 from streaming.alerts.sinks import body_key, idempotency_key, notification_key
 from streaming.records import text
+from streaming.redis_access import connect
 from streaming.redis_layout import (
     ALERTS_STREAM,
     AUDIO_CHANNELS,
@@ -183,7 +184,7 @@ class DemoEvents:
     def start(self, redis_url: str, model: str, checkpoint: str | None) -> None:
         """Write one burst as a WAV file and add it as an example query (`alert add --example`, its defaults);
         say what will happen and when."""
-        self.redis_url, self.client = redis_url, redis.Redis.from_url(redis_url)
+        self.redis_url, self.client = redis_url, connect(redis_url)
         self.last_id = now_id()
         self.start_ns = time.monotonic_ns()
         clip = self.folder / "chirp.wav"

@@ -7,7 +7,6 @@ from collections import deque
 from fnmatch import fnmatchcase
 
 import click
-import numpy as np
 import redis
 from rich.live import Live
 from rich.table import Table
@@ -15,7 +14,7 @@ from rich.table import Table
 from streaming.alerts.search import since_id
 from streaming.redis_access import redact_url
 from streaming.redis_layout import ALERTS_STREAM, END, HEALTH_EVENT, Alert, id_tuple
-from streaming.subscriber import Tail
+from streaming.subscriber import Tail, describe
 
 from .options import Duration, connect, redis_option
 from .terminal import clock_time, console, table, until_stopped
@@ -57,11 +56,7 @@ def tail(redis_url, device, modality, since, count):
                     said_waiting = True
                 continue
             printed += 1
-            click.echo(
-                f"{r.device} {r.modality:8s} t0={r.t0} t1={r.t1} {r.model} "
-                f"emb[:4]={np.array2string(r.emb[:4], precision=3)}"
-                + (f" ({','.join(r.modalities)})" if r.modalities else "")
-            )
+            click.echo(describe(r))
             if printed == count:
                 break
         if follow.skipped:

@@ -9,7 +9,8 @@ import redis
 
 from encoders.config import PRESETS
 from streaming.alerts.search import parse_duration_ms
-from streaming.redis_access import RedisAccessError, check_redis
+from streaming.redis_access import AnyRedis, RedisAccessError, check_redis
+from streaming.redis_access import connect as connect_url
 
 REDIS_ENV = "BINDSTREAM_REDIS_URL"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -47,7 +48,8 @@ def redis_option(embedded: bool = False):
         default=default,
         envvar=REDIS_ENV,
         show_envvar=True,
-        help=f"Redis URL (redis://, rediss://) of the embeddings, queries and alerts{otherwise}.",
+        help=f"Redis URL (redis://, rediss://; a Redis Cluster: rediscluster://HOST:PORT, any node) of the "
+        f"embeddings, queries and alerts{otherwise}.",
     )
 
 
@@ -89,15 +91,16 @@ def load_encoder(model: str, checkpoint: str | None, device: str | None = None, 
         raise click.ClickException(f"cannot load model {model}: {err}") from None
 
 
-def connect(url: str) -> redis.Redis:
-    """For command lines: a client of the Redis at `url` once it answers; a one-line ClickException naming
-    the cause (a URL it cannot use, unreachable, refused credentials; never the password) when it does not."""
+def connect(url: str) -> AnyRedis:
+    """For command lines: a client of the Redis (or Redis Cluster) at `url` once it answers; a one-line
+    ClickException naming the cause (a URL it cannot use, unreachable, refused credentials; never the password)
+    when it does not."""
     try:
         check_redis(url)
-        return redis.Redis.from_url(url)
+        return connect_url(url)
     except ValueError as err:  # the URL itself, which is not echoed: it may hold a password
         raise click.ClickException(
-            f"cannot use the Redis URL: {err} (write redis://[:PASSWORD@]HOST:PORT/DB)"
+            f"cannot use the Redis URL: {err} (write redis://[:PASSWORD@]HOST:PORT/DB, or rediscluster://HOST:PORT)"
         ) from None
     except (RedisAccessError, redis.RedisError) as err:
         raise click.ClickException(str(err)) from None

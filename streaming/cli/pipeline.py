@@ -15,6 +15,7 @@ import click
 
 from streaming.pipeline import (
     LIVE,
+    PREPROCESS_ON,
     REPLAY,
     SCALAR_TYPES,
     ConfigError,
@@ -40,6 +41,7 @@ FLAG_HELP = {
     "overload": "drop_oldest (live input) or block (replays).",
     "embed_queue": "Windows waiting per embedder; when full the oldest is dropped.",
     "window_backlog": "Windows waiting in a windowing actor when embedders fall behind (drop_oldest).",
+    "preprocess_on": "Where windows are preprocessed; auto: on the embedders when they have a GPU.",
     "publish_queue": "Embeddings waiting for Redis (rides out outages); when full the oldest is dropped.",
     "drain_timeout_s": "Longest drain at exit; what is left then is dropped, counted (dropped_drain_timeout).",
     "drain_report_s": "After --drain-timeout-s, how long stages may take to stop and report.",
@@ -51,6 +53,8 @@ FLAG_HELP = {
     "embedder_throttle_ms": "Tests only: extra time per embedder batch.",
     "matcher_group": "Consumer group of the alert matchers.",
     "redis_port": "Port of the embedded redis-server (pin it for other commands' default URL, e.g. 6379).",
+    "record": "Record what ingest accepts into rotating MCAP files in this folder (bounds: [recording] in the config).",
+    "index_dir": "Keep a search index of the streams, its snapshots in this folder (bounds: [index] in the config).",
 }
 TEST_FLAGS = {"embedder_throttle_ms"}  # left out of --help
 
@@ -74,9 +78,16 @@ def pipeline_options(command):
         CHECKPOINT_OPTION,
         DEVICE_OPTION,
         DTYPE_OPTION,
+        click.option(
+            "--gating/--no-gating",
+            "gating_enabled",
+            default=None,
+            help="Activity gating: a window that did not change since its stream's last embedded one is not "
+            "embedded, its embedding is published again (streaming/gating.py, [gating] in the config) [default: on]",
+        ),
     ]
     covered = {"redis", "ingest", "model", "checkpoint", "device", "dtype"}
-    types = {"overload": click.Choice([LIVE, REPLAY])}
+    types = {"overload": click.Choice([LIVE, REPLAY]), "preprocess_on": click.Choice(PREPROCESS_ON)}
     for f in dataclasses.fields(PipelineConfig):
         if f.name not in covered and f.type in SCALAR_TYPES:
             help_text = FLAG_HELP.get(f.name, f"PipelineConfig.{f.name}")
@@ -100,6 +111,8 @@ def build_config(config_file: str | None, redis_url: str | None, **flags) -> Pip
     file or value ends the command with one line."""
     with user_errors():
         config = PipelineConfig.from_toml(config_file) if config_file else PipelineConfig()
+        if (gating := flags.pop("gating_enabled", None)) is not None:
+            config.gating = dataclasses.replace(config.gating, enabled=gating)
         for key, value in {"redis": redis_url, **flags}.items():
             if value not in (None, ()):
                 setattr(config, key, list(value) if key == "ingest" else value)

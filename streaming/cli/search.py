@@ -1,5 +1,6 @@
-"""Looking back over the stored windows: `bindstream search` ranks them by similarity to a text, `bindstream
-timeline` draws each query's score over one device's windows."""
+"""Looking back over the stored windows: `bindstream search` ranks them by similarity to a text, a clip or a vector,
+`bindstream index` keeps the search index that speeds it up, `bindstream timeline` draws each query's score over
+one device's windows."""
 
 from __future__ import annotations
 
@@ -8,16 +9,22 @@ import json
 from pathlib import Path
 
 import click
+from rich.live import Live
+from rich.table import Table
 
 from streaming.alerts.prompts import ensemble
-from streaming.alerts.queries import ensure_background
-from streaming.alerts.search import duration_text, search
+from streaming.alerts.queries import ensure_background, load_background
+from streaming.alerts.search import duration_text, mark_events, run_search
 from streaming.alerts.timeline import timeline, timeline_html, timeline_png
-from streaming.records import QUERY_MODALITIES
+from streaming.index.indexer import Indexer, start_indexers
+from streaming.index.shard import IndexSettings
+from streaming.records import QUERY_MODALITIES, STREAM_MODALITIES
 from streaming.redis_access import redact_url
 from streaming.redis_layout import parse_key
+from streaming.stage import Counts
 from streaming.subscriber import stream_keys
 
+from .alerts import REFRESH_S, embed_example, load_vector
 from .options import (
     CHECKPOINT_OPTION,
     JSON_OPTION,
@@ -28,26 +35,51 @@ from .options import (
     model_name,
     redis_option,
 )
-from .terminal import clock_time, console, table
+from .terminal import clock_time, console, table, until_stopped
 
 MAX_TOP = 10_000
 MAX_NAMED = 10  # devices named in an error message
+EVENT_ID_SHOWN = 8  # characters of an event id shown in a table (enough for `bindstream event show`)
 
 
 @click.command("search")
-@click.argument("text")
+@click.argument("text", required=False)
+@click.option(
+    "--example",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Search for windows like this clip or image, embedded as --modality (instead of TEXT).",
+)
+@click.option(
+    "--vector",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Search for windows like this .npy vector of the model's joint space (instead of TEXT).",
+)
 @click.option("--modality", type=click.Choice(QUERY_MODALITIES + ("all",)), default="all")
 @click.option("--device", default="*", help="Device id or glob.")
 @click.option("--since", type=Duration(), default=None, help="Only windows stored in this last while (e.g. 10m, 2h).")
 @click.option("--top", type=click.IntRange(1, MAX_TOP), default=20)
+@click.option(
+    "--no-index", is_flag=True, help="Read every stored window (brute force) even where a search index is kept."
+)
 @redis_option()
 @MODEL_OPTION
 @CHECKPOINT_OPTION
 @JSON_OPTION
-def search_command(text, modality, device, since, top, redis_url, model, checkpoint, as_json):
-    """Rank stored windows by similarity to TEXT (brute force over the streams)."""
-    if not text.strip():
+def search_command(
+    text, example, vector, modality, device, since, top, no_index, redis_url, model, checkpoint, as_json
+):
+    """Rank stored windows by similarity to TEXT, a clip (--example) or a vector (--vector): through the search
+    index where one is kept (`bindstream index`), else by brute force over the streams."""
+    if sum(x is not None for x in (text, example, vector)) != 1:
+        raise click.UsageError("give what to search for: TEXT, --example FILE or --vector FILE.npy (one of them)")
+    if text is not None and not text.strip():
         raise click.BadParameter("the search text is empty", param_hint="TEXT")
+    if example and modality in ("all", "fused"):
+        raise click.BadParameter(
+            f"--example needs the clip's modality: one of {', '.join(STREAM_MODALITIES)}", param_hint="--modality"
+        )
     client = connect(redis_url)
     present = {parse_key(k)[1] for k in stream_keys(client, device)} & set(QUERY_MODALITIES)
     modalities = sorted(present) if modality == "all" else [m for m in (modality,) if m in present]
@@ -58,13 +90,28 @@ def search_command(text, modality, device, since, top, redis_url, model, checkpo
         if as_json:
             click.echo("[]")
         return
-    encoder = load_encoder(model_name(model, checkpoint), checkpoint)
-    vectors = {}
-    for m in modalities:
-        ensure_background(client, encoder, m)
-        vectors[m] = ensemble(encoder, [text], m)[0]
-    hits, skipped = search(client, vectors, encoder.name, device, since, top)
-    note = f"{skipped} stored windows skipped (malformed, or embedded by another model)" if skipped else None
+    name = model_name(model, checkpoint)
+    encoder = None
+    if vector is None or any(load_background(client, name, m) is None for m in modalities):
+        encoder = load_encoder(name, checkpoint)  # to embed the query, or a missing background
+        for m in modalities:
+            ensure_background(client, encoder, m)
+    if vector is not None:
+        v = load_vector(vector, name)
+        vectors, what = {m: v for m in modalities}, f"vector {vector}"
+    elif example is not None:
+        vectors, what = {modality: embed_example(encoder, example, modality)}, f"example {example}"
+    else:
+        vectors, what = {m: ensemble(encoder, [text], m)[0] for m in modalities}, repr(text)
+    found = run_search(client, vectors, name, device, since, top, use_index=not no_index)
+    mark_events(client, found.hits, device, since)
+    if found.indexed:
+        click.echo(f"through the search index: {', '.join(found.indexed)}", err=True)
+    if found.notes:
+        click.echo(f"brute force over the streams: {'; '.join(found.notes)}", err=True)
+    note = (
+        f"{found.skipped} stored windows skipped (malformed, or embedded by another model)" if found.skipped else None
+    )
     if as_json:
         if note:
             click.echo(note, err=True)
@@ -82,16 +129,18 @@ def search_command(text, modality, device, since, top, redis_url, model, checkpo
                         "model": h.record.model,
                         "stream": h.record.stream,
                         "id": h.record.id,
+                        "event": h.event or None,
+                        "evidence": h.evidence,
                     }
-                    for rank, h in enumerate(hits, 1)
+                    for rank, h in enumerate(found.hits, 1)
                 ],
                 indent=2,
             )
         )
         return
-    columns = ("rank", "score", "cosine", "device", "modality", "t0 s", "t1 s", "stored", "stream id")
-    out = table(f"search {text!r} ({encoder.name})", columns, right=columns[:3] + columns[5:7], whole=("stream id",))
-    for rank, h in enumerate(hits, 1):
+    columns = ("rank", "score", "cosine", "device", "modality", "t0 s", "t1 s", "stored", "stream id", "event")
+    out = table(f"search {what} ({name})", columns, right=columns[:3] + columns[5:7], whole=("stream id", "event"))
+    for rank, h in enumerate(found.hits, 1):
         r = h.record
         out.add_row(
             str(rank),
@@ -103,9 +152,101 @@ def search_command(text, modality, device, since, top, redis_url, model, checkpo
             f"{r.t1 / 1e9:.1f}",
             clock_time(r.id),
             r.id,
+            (h.event[:EVENT_ID_SHOWN] + (" (evidence)" if h.evidence else "")) if h.event else "",
         )
-    out.caption = note
+    played = next((h.event for h in found.hits if h.evidence), "")
+    lines = [note] if note else []
+    if played:
+        lines.append(
+            f"an event's evidence: bindstream event show {played[:EVENT_ID_SHOWN]} --save DIR (audio.wav, frames), "
+            f"or /events/{played} in the console (bindstream ui)"
+        )
+    out.caption = "\n".join(lines) or None
     console.print(out)
+
+
+def indexer_table(stats: list[dict], title: str = "bindstream indexers") -> Table:
+    """One row per indexer: its shard, streams, entries indexed, vectors held, evicted, rejected, snapshots."""
+    columns = ("model", "modality", "streams", "indexed", "vectors", "evicted", "rejected", "snapshots", "state")
+    out = table(title, columns, right=columns[2:8])
+    for s in stats:
+        counts = Counts.of(s)
+        out.add_row(
+            s["model"],
+            s["modality"],
+            str(s["streams"]),
+            *(str(counts.get(e)) for e in ("indexed",)),
+            str(s["vectors"]),
+            *(str(counts.get(e)) for e in ("evicted", "rejected_", "saved")),
+            ("indexing" if s["holding"] else "standby (another indexer holds the lease)")
+            + (f"; last error: {s['last_error']}" if s["last_error"] else ""),
+        )
+    return out
+
+
+@click.command("index")
+@redis_option()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory of the snapshots [default: $BINDSTREAM_HOME/index].",
+)
+@click.option(
+    "--modality",
+    "modalities",
+    type=click.Choice(QUERY_MODALITIES),
+    multiple=True,
+    help="A modality to index (repeatable); default: all of them.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A pipeline config (TOML) whose [index] table sets the index's bounds and tuning.",
+)
+@MODEL_OPTION
+@CHECKPOINT_OPTION
+@click.option("--in-process", is_flag=True, help="Indexers in this process instead of Ray actors.")
+@click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")
+def index_command(redis_url, directory, modalities, config_file, model, checkpoint, in_process, seconds):
+    """Keep the search index of the embedding streams of MODEL current, one indexer per modality, until Ctrl-C:
+    what `run --index-dir DIR` starts with the pipeline, without it."""
+    import ray
+
+    from encoders.weights import bindstream_home
+    from streaming.pipeline import PipelineConfig
+
+    from .pipeline import user_errors
+
+    connect(redis_url)
+    with user_errors():
+        settings = PipelineConfig.from_toml(config_file).index if config_file else IndexSettings()
+    name = model_name(model, checkpoint)
+    folder = Path(directory) if directory else bindstream_home() / "index"
+    stop = until_stopped(seconds)
+    if in_process:
+        local = [Indexer(settings, redis_url, folder, name, m, autostart=True) for m in modalities or QUERY_MODALITIES]
+    else:
+        from streaming.pipeline import connect_ray
+
+        connect_ray()
+        actors = start_indexers(settings, redis_url, folder, name, modalities or QUERY_MODALITIES)
+
+    def call(method: str) -> list[dict]:
+        if in_process:
+            return [getattr(x, method)() for x in local]
+        return ray.get([getattr(a, method).remote() for a in actors])
+
+    with Live(indexer_table(call("stats")), console=console, refresh_per_second=2) as view:
+        while not stop.wait(REFRESH_S):
+            view.update(indexer_table(call("stats")))
+    console.print(indexer_table(call("stop"), f"bindstream indexers: final (snapshots in {folder})"))
+    if not in_process:
+        for a in actors:
+            ray.kill(a)
 
 
 @click.command("timeline")

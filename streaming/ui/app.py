@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from streaming.redis_access import redact_url
+from streaming.redis_access import connect, redact_url
 
 from .auth import Guard
 from .pages import PAGES
@@ -44,7 +44,7 @@ def create_app(
     """The console over the Redis at `redis_url`; with `token`, every request must carry it (auth.py). `model` and
     `checkpoint` name the encoder of the Queries and Search pages, as `--model` and `--checkpoint` do."""
     app = FastAPI(title="bindstream", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.redis = redis.Redis.from_url(redis_url)
+    app.state.redis = connect(redis_url)
     app.state.redis_url = redis_url
     app.state.settings = settings or ConsoleSettings()
     app.state.live = 0  # /live streams open now

@@ -3,20 +3,21 @@ sensor behind it) with when its last window arrived, its windows per minute, and
 health event). The table (/devices/table) reloads every `refresh_s` and on every live health event.
 
 All of it comes from Redis: the stream keys (subscriber.stream_keys), each stream's last entry id and recent
-entries (one script call per `stream_chunk` streams: no embedding leaves Redis), and the health event records.
+entries (one script call per `stream_chunk` streams, of one hash slot in a Redis Cluster: no embedding leaves
+Redis), and the health event records.
 Drops by reason are the pipeline's counters, which are not in Redis: the page says so rather than guess.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import islice
 
 import redis
 from fastapi import APIRouter, Request
 
 from streaming.alerts.events import list_events
 from streaming.records import FUSED, FUSED_MODALITIES, QUERY_MODALITIES, STREAMS, text
+from streaming.redis_access import run_scripts, slot_groups
 from streaming.redis_layout import HEALTH_EVENT, OPEN, Event, id_tuple, parse_key
 from streaming.subscriber import stream_keys
 
@@ -85,10 +86,14 @@ def read_fleet(client: redis.Redis, settings: ConsoleSettings) -> Fleet:
     seconds, micros = client.time()
     now_ms = seconds * 1000 + micros // 1000
     low = str(max(now_ms - int(settings.rate_window_s * 1000), 0))
-    status: list = []
-    chunks = iter(shown)
-    while chunk := list(islice(chunks, settings.stream_chunk)):
-        status += client.eval(STREAM_STATUS, len(chunk), *chunk, low, settings.max_rate_count)
+    chunks = slot_groups(client, shown, settings.stream_chunk)  # a Redis Cluster: one script per hash slot
+    script = client.register_script(STREAM_STATUS)
+    found: dict[str, list] = {}
+    for chunk, reply in zip(chunks, run_scripts(client, [(script, c, [low, settings.max_rate_count]) for c in chunks])):
+        if isinstance(reply, Exception):
+            raise reply
+        found |= dict(zip(chunk, reply))
+    status = [found[key] for key in shown]
     silent = open_health(client, settings)
     devices: dict[str, Device] = {}
     order = {m: i for i, m in enumerate(QUERY_MODALITIES)}

@@ -22,7 +22,6 @@ import anyio
 import cv2
 import numpy as np
 import redis
-import redis.asyncio as aioredis
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
@@ -31,6 +30,7 @@ from streaming.alerts.queries import load_queries
 from streaming.alerts.records import ID_BYTES
 from streaming.alerts.sinks import sink_label
 from streaming.records import FRAME_SENSORS, text
+from streaming.redis_access import connect_async
 from streaming.redis_layout import (
     ALERTS_CHANNEL,
     ALERTS_STREAM,
@@ -314,8 +314,12 @@ async def live(request: Request):
 
 
 async def relay(state, settings: ConsoleSettings, resume: str):
+    try:
+        source = await connect_async(state.redis_url)  # a Redis Cluster answers here: its nodes are asked for
+    except (redis.RedisError, OSError) as err:
+        log.warning("console: the live stream cannot reach Redis: %s", err)
+        return
     state.live += 1
-    source = aioredis.Redis.from_url(state.redis_url)
     channel = source.pubsub(ignore_subscribe_messages=True)
     try:
         await channel.subscribe(ALERTS_CHANNEL)  # before the catch-up: nothing falls between the two

@@ -15,9 +15,9 @@ from streaming.alerts.events import list_events
 from streaming.alerts.prompts import ensemble
 from streaming.alerts.queries import ensure_background
 from streaming.alerts.records import ALL_DEVICES, QueryError
-from streaming.alerts.search import Hit, parse_duration_ms, search
+from streaming.alerts.search import Hit, covers, parse_duration_ms, search
 from streaming.records import QUERY_MODALITIES, STREAM_MODALITIES
-from streaming.redis_layout import QUERY_EVENT, Event, id_tuple, parse_key
+from streaming.redis_layout import QUERY_EVENT, id_tuple, parse_key
 from streaming.subscriber import stream_keys
 
 from ..web import BadParam, ConsoleSettings, page, text_param
@@ -50,13 +50,6 @@ def asked(values: Fields, settings: ConsoleSettings, modalities: tuple[str, ...]
     if not top.isdigit() or not 1 <= int(top) <= settings.max_search_top:
         raise BadParam("top", f"{top!r} is not a whole number from 1 to {settings.max_search_top}")
     return Asked(modality, field(values, "device") or ALL_DEVICES, since, since_ms, int(top))
-
-
-def covers(event: Event, hit: Hit) -> bool:
-    """Whether `event` was raised on the hit's stream over the hit's window (device time; an open event's end is
-    its last window's)."""
-    r = hit.record
-    return event.source == r.stream and event.start_ns <= r.t0 < event.end_ns
 
 
 def rows(db: redis.Redis, hits: list[Hit], a: Asked, settings: ConsoleSettings) -> list[dict]:

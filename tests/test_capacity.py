@@ -1,0 +1,58 @@
+"""`bindstream bench capacity` as a user runs it (a real process: its own Ray, redis-server and sender): one
+wearable for a few seconds; its JSON figures are there and agree with each other (no speed is asserted)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from streaming.capacity import CPU_STAGES, CapacitySettings, fleet_sizes
+
+BINDSTREAM = [sys.executable, "-c", "from streaming.cli import main; main()"]
+KEYS = {"wearables", "windows_per_s", "cpu_ms_per_window", "per_stage_cpu_ms", "efficiency"}
+
+
+def test_capacity_of_one_wearable_reports_consistent_figures():
+    done = subprocess.run(
+        [*BINDSTREAM, "bench", "capacity", "--seconds", "3", "--max-wearables", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "random weights" in done.stderr and "1 wearables:" in done.stderr  # the model said, a line per step
+    figures = json.loads(done.stdout)
+    assert KEYS <= set(figures) and figures["model"] == "tiny" and figures["profile"] == "steady"
+    (step,) = figures["steps"]  # at most one wearable: one step
+    assert step["wearables"] == 1 and step["windows"] > 0 and step["unpublished"] >= 0
+    assert math.isclose(step["windows_per_s"], step["windows"] / 3, rel_tol=1e-9)
+    assert figures["offline_windows_per_s"] > 0
+    if step["behind"]:  # a loaded machine may not keep one wearable within the hop: then no fleet kept up
+        assert figures["wearables"] == 0 and figures["per_stage_cpu_ms"] == {}
+        return
+    assert figures["wearables"] == 1 and figures["windows_per_s"] == step["windows_per_s"]
+    stages = figures["per_stage_cpu_ms"]
+    assert set(stages) == set(CPU_STAGES) and all(math.isfinite(ms) for ms in stages.values())
+    assert math.isclose(figures["cpu_ms_per_window"], sum(stages.values()), rel_tol=1e-9)
+    assert math.isclose(figures["cpu_ms_per_window"], step["cpu_ms_per_window"], rel_tol=1e-9)
+    assert figures["forward_cpu_ms_per_window"] > 0  # the encoder ran, and its share is told apart
+    assert math.isclose(figures["efficiency"], figures["windows_per_s"] / figures["offline_windows_per_s"])
+
+
+@pytest.mark.parametrize(
+    "keeps_up_to, max_wearables, tried",
+    [(5, 256, [1, 2, 4, 8, 6, 5]), (3, 256, [1, 2, 4, 3]), (100, 8, [1, 2, 4, 8]), (0, 256, [1])],
+)
+def test_fleets_double_until_one_falls_behind_then_bisect(keeps_up_to, max_wearables, tried):
+    """Against a pipeline that keeps up with at most `keeps_up_to` wearables: doubling, then two bisections,
+    never beyond `max_wearables`; the largest fleet that kept up is the capacity."""
+
+    class Step:
+        def __init__(self, wearables):
+            self.wearables, self.behind = wearables, "" if wearables <= keeps_up_to else "latency over the hop"
+
+    steps = fleet_sizes(CapacitySettings(max_wearables=max_wearables, refine=2), Step)
+    assert [s.wearables for s in steps] == tried
+    assert max((s.wearables for s in steps if not s.behind), default=0) == min(keeps_up_to, max_wearables)
