@@ -40,6 +40,7 @@ from sensors.protocol import NS_PER_S, VERSION
 from sensors.simulator import DEFAULT_PROFILE, PROFILES, SimulatedWearable
 
 from .records import FUSED, STREAMS
+from .redis_access import connect
 from .redis_layout import stream_key
 
 if TYPE_CHECKING:
@@ -352,7 +353,7 @@ class CapacityRun:
         self.settings = settings
         self.pipeline = pipeline
         self.conn = conn
-        self.client = redis.Redis.from_url(redis_url)
+        self.client = connect(redis_url)
         from .bench import actor_pids
 
         self.pids = actor_pids(pipeline)
@@ -416,7 +417,7 @@ def add_queries(redis_url: str, encoder) -> None:
     from .alerts.queries import ensure_background, save_query
     from .alerts.records import Query
 
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     for text, modality in QUERIES:
         ensure_background(client, encoder, modality)
         save_query(client, Query(text, modality, ensemble(encoder, [text], modality)[0], encoder.name))

@@ -244,20 +244,7 @@ class Embedder:
             if reason:
                 self.metrics.count(f"rejected_{reason}", w.device)
             else:
-                out.append(
-                    Embedding(
-                        w.device,
-                        w.modality,
-                        w.t0,
-                        w.t1,
-                        v,
-                        self.encoder.name,
-                        w.arrived_ns,
-                        done,
-                        epoch=w.epoch,
-                        dbfs=w.dbfs,
-                    )
-                )
+                out.append(self._embedding(w, v, done))
         if len(fresh) < len(windows):
             out = self._in_order(windows, out, done)
         self.metrics.count("out", modality, len(out))
@@ -266,6 +253,22 @@ class Embedder:
             self.metrics.latency((done - e.arrived_ns) / 1e9)
         self.metrics.queue_depth(self.queue.size)
         return out
+
+    def _embedding(self, w: Window, vector: np.ndarray, done: int, reused: int | None = None) -> Embedding:
+        """The record of window `w`'s embedding (`reused`: the t0 of the window whose vector it repeats)."""
+        return Embedding(
+            w.device,
+            w.modality,
+            w.t0,
+            w.t1,
+            vector,
+            self.encoder.name,
+            w.arrived_ns,
+            done,
+            epoch=w.epoch,
+            dbfs=w.dbfs,
+            reused=reused,
+        )
 
     def _in_order(self, windows: list[Window], fresh: list[Embedding], done: int) -> list[Embedding]:
         """The batch's embeddings in its windows' order, with a vector-less stand-in (`reused`) for each gated
@@ -278,21 +281,7 @@ class Embedder:
                 out += [made[key]] if (key := (w.device, w.epoch, w.t0)) in made else []
                 continue
             self.metrics.count("reused", w.modality)
-            out.append(
-                Embedding(
-                    w.device,
-                    w.modality,
-                    w.t0,
-                    w.t1,
-                    NO_DATA,
-                    self.encoder.name,
-                    w.arrived_ns,
-                    done,
-                    epoch=w.epoch,
-                    dbfs=w.dbfs,
-                    reused=w.reuses,
-                )
-            )
+            out.append(self._embedding(w, NO_DATA, done, reused=w.reuses))
         return out
 
     def _model_inputs(self, modality: str, batch: list[Window]) -> tuple[list[Window], np.ndarray | torch.Tensor]:

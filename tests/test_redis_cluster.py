@@ -143,14 +143,18 @@ def test_the_pipeline_publishes_every_window_and_a_vector_query_alerts_once(ray_
         send_all(endpoint, messages)
         wait_for(lambda: Counts.of(*pipeline.stats()["ingest"]).get("in") == len(messages), 60, "ingest to take all")
         final = pipeline.drain()
+        starts = [a for a in (Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM)) if a.state == START]
+        # the windowing actors heard of it on the channel (PUBLISH reaches every node) and wrote its evidence, which
+        # links the record: two keys of one slot, `{event}`
+        evidence = wait_for(lambda: client.hget(event_key(starts[0].event), "evidence"), 30, "the event's evidence")
     finally:
         pipeline.kill()
     published = {(r.modality, r.t0) for r in read_all(client, device) if r.modality != "fused"}
     assert published == expected  # every window, once (a duplicate would repeat a pair: counted below)
     assert sum(client.xlen(stream_key(device, m)) for m in {m for m, _ in expected}) == len(expected)
     assert client.zscore(STREAM_REGISTRY, stream_key(device, "audio")) is not None
-    starts = [a for a in (Alert.from_entry(i, f) for i, f in client.xrange(ALERTS_STREAM)) if a.state == START]
     assert [(a.query, a.device) for a in starts] == [(q.id, device)]
+    assert evidence.decode() == evidence_key(starts[0].event) and client.hexists(evidence, "audio.pcm")
     own = [decode_device_alert(i, f)[0] for i, f in client.xrange(device_alerts_key(device))]
     assert [a.event for a in own if a.state == START] == [starts[0].event]
     assert client.exists(event_key(starts[0].event)) and client.zscore(EVENTS_INDEX, starts[0].event) is not None

@@ -428,8 +428,7 @@ class Matcher:
                 self._let_go(key)
         for key in list(self.waiting):
             if len(self.active) >= s.max_streams:
-                self.metrics.count("refused_stream_cap", parse_key(key)[0])
-                continue
+                break
             self._poll(key, self.idle.pop(key, "0-0"), now)
         self._check_health({k: p for k, (_, p) in self.active.items()} | self.idle, set(self.waiting))
 
@@ -567,12 +566,6 @@ class Matcher:
         self.lost |= dict.fromkeys(devices, time.monotonic())
         self.next_discover = 0.0
         self.metrics.count("device_lost", n=len(devices))
-
-    def forget_streams(self) -> None:
-        """Find every stream again from the registry (after a stream or its group vanished)."""
-        self.active, self.idle, self.waiting, self.states, self.retry = {}, {}, {}, {}, set()
-        self.held.clear()
-        self.rebalance_due, self.next_discover = True, 0.0
 
     # ----- one cycle -----
 

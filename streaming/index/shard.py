@@ -14,9 +14,9 @@ Snapshots: in the shard's directory, a folder per segment (`seg-<first label>-<c
 table), written once, and a manifest `snap-<serial>.json` (the segments, the device ids, each stream's position)
 that the file CURRENT names (replaced atomically). Files the current and the previous manifest do not name are
 removed; the previous one stays for a reader that opened it. A reader opens a snapshot read-only and
-memory-mapped, and so does the indexer its sealed segments. Needs no Ray cluster and no torch: `bindstream search`
-opens snapshots with it. (It imports Ray's compiled module before usearch's: usearch 2.26 loaded first makes Ray
-abort with std::regex_error when a process then creates a Ray metric.)
+memory-mapped, and so does the indexer its sealed segments. Needs neither Ray nor torch: `bindstream search` and
+the web console open snapshots with it. (Where Ray is installed it imports Ray's compiled module before usearch's:
+usearch 2.26 loaded first makes Ray abort with std::regex_error when the process then creates a Ray metric.)
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
-import ray._raylet  # noqa: F401  # before usearch: loaded after it, Ray's compiled module aborts (std::regex_error)
+
+try:  # before usearch: loaded after it, Ray's compiled module aborts as it creates a metric (std::regex_error)
+    import ray._raylet  # noqa: F401
+except ImportError:  # no Ray in this process (the web console runs without): nothing to protect
+    pass
 from usearch.index import Index
 
 from ..redis_layout import EmbeddingRecord, id_tuple, stream_key
