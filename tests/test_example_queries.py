@@ -34,6 +34,7 @@ from streaming.redis_layout import (
     encode_embedding,
     encode_query,
     query_key,
+    register_streams,
     stream_key,
 )
 from streaming.redis_server import RedisServer
@@ -281,6 +282,7 @@ def write(client, vectors, dbfs=None, start_s: int = 0) -> list[str]:
     for i, v in enumerate(vectors, start_s):
         e = Embedding(DEVICE, "audio", i * SECOND, (i + 2) * SECOND, np.asarray(v, np.float32), MODEL, 0, 0, dbfs=dbfs)
         ids.append(client.xadd(STREAM, encode_embedding(e)).decode())
+    register_streams(client, [STREAM])  # as the publisher does: matchers find the stream there
     return ids
 
 

@@ -25,7 +25,7 @@ from streaming.alerts.records import Background, Query
 from streaming.cli import main
 from streaming.cli.terminal import console
 from streaming.records import Embedding
-from streaming.redis_layout import QUERY_SET, encode_embedding, stream_key
+from streaming.redis_layout import QUERY_SET, encode_embedding, register_streams, stream_key
 from streaming.redis_server import RedisServer, free_port
 
 from .conftest import ASSETS, shared_file, wait_for
@@ -68,6 +68,7 @@ def write(client, device: str, n: int, modality: str = "audio") -> list[str]:
         e = Embedding(device, modality, 2 * i * SECOND, 2 * (i + 1) * SECOND, unit(i % DIM), "tiny", 0, 0)
         ids.append(client.xadd(stream_key(device, modality), encode_embedding(e)).decode())
         time.sleep(0.002)
+    register_streams(client, [stream_key(device, modality)])  # as the publisher does: matchers find it there
     return ids
 
 
