@@ -286,13 +286,13 @@ def test_run_pins_its_redis_stops_on_ctrl_c_and_its_summary_adds_up(bindstream):
         for name, cells in table_rows(summary, ("ingest", "window", "embed", "publish", "match")).items()
     }
     modality = table_rows(summary, ("vision", "audio", "depth", "thermal", "imu", "fused"))
-    fused = int(modality["fused"][2])
+    fused = int(modality["fused"][3])  # columns: windows, gated, embedded (model forwards), published
     published, formed = map(int, re.fullmatch(r"(\d+) \+(\d+) fused", stage["publish"][1]).groups())
     assert stage["ingest"] == (sent, str(sent))  # every message sent arrived and was passed on
     assert stage["window"][0] == sent
     assert stage["embed"][0] == int(stage["window"][1]) == sum(int(modality[m][0]) for m in modality if m != "fused")
     assert stage["publish"][0] == int(stage["embed"][1]) == published
-    assert formed == fused >= 2 and modality["fused"][:2] == ["-", "-"]
+    assert formed == fused >= 2 and modality["fused"][:3] == ["-", "-", "-"]
     assert stage["match"][0] == published + formed
     assert "drops: ingest: rejected_payload_size 3" in summary
     device = table_rows(summary, ("broken-1", "sim-000"))
