@@ -178,7 +178,7 @@ def indexer_table(stats: list[dict], title: str = "bindstream indexers") -> Tabl
             *(str(counts.get(e)) for e in ("indexed",)),
             str(s["vectors"]),
             *(str(counts.get(e)) for e in ("evicted", "rejected_", "saved")),
-            ("indexing" if s["holding"] else "standby (another indexer holds the lease)")
+            ("holds the lease" if s["holding"] else "no lease (stopped, or another indexer holds it)")
             + (f"; last error: {s['last_error']}" if s["last_error"] else ""),
         )
     return out

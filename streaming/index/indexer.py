@@ -331,6 +331,7 @@ class Indexer:
                 if self.dirty:
                     self.save()
                 self.release(keys=[self.lease_key], args=[self.token])
+                self.holding = False
             except (redis.RedisError, OSError) as err:
                 self.metrics.count("error")
                 self.last_error = f"final snapshot: {err}"
