@@ -1,5 +1,6 @@
 """Faults with real processes: an embedder killed mid-stream, Redis stopped for 5 s, ingest killed."""
 
+import os
 import threading
 import time
 
@@ -84,8 +85,12 @@ def test_killed_ingest_comes_back_on_its_endpoint_and_loss_is_counted(ray_local,
         if delay > 0:
             time.sleep(delay)
         if not killed and header["t_ns"] - t_first > 2 * SECOND:
+            first_pid = ingest_pid(pipeline)
             ray.kill(pipeline.stages["ingest"][0], no_restart=False)
             killed = True
+            # the device sends on while ingest comes back (its socket queues); a restart can take many seconds on a
+            # busy machine, and what the device still queues when it closes would be lost uncounted
+            wait_for(lambda old=first_pid: ingest_pid(pipeline) not in (None, old), 120, "the ingest actor's restart")
         fields = {k: v for k, v in header.items() if k not in ("v", "device", "sensor", "seq", "t_ns")}
         publisher.send(header["sensor"], header["t_ns"], payload, **fields)
     publisher.close()
@@ -100,6 +105,14 @@ def test_killed_ingest_comes_back_on_its_endpoint_and_loss_is_counted(ray_local,
     assert received + lost == issued  # every missing message is accounted for, per device
     late = [t0 for _, t0 in published_keys(redis_server.url, device) if t0 >= START_NS + 4 * SECOND]
     assert late, "the pipeline did not resume after the ingest restart"
+
+
+def ingest_pid(pipeline) -> int | None:
+    """The ingest actor's process id; None while it restarts (ray.kill returns before the actor dies)."""
+    try:
+        return ray.get(pipeline.stages["ingest"][0].__ray_call__.remote(lambda _: os.getpid()), timeout=60)
+    except ray.exceptions.ActorUnavailableError:
+        return None
 
 
 def count(stats: dict, stage: str, event: str, label: str | None = None) -> int:
