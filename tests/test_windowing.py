@@ -281,7 +281,7 @@ def test_any_accepted_mic_rate_resamples_with_a_bounded_kernel():
 
 def test_a_device_over_its_cpu_allowance_is_throttled_not_the_others():
     w = Windower(WindowingConfig(device_cpu_share=0.05, device_cpu_burst_s=0.3))
-    big = progressive_jpeg(4096)  # valid, within every limit, ~0.15 s of CPU to decode
+    big = progressive_jpeg(4095)  # valid, within every limit; odd sides: decoded whole (no scaled decode), ~0.15 s
     heavy = [
         decode([encode_header("heavy", "camera", k, START + k * SECOND // 5, encoding="jpeg"), big]) for k in range(30)
     ]  # 6 s at 5 fps: 5 windows, 10 decodes
