@@ -252,7 +252,7 @@ class Recorder:
         try:
             file.close()
             if self.settings.fsync:
-                _fsync_path(file.path)
+                fsync_path(file.path)
         except OSError as err:
             self._fail(err)
 
@@ -286,7 +286,8 @@ class Recorder:
                 total -= stat.st_size
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush the file or folder at `path` to the disk (a folder: the names in it), so that a power cut keeps it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -1,4 +1,6 @@
-"""Shared test helpers: the read-only ../shared folder (fixtures and real media) beside the checkout."""
+"""Shared test helpers: the read-only ../shared folder (fixtures and real media) beside the checkout; real
+servers (Ray, redis-server, ZeroMQ, MQTT) on loopback; a Redis holding the audio background the tests' vectors are
+built around."""
 
 import time
 from pathlib import Path
@@ -9,6 +11,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURE = SHARED / "fixtures" / "imagebind_parity_tiny.pt"
 HUGE_KEYS = SHARED / "fixtures" / "imagebind_huge_keys.json"
 ASSETS = SHARED / "assets"
+MODEL = "tiny"  # RANDOM weights
+DIM = 64  # tiny's joint space
+BACKGROUND = range(1, 9)  # the axes of the background prompts b1..b8 (`client`)
 
 
 def shared_file(path: Path) -> Path:
@@ -42,6 +47,31 @@ def redis_server():
 
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+def server():
+    """A redis-server of the test's own: queries, backgrounds and consumer groups are global to a Redis, and
+    what another test left running cannot write into this one."""
+    from streaming.redis_server import RedisServer
+
+    with RedisServer() as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    """A client of `server`, which holds MODEL's audio background: the prompts b1..b8, along the BACKGROUND axes."""
+    import numpy as np
+    import redis
+
+    from streaming.alerts.queries import save_background
+    from streaming.alerts.records import Background
+
+    c = redis.Redis.from_url(server.url)
+    axes = np.eye(DIM, dtype=np.float32)[BACKGROUND]
+    save_background(c, Background(MODEL, "audio", tuple(f"b{i}" for i in BACKGROUND), axes))
+    return c
 
 
 RECV_TIMEOUT_MS = 5000

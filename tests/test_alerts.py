@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from encoders.weights import default_checkpoint_path
 from streaming.alerts.matcher import Matcher, MatcherSettings, start_matchers
-from streaming.alerts.queries import load_background, load_query, save_background, save_query
-from streaming.alerts.records import Background, Decision, Query, QueryError
+from streaming.alerts.queries import load_background, load_query, save_query
+from streaming.alerts.records import Decision, Query, QueryError
 from streaming.alerts.scoring import ModalityIndex
 from streaming.alerts.search import search
 from streaming.alerts.tuning import confusion, fit_threshold
@@ -38,16 +38,12 @@ from streaming.redis_layout import (
     state_key,
     stream_key,
 )
-from streaming.redis_server import RedisServer
 from streaming.stage import Counts
 
-from .conftest import ASSETS, wait_for
+from .conftest import ASSETS, BACKGROUND, DIM, MODEL, wait_for
 
-DIM = 64  # tiny's joint space
-MODEL = "tiny"
 SECOND = 1_000_000_000
 WINDOW_S = 2
-BACKGROUND = range(1, 9)
 NOISE_AXIS = 9  # orthogonal to query and background
 WAIT_S = 60.0  # bound on every wait for a background matcher
 
@@ -73,26 +69,6 @@ MATCH, QUIET = basis(0), basis(2)
 def wide_console(monkeypatch):
     """Tables one line per row (CliRunner's terminal is 80 columns wide)."""
     monkeypatch.setattr(console, "width", 250)
-
-
-@pytest.fixture
-def server():
-    with RedisServer() as s:
-        yield s
-
-
-def client_with_background(url: str) -> redis.Redis:
-    """A client of the server at `url`, which gets the audio background prompts the tests' queries use."""
-    c = redis.Redis.from_url(url)
-    save_background(
-        c, Background(MODEL, "audio", tuple(f"b{i}" for i in BACKGROUND), np.stack([basis(i) for i in BACKGROUND]))
-    )
-    return c
-
-
-@pytest.fixture
-def client(server):
-    return client_with_background(server.url)
 
 
 def add_query(client, decision: Decision | None = None, device="*", text="a dog barking", vector=MATCH) -> Query:
@@ -471,11 +447,11 @@ def test_match_watch_search_timeline_commands(server, client, tmp_path):
 def test_search_ranks_by_calibrated_score(client):
     ids = write(client, "a", [QUIET, with_share(0.7), MATCH])
     ids += write(client, "b", [with_share(0.2), with_share(0.9)])
-    hits, skipped = search(client, {"audio": MATCH}, MODEL, top=3)
-    assert [h.record.id for h in hits] == [ids[2], ids[4], ids[1]] and skipped == 0
-    assert [h.record.device for h in hits] == ["a", "b", "a"]
-    hits, _ = search(client, {"audio": MATCH}, MODEL, device="b", since_ms=60_000)
-    assert [h.record.id for h in hits] == [ids[4], ids[3]]
+    found = search(client, {"audio": MATCH}, MODEL, top=3)
+    assert [h.record.id for h in found.hits] == [ids[2], ids[4], ids[1]] and found.skipped == 0
+    assert [h.record.device for h in found.hits] == ["a", "b", "a"]
+    found = search(client, {"audio": MATCH}, MODEL, device="b", since_ms=60_000)
+    assert [h.record.id for h in found.hits] == [ids[4], ids[3]]
 
 
 @pytest.mark.parametrize("sink", ["http", "mqtt"])

@@ -10,7 +10,6 @@ streams): the query is e0, the background e1..e8, `with_share(p)` a window scori
 import json
 
 import pytest
-import redis
 
 from streaming.alerts.events import NoEvent, list_events, load_event, set_review
 from streaming.alerts.matcher import Matcher, MatcherSettings
@@ -45,7 +44,6 @@ from .test_alerts import (
     SECOND,
     WAIT_S,
     WINDOW_S,
-    client_with_background,
     counts,
     with_share,
     write,
@@ -54,17 +52,6 @@ from .test_alerts import (
 SINK = "json://127.0.0.1:9/hook"  # a notify URL: only copied into the record here, never called
 ONE_SHOT = Decision(k=1, n=1, cooldown_s=0)
 MAX_STEPS = 50  # a matcher that needs more steps to read a few dozen entries is stuck
-
-
-@pytest.fixture
-def server(redis_server):
-    redis.Redis.from_url(redis_server.url).flushall()
-    return redis_server
-
-
-@pytest.fixture
-def client(server):
-    return client_with_background(server.url)
 
 
 def add_query(client, decision: Decision, notify=()) -> Query:

@@ -37,7 +37,6 @@ from streaming.redis_layout import (
     register_streams,
     stream_key,
 )
-from streaming.redis_server import RedisServer
 from streaming.windowing import SECOND, Windower
 
 DIM = 64  # tiny's joint space
@@ -261,12 +260,6 @@ def test_a_query_hash_keeps_its_calibration_and_gate_and_old_hashes_still_load()
 
 
 # ----- the matcher, against a real redis-server ------------------------------------------------------------
-
-
-@pytest.fixture
-def server():
-    with RedisServer() as s:
-        yield s
 
 
 @pytest.fixture

@@ -297,12 +297,6 @@ def test_reused_is_encoded_and_checked():
             decode_embedding(key, "1-0", {**fields, "reused": bad})
 
 
-@pytest.fixture
-def server():
-    with RedisServer() as s:
-        yield s
-
-
 def test_a_restarted_publisher_reads_the_repeated_window_back_and_drops_what_never_came(server):
     first = Publisher(PublisherSettings(server.url))
     first.push([embedding("audio", 0, np.eye(64)[0])])

@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-import redis
 from click.testing import CliRunner
 
 from sensors.protocol import INT64_MAX
@@ -42,24 +41,12 @@ from .test_alerts import (
     WINDOW_S,
     add_query,
     alerts,
-    client_with_background,
     counts,
     write,
 )
 
 ONE_SHOT = Decision(k=1, n=1, cooldown_s=0)  # every re-armed matching window fires
 MAX_STEPS = 50  # a matcher that needs more steps to read a few dozen entries is stuck
-
-
-@pytest.fixture
-def server(redis_server):
-    redis.Redis.from_url(redis_server.url).flushall()
-    return redis_server
-
-
-@pytest.fixture
-def client(server):
-    return client_with_background(server.url)
 
 
 def matcher(server, **overrides) -> Matcher:

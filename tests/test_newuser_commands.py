@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pytest
 import redis
 import soundfile
 import zmq
@@ -70,13 +69,6 @@ def write(client, device: str, n: int, modality: str = "audio") -> list[str]:
         time.sleep(0.002)
     register_streams(client, [stream_key(device, modality)])  # as the publisher does: matchers find it there
     return ids
-
-
-@pytest.fixture
-def server():
-    """A redis-server of the test's own: queries are global to a Redis."""
-    with RedisServer() as s:
-        yield s
 
 
 class Lines:

@@ -14,7 +14,6 @@ import wave
 import cv2
 import numpy as np
 import pytest
-import redis
 from click.testing import CliRunner
 
 from streaming.alerts.events import load_event
@@ -45,7 +44,7 @@ from streaming.redis_layout import (
 )
 
 from .conftest import wait_for
-from .test_alerts import MATCH, MODEL, QUIET, SECOND, WAIT_S, basis, client_with_background, with_share, write
+from .test_alerts import MATCH, MODEL, QUIET, SECOND, WAIT_S, basis, with_share, write
 from .test_events import matcher, server_ms, settle
 
 ONE_SHOT = Decision(k=1, n=1, cooldown_s=0)  # each window at or above 0.5 opens an event; QUIET (~0) ends it
@@ -56,17 +55,6 @@ OPENING = 0.55  # the score of each event's first window; its second window is t
 def wide_console(monkeypatch):
     """Tables one line per row."""
     monkeypatch.setattr(console, "width", 250)
-
-
-@pytest.fixture
-def server(redis_server):
-    redis.Redis.from_url(redis_server.url).flushall()
-    return redis_server
-
-
-@pytest.fixture
-def client(server):
-    return client_with_background(server.url)
 
 
 def cli(server, *args, code: int = 0) -> str:

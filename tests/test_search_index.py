@@ -12,12 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 from click.testing import CliRunner
 
-from streaming.alerts.queries import save_background
-from streaming.alerts.records import Background
-from streaming.alerts.search import run_search
+from streaming.alerts.search import search
 from streaming.cli.bench import bench_search
 from streaming.cli.search import search_command
 from streaming.index.indexer import Indexer, start_indexers
@@ -37,7 +34,6 @@ from streaming.redis_layout import (
     search_index_key,
     stream_key,
 )
-from streaming.redis_server import RedisServer
 from streaming.stage import Counts
 
 from .conftest import wait_for
@@ -65,20 +61,6 @@ def planted(rng: np.random.Generator, query: np.ndarray, cosines) -> np.ndarray:
     other = unit(other - (other @ query)[:, None] * query)
     c = np.asarray(cosines, np.float32)[:, None]
     return unit(c * query + np.sqrt(1 - c**2) * other)
-
-
-@pytest.fixture
-def server():
-    with RedisServer() as s:
-        yield s
-
-
-@pytest.fixture
-def client(server):
-    """A client of `server`, which holds tiny's audio background prompts (along e1..e8)."""
-    c = redis.Redis.from_url(server.url)
-    save_background(c, Background(MODEL, "audio", tuple(f"b{i}" for i in range(1, 9)), np.eye(DIM)[1:9]))
-    return c
 
 
 def write(client, device: str, vectors, ms: int | None = None, model: str = MODEL) -> list[str]:
@@ -123,15 +105,15 @@ def test_the_index_returns_brute_forces_top_10_and_reads_on_past_its_snapshot(se
         ids += write(client, device, part)
     ix = catch_up(indexer(server, tmp_path))
     ix.save()
-    brute = run_search(client, {"audio": query}, MODEL, top=10, use_index=False)
-    through = run_search(client, {"audio": query}, MODEL, top=10)
+    brute = search(client, {"audio": query}, MODEL, top=10, use_index=False)
+    through = search(client, {"audio": query}, MODEL, top=10)
     assert through.indexed == ["audio"] and not through.notes
     assert ids_of(through) == ids_of(brute) == [ids[i] for i in best]
     shard = Shard.open(ix.path, view=True)
     exact = np.argsort(-(vectors @ query))[:10]
     assert [r.id for r in shard.records(shard.search(query, 10))] == [ids[i] for i in exact]
     newer = write(client, "mic-1", planted(rng, query, [0.99]))  # after the snapshot: read by brute force
-    assert ids_of(run_search(client, {"audio": query}, MODEL, top=10))[:2] == [newer[0], ids[best[0]]]
+    assert ids_of(search(client, {"audio": query}, MODEL, top=10))[:2] == [newer[0], ids[best[0]]]
 
 
 def test_a_restarted_indexer_resumes_from_its_snapshot_without_duplicates(server, client, tmp_path):
@@ -142,7 +124,7 @@ def test_a_restarted_indexer_resumes_from_its_snapshot_without_duplicates(server
     ids = write(client, "dev", first)
     ix = catch_up(indexer(server, tmp_path, lease_s=0.3))
     ix.save()
-    before = ids_of(run_search(client, {"audio": query}, MODEL, top=3))
+    before = ids_of(search(client, {"audio": query}, MODEL, top=3))
     ids += write(client, "dev", free(rng, 20))
     catch_up(ix)  # read and indexed, not in a snapshot; then the indexer dies (its lease expires)
     key = stream_key("dev", "audio")
@@ -154,7 +136,7 @@ def test_a_restarted_indexer_resumes_from_its_snapshot_without_duplicates(server
     catch_up(again).save()
     shard = Shard.open(again.path, view=True)
     assert snapshot_ids(shard) == ids  # every window once, in order: the snapshot's 40, then read again, then new
-    assert ids_of(run_search(client, {"audio": query}, MODEL, top=3, use_index=True)) == before
+    assert ids_of(search(client, {"audio": query}, MODEL, top=3, use_index=True)) == before
     group = client.xinfo_groups(key)[0]
     assert group["name"].decode() == index_group(MODEL) and group["pending"] == 0
     assert group["last-delivered-id"].decode() == ids[-1]
@@ -203,8 +185,8 @@ def test_device_glob_and_time_filters_match_brute_force(server, client, tmp_path
     catch_up(indexer(server, tmp_path)).save()
     graph = Shard.open(next(tmp_path.iterdir()), IndexSettings(exact_max=0), view=True)  # every filter by its graph
     for device, since_ms in (("cam-*", None), ("mic-1", None), ("*", 600_000), ("cam-2", 600_000)):
-        brute = run_search(client, {"audio": query}, MODEL, device, since_ms, top=10, use_index=False)
-        through = run_search(client, {"audio": query}, MODEL, device, since_ms, top=10)
+        brute = search(client, {"audio": query}, MODEL, device, since_ms, top=10, use_index=False)
+        through = search(client, {"audio": query}, MODEL, device, since_ms, top=10)
         assert through.indexed == ["audio"] and ids_of(through) == ids_of(brute), (device, since_ms)
         assert all(h.record.device.startswith(device.rstrip("*")) for h in through.hits)
         assert since_ms is None or all(int(h.record.id.split("-")[0]) > two_hours_ago + 10_000 for h in through.hits)
@@ -240,17 +222,17 @@ def test_search_command_uses_the_index_when_present_and_brute_force_when_not(ser
     args = ["--vector", str(tmp_path / "query.npy"), "--modality", "audio", "--model", MODEL, "--top", "3"]
     args += ["--redis", server.url, "--json"]
 
-    def search() -> tuple[list[dict], str]:
+    def search_cli() -> tuple[list[dict], str]:
         result = CliRunner().invoke(search_command, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout), result.stderr
 
-    hits, notice = search()
+    hits, notice = search_cli()
     assert "brute force over the streams: audio: no search index" in notice
     assert [h["id"] for h in hits] == ids[10:13]
     assert [(h["event"], h["evidence"]) for h in hits] == [(event.id, True), (None, False), (None, False)]
     catch_up(indexer(server, tmp_path / "index")).save()
-    again, notice = search()
+    again, notice = search_cli()
     assert "through the search index: audio" in notice and "brute force" not in notice
     exact = ("score", "cosine")  # the index's are of its f16 copy of each vector
     assert [{k: v for k, v in h.items() if k not in exact} for h in again] == [

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import requests
 import soundfile
 from selenium.webdriver.common.by import By
@@ -26,7 +25,7 @@ from streaming.ui.app import ConsoleServer, create_app
 from streaming.ui.web import ConsoleSettings
 
 from .conftest import BROWSER_SIZE, wait_for
-from .test_alerts import DIM, MATCH, MODEL, QUIET, SECOND, WAIT_S, WINDOW_S, basis, client_with_background, write
+from .test_alerts import DIM, MATCH, MODEL, QUIET, SECOND, WAIT_S, WINDOW_S, basis, write
 from .test_alerts import with_share as share_window
 from .test_events import matcher, settle
 from .test_review import raise_event
@@ -35,17 +34,6 @@ PAGE_WAIT_S = 30.0  # a page load, a chart drawn
 PHONE = (390, 844)  # a phone's window, CSS px
 ONE_SHOT = Decision(k=1, n=1, cooldown_s=0)  # each window at or above 0.5 opens an event; QUIET ends it
 SINK = "json://127.0.0.1:9/hook"  # a notify URL: checked and stored, never called
-
-
-@pytest.fixture
-def server(redis_server):
-    redis.Redis.from_url(redis_server.url).flushall()
-    return redis_server
-
-
-@pytest.fixture
-def client(server):
-    return client_with_background(server.url)
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ from ..redis_layout import (
     parse_key,
     state_key,
 )
-from ..retry import Backoff
+from ..retry import repeat_until_stopped
 from ..stage import StageMetrics, WarnOnce
 from .decision import INITIAL_STATE, MAX_EVENT_S, Change, OpenEvent, QueryState, Rules, decide
 from .fanin import FanIn
@@ -899,18 +899,15 @@ class Matcher:
             target=self.members.beat, args=(min(s.discover_s, s.member_ttl_s / 3), self._stop), daemon=True
         )
         beat.start()
-        backoff = Backoff(s.retry_max_s)
-        while not self._stop.is_set():
-            try:
-                self.step()
-                backoff.reset()
-            except Exception as err:  # Redis down, or a bad query/background/state record: keep matching
-                self.metrics.count("redis_error" if isinstance(err, redis.RedisError) else "error")
-                self.last_error = str(err)
-                if not isinstance(err, redis.RedisError):
-                    log.exception("matching failed; retrying")
-                self.retry |= self.active.keys()
-                backoff.wait(self._stop)
+        repeat_until_stopped(self.step, self._stop, s.retry_max_s, self._failed)
+
+    def _failed(self, err: Exception) -> None:
+        """Redis down, or a bad query/background/state record: count it, and keep matching."""
+        self.metrics.count("redis_error" if isinstance(err, redis.RedisError) else "error")
+        self.last_error = str(err)
+        if not isinstance(err, redis.RedisError):
+            log.exception("matching failed; retrying")
+        self.retry |= self.active.keys()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="matcher", daemon=True)

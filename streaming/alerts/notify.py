@@ -45,7 +45,7 @@ from ..redis_layout import (
     query_key,
     sink_id,
 )
-from ..retry import Backoff
+from ..retry import Backoff, repeat_until_stopped
 from ..stage import StageMetrics, WarnOnce
 from .sinks import ATTACH_MAX_BYTES, SEND_TIMEOUT_S, SendError, Sink, SinkError, Unsendable, parse_sink
 
@@ -265,20 +265,17 @@ class Notifier:
 
     def run(self) -> None:
         """`step` until `stop`; errors back off and the unacknowledged entries are read again."""
-        backoff = Backoff(self.settings.retry_max_s)
-        while not self._stop.is_set():
-            try:
-                self.step()
-                backoff.reset()
-            except Exception as err:  # Redis down, the alerts stream deleted: keep going
-                self.metrics.count("redis_error" if isinstance(err, redis.RedisError) else "error")
-                self.last_error = str(err)
-                if not isinstance(err, redis.RedisError):
-                    log.exception("fan-out failed; retrying")
-                if "NOGROUP" in str(err):
-                    self.grouped = False
-                self.pending = True
-                backoff.wait(self._stop)
+        repeat_until_stopped(self.step, self._stop, self.settings.retry_max_s, self._failed)
+
+    def _failed(self, err: Exception) -> None:
+        """Redis down, the alerts stream deleted: count it, and keep going."""
+        self.metrics.count("redis_error" if isinstance(err, redis.RedisError) else "error")
+        self.last_error = str(err)
+        if not isinstance(err, redis.RedisError):
+            log.exception("fan-out failed; retrying")
+        if "NOGROUP" in str(err):
+            self.grouped = False
+        self.pending = True
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="notifier", daemon=True)

@@ -107,7 +107,7 @@ class Hit:
 
 @dataclass
 class Searched:
-    """What `run_search` found, and how."""
+    """What `search` found, and how."""
 
     hits: list[Hit]
     skipped: int = 0  # windows read by brute force and skipped: malformed, or of another model
@@ -140,7 +140,7 @@ def ranked(index: ModalityIndex, records: list[EmbeddingRecord], top: int) -> li
     return [Hit(float(scores[i]), float(cosines[i]), records[i]) for i in best]
 
 
-def run_search(
+def search(
     client: redis.Redis,
     vectors: dict[str, np.ndarray],
     model: str,
@@ -187,20 +187,6 @@ def run_search(
 
 def best_hits(hits: list[Hit], top: int) -> list[Hit]:
     return sorted(hits, key=lambda h: (h.score, h.cosine), reverse=True)[:top]
-
-
-def search(
-    client: redis.Redis,
-    vectors: dict[str, np.ndarray],
-    model: str,
-    device: str = "*",
-    since_ms: int | None = None,
-    top: int = 20,
-    chunk: int = XRANGE_CHUNK,
-) -> tuple[list[Hit], int]:
-    """`run_search` for the callers that want (hits, windows skipped) only."""
-    found = run_search(client, vectors, model, device, since_ms, top, chunk)
-    return found.hits, found.skipped
 
 
 def covers(event: Event, hit: Hit) -> bool:

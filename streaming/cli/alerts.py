@@ -11,7 +11,6 @@ from pathlib import Path
 import click
 import numpy as np
 import redis
-from rich.live import Live
 from rich.table import Table
 
 from streaming.alerts.matcher import DEFAULT_CONSUMER, DEFAULT_GROUP, Matcher, MatcherSettings, start_matchers
@@ -27,7 +26,7 @@ from streaming.alerts.queries import (
     save_query,
     set_decision,
 )
-from streaming.alerts.records import Background, Decision, Query, QueryError, unit
+from streaming.alerts.records import Background, Decision, Query, QueryError
 from streaming.alerts.scoring import ModalityIndex
 from streaming.alerts.sinks import SinkError, parse_sink, sink_label
 from streaming.alerts.tuning import HOLDOUT, MIN_PER_LABEL, fit, reviewed_scores
@@ -35,13 +34,24 @@ from streaming.records import MIN_DBFS, QUERY_MODALITIES
 from streaming.redis_layout import now_id, outbox_key
 from streaming.stage import Counts
 
-from .options import CHECKPOINT_OPTION, JSON_OPTION, MODEL_OPTION, connect, load_encoder, model_name, redis_option
-from .terminal import console, table, until_stopped
+from .options import (
+    CHECKPOINT_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
+    SECONDS_OPTION,
+    connect,
+    embed_example,
+    example_options,
+    load_encoder,
+    load_vector,
+    model_name,
+    redis_option,
+)
+from .terminal import console, show_live, table, until_stopped, watch_workers
 
 EMBED_BATCH = 8  # clips per encoder call in `alert tune`
 MIN_CLIPS_PER_CLASS = MIN_PER_LABEL  # `alert tune` needs a positive and a negative in each split
 MAX_HOLDOUT = 0.9  # `alert tune` keeps at least a tenth of each folder to fit on
-REFRESH_S = 0.5  # live tables
 
 # `alert add` option of each checked query setting, named in the one-line error when a value is refused
 DECISION_OPTIONS = {
@@ -83,18 +93,7 @@ def alert() -> None:
     default=Decision.hysteresis,
     help="Re-arm only once the score falls below threshold - hysteresis.",
 )
-@click.option(
-    "--example",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="Use this clip or image's embedding (same encoder) instead of the text's.",
-)
-@click.option(
-    "--vector",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="Use this .npy vector (normalised) instead of the text's.",
-)
+@example_options
 @click.option(
     "--min-dbfs",
     type=float,
@@ -188,33 +187,6 @@ def alert_add(
             f"scored by its cosine against the usual windows of each stream: it scores 0 on a stream's first "
             f"{q.calibration.warmup} windows, while their estimate forms (ALERTS.md, Query by example)"
         )
-
-
-def load_vector(path: str, name: str) -> np.ndarray:
-    """A --vector file, normalised, of model `name`'s dimension (`alert add`, `search`); else a usage error."""
-    from encoders.config import resolve_config
-
-    try:
-        v = unit(np.load(path, allow_pickle=False), f"--vector {path}")
-    except (ValueError, OSError) as err:
-        raise click.BadParameter(str(err), param_hint="--vector") from err
-    dim = resolve_config(name).out_embed_dim
-    if v.shape[0] != dim:
-        raise click.BadParameter(
-            f"{path} has {v.shape[0]} dimensions; model {name} embeds in {dim}", param_hint="--vector"
-        )
-    return v
-
-
-def embed_example(encoder, path: str, modality: str) -> np.ndarray:
-    """An --example file embedded as `modality` (`alert add`, `search`); else a usage error."""
-    from encoders.transforms import load_file
-
-    try:
-        _, tensor = load_file(path, modality)
-    except (ValueError, OSError) as err:
-        raise click.BadParameter(f"{path} does not load as {modality}: {err}", param_hint="--example") from err
-    return encoder.embed(modality, tensor.unsqueeze(0))[0]
 
 
 @alert.command("list")
@@ -506,34 +478,20 @@ def matcher_table(stats: list[dict], title: str = "bindstream matchers") -> Tabl
 )
 @click.option("--from-start", is_flag=True, help="Also match windows stored before now (streams new to the group).")
 @click.option("--in-process", is_flag=True, help="One matcher in this process instead of Ray actors.")
-@click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")
+@SECONDS_OPTION
 def match(redis_url, group, devices, matchers, name, from_start, in_process, seconds):
     """Match the embedding streams against the queries and publish alerts, until Ctrl-C."""
-    import ray
-
     connect(redis_url)
     settings = MatcherSettings(group=group, consumer=name, devices=devices, start_id="0" if from_start else now_id())
     stop = until_stopped(seconds)
     if in_process:
-        local = [Matcher(replace(settings, autostart=True), redis_url)]
+        workers = [Matcher(replace(settings, autostart=True), redis_url)]
     else:
         from streaming.pipeline import connect_ray
 
         connect_ray()
-        actors = start_matchers(settings, redis_url, matchers)
-
-    def call(method: str) -> list[dict]:
-        if in_process:
-            return [getattr(m, method)() for m in local]
-        return ray.get([getattr(a, method).remote() for a in actors])
-
-    with Live(matcher_table(call("stats")), console=console, refresh_per_second=2) as view:
-        while not stop.wait(REFRESH_S):
-            view.update(matcher_table(call("stats")))
-    console.print(matcher_table(call("stop"), "bindstream matchers: final"))
-    if not in_process:
-        for a in actors:
-            ray.kill(a)
+        workers = start_matchers(settings, redis_url, matchers)
+    watch_workers(workers, not in_process, matcher_table, stop, "bindstream matchers: final")
 
 
 def notifier_table(stats: dict, client: redis.Redis, title: str = "bindstream notifier") -> Table:
@@ -568,7 +526,7 @@ def notifier_table(stats: dict, client: redis.Redis, title: str = "bindstream no
     "anyway.",
 )
 @click.option("--from-start", is_flag=True, help="Also deliver the alerts stored before now (when the group is new).")
-@click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")
+@SECONDS_OPTION
 def notify_command(redis_url, urls, from_start, seconds):
     """Deliver the alerts to phones and home automation until Ctrl-C: the notifier that `run` starts with its
     matchers, without the pipeline. Run one per Redis."""
@@ -579,7 +537,5 @@ def notify_command(redis_url, urls, from_start, seconds):
     client = connect(redis_url)
     notifier = Notifier(settings, redis_url)
     stop = until_stopped(seconds)
-    with Live(notifier_table(notifier.stats(), client), console=console, refresh_per_second=2) as view:
-        while not stop.wait(REFRESH_S):
-            view.update(notifier_table(notifier.stats(), client))
+    show_live(lambda: notifier_table(notifier.stats(), client), stop)
     console.print(notifier_table(notifier.stop(), client, "bindstream notifier: final"))

@@ -16,7 +16,7 @@ from streaming.redis_access import redact_url
 from streaming.redis_layout import ALERTS_STREAM, END, HEALTH_EVENT, Alert, id_tuple
 from streaming.subscriber import Tail, describe
 
-from .options import Duration, connect, redis_option
+from .options import SECONDS_OPTION, Duration, connect, redis_option
 from .terminal import clock_time, console, table, until_stopped
 
 WATCH_BLOCK_MS = 500
@@ -111,7 +111,7 @@ def alerts_table(alerts, title: str = "bindstream alerts") -> Table:
 @click.option("--device", default="*", help="Device id or glob.")
 @click.option("--since", type=Duration(), default="10m", help="First show the alerts of this last while (0: none).")
 @click.option("--rows", type=click.IntRange(1), default=20, help="Alerts shown.")
-@click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")
+@SECONDS_OPTION
 def watch(redis_url, device, since, rows, seconds):
     """Show alerts live, newest last."""
     client = connect(redis_url)

@@ -1,13 +1,17 @@
 """The options that several `bindstream` commands take, each defined once here: `--redis` (one meaning: the
 Redis of the embedding streams, queries and alerts, also read from $BINDSTREAM_REDIS_URL), the model options,
-`--json`, and the duration type of every `--since`; and the encoder that --model and --checkpoint name."""
+`--json`, `--seconds` of the commands that run until Ctrl-C, `--example` and `--vector` of the commands that
+query by example, and the duration type of every `--since`; and what the model options and `--example` and
+`--vector` name: the encoder, the query's vector."""
 
 from __future__ import annotations
 
 import click
+import numpy as np
 import redis
 
 from encoders.config import PRESETS
+from streaming.alerts.records import unit
 from streaming.alerts.search import parse_duration_ms
 from streaming.redis_access import AnyRedis, RedisAccessError, check_redis
 from streaming.redis_access import connect as connect_url
@@ -33,6 +37,27 @@ DTYPE_OPTION = click.option(
     help="Weights dtype (default: bfloat16 on GPU, float32 on CPU; int8 is CPU only).",
 )
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+SECONDS_OPTION = click.option(
+    "--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C)."
+)
+
+
+def example_options(command):
+    """`--example FILE` (a clip or image: `embed_example`) and `--vector FILE.npy` (`load_vector`), the
+    parameters `example` and `vector`: what a query by example is, in place of the command's TEXT."""
+    vector = click.option(
+        "--vector",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="Query by this .npy vector of the model's joint space (normalised) instead of by TEXT.",
+    )
+    example = click.option(
+        "--example",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="Query by this clip or image, embedded as --modality by the model, instead of by TEXT.",
+    )
+    return example(vector(command))
 
 
 def redis_option(embedded: bool = False):
@@ -89,6 +114,33 @@ def load_encoder(model: str, checkpoint: str | None, device: str | None = None, 
         return encoders.load(model, checkpoint=checkpoint, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise click.ClickException(f"cannot load model {model}: {err}") from None
+
+
+def load_vector(path: str, name: str) -> np.ndarray:
+    """A --vector file, normalised, of model `name`'s dimension; else a usage error."""
+    from encoders.config import resolve_config
+
+    try:
+        v = unit(np.load(path, allow_pickle=False), f"--vector {path}")
+    except (ValueError, OSError) as err:
+        raise click.BadParameter(str(err), param_hint="--vector") from err
+    dim = resolve_config(name).out_embed_dim
+    if v.shape[0] != dim:
+        raise click.BadParameter(
+            f"{path} has {v.shape[0]} dimensions; model {name} embeds in {dim}", param_hint="--vector"
+        )
+    return v
+
+
+def embed_example(encoder, path: str, modality: str) -> np.ndarray:
+    """An --example file embedded as `modality`; else a usage error."""
+    from encoders.transforms import load_file
+
+    try:
+        _, tensor = load_file(path, modality)
+    except (ValueError, OSError) as err:
+        raise click.BadParameter(f"{path} does not load as {modality}: {err}", param_hint="--example") from err
+    return encoder.embed(modality, tensor.unsqueeze(0))[0]
 
 
 def connect(url: str) -> AnyRedis:

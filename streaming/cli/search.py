@@ -9,12 +9,11 @@ import json
 from pathlib import Path
 
 import click
-from rich.live import Live
 from rich.table import Table
 
 from streaming.alerts.prompts import ensemble
 from streaming.alerts.queries import ensure_background, load_background
-from streaming.alerts.search import duration_text, mark_events, run_search
+from streaming.alerts.search import duration_text, mark_events, search
 from streaming.alerts.timeline import timeline, timeline_html, timeline_png
 from streaming.index.indexer import Indexer, start_indexers
 from streaming.index.shard import IndexSettings
@@ -24,18 +23,21 @@ from streaming.redis_layout import parse_key
 from streaming.stage import Counts
 from streaming.subscriber import stream_keys
 
-from .alerts import REFRESH_S, embed_example, load_vector
 from .options import (
     CHECKPOINT_OPTION,
     JSON_OPTION,
     MODEL_OPTION,
+    SECONDS_OPTION,
     Duration,
     connect,
+    embed_example,
+    example_options,
     load_encoder,
+    load_vector,
     model_name,
     redis_option,
 )
-from .terminal import clock_time, console, table, until_stopped
+from .terminal import clock_time, console, table, until_stopped, watch_workers
 
 MAX_TOP = 10_000
 MAX_NAMED = 10  # devices named in an error message
@@ -44,18 +46,7 @@ EVENT_ID_SHOWN = 8  # characters of an event id shown in a table (enough for `bi
 
 @click.command("search")
 @click.argument("text", required=False)
-@click.option(
-    "--example",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="Search for windows like this clip or image, embedded as --modality (instead of TEXT).",
-)
-@click.option(
-    "--vector",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="Search for windows like this .npy vector of the model's joint space (instead of TEXT).",
-)
+@example_options
 @click.option("--modality", type=click.Choice(QUERY_MODALITIES + ("all",)), default="all")
 @click.option("--device", default="*", help="Device id or glob.")
 @click.option("--since", type=Duration(), default=None, help="Only windows stored in this last while (e.g. 10m, 2h).")
@@ -103,7 +94,7 @@ def search_command(
         vectors, what = {modality: embed_example(encoder, example, modality)}, f"example {example}"
     else:
         vectors, what = {m: ensemble(encoder, [text], m)[0] for m in modalities}, repr(text)
-    found = run_search(client, vectors, name, device, since, top, use_index=not no_index)
+    found = search(client, vectors, name, device, since, top, use_index=not no_index)
     mark_events(client, found.hits, device, since)
     if found.indexed:
         click.echo(f"through the search index: {', '.join(found.indexed)}", err=True)
@@ -210,12 +201,10 @@ def indexer_table(stats: list[dict], title: str = "bindstream indexers") -> Tabl
 @MODEL_OPTION
 @CHECKPOINT_OPTION
 @click.option("--in-process", is_flag=True, help="Indexers in this process instead of Ray actors.")
-@click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")
+@SECONDS_OPTION
 def index_command(redis_url, directory, modalities, config_file, model, checkpoint, in_process, seconds):
     """Keep the search index of the embedding streams of MODEL current, one indexer per modality, until Ctrl-C:
     what `run --index-dir DIR` starts with the pipeline, without it."""
-    import ray
-
     from encoders.weights import bindstream_home
     from streaming.pipeline import PipelineConfig
 
@@ -228,25 +217,15 @@ def index_command(redis_url, directory, modalities, config_file, model, checkpoi
     folder = Path(directory) if directory else bindstream_home() / "index"
     stop = until_stopped(seconds)
     if in_process:
-        local = [Indexer(settings, redis_url, folder, name, m, autostart=True) for m in modalities or QUERY_MODALITIES]
+        workers = [
+            Indexer(settings, redis_url, folder, name, m, autostart=True) for m in modalities or QUERY_MODALITIES
+        ]
     else:
         from streaming.pipeline import connect_ray
 
         connect_ray()
-        actors = start_indexers(settings, redis_url, folder, name, modalities or QUERY_MODALITIES)
-
-    def call(method: str) -> list[dict]:
-        if in_process:
-            return [getattr(x, method)() for x in local]
-        return ray.get([getattr(a, method).remote() for a in actors])
-
-    with Live(indexer_table(call("stats")), console=console, refresh_per_second=2) as view:
-        while not stop.wait(REFRESH_S):
-            view.update(indexer_table(call("stats")))
-    console.print(indexer_table(call("stop"), f"bindstream indexers: final (snapshots in {folder})"))
-    if not in_process:
-        for a in actors:
-            ray.kill(a)
+        workers = start_indexers(settings, redis_url, folder, name, modalities or QUERY_MODALITIES)
+    watch_workers(workers, not in_process, indexer_table, stop, f"bindstream indexers: final (snapshots in {folder})")
 
 
 @click.command("timeline")

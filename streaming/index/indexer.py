@@ -54,7 +54,7 @@ from ..redis_layout import (
     parse_key,
     search_index_key,
 )
-from ..retry import Backoff
+from ..retry import repeat_until_stopped
 from ..stage import StageMetrics, WarnOnce
 from .shard import IndexSettings, Shard, SnapshotError
 
@@ -303,19 +303,16 @@ class Indexer:
 
     def run(self) -> None:
         """`step` until `stop`; after an error, back off and join the streams again."""
-        backoff = Backoff(self.settings.retry_max_s)
-        while not self._stop.is_set():
-            try:
-                self.step()
-                backoff.reset()
-            except Exception as err:  # Redis down, a disk full, a stream deleted under the group: keep indexing
-                event = "redis_error" if isinstance(err, redis.RedisError) else "error"
-                self.metrics.count(event)
-                self.last_error = str(err)
-                if event == "error":
-                    log.exception("indexing %s failed; retrying", self.info_key)
-                self._rejoin()
-                backoff.wait(self._stop)
+        repeat_until_stopped(self.step, self._stop, self.settings.retry_max_s, self._failed)
+
+    def _failed(self, err: Exception) -> None:
+        """Redis down, a disk full, a stream deleted under the group: count it, and keep indexing."""
+        event = "redis_error" if isinstance(err, redis.RedisError) else "error"
+        self.metrics.count(event)
+        self.last_error = str(err)
+        if event == "error":
+            log.exception("indexing %s failed; retrying", self.info_key)
+        self._rejoin()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name=f"indexer-{self.modality}", daemon=True)

@@ -42,6 +42,8 @@ except ImportError:  # no Ray in this process (the web console runs without): no
     pass
 from usearch.index import Index
 
+from sensors.recorder import fsync_path
+
 from ..redis_layout import EmbeddingRecord, id_tuple, stream_key
 
 DTYPES = ("f16", "i8")  # usearch's storage of a vector: 2 bytes a dimension, or 1 (README: recall of each)
@@ -159,7 +161,7 @@ class Segment:
         self.index.save(str(part / VECTORS))
         np.save(part / ROWS, self.rows)
         for file in (VECTORS, ROWS):
-            _fsync(part / file)
+            fsync_path(part / file)
         os.rename(part, folder)
 
     @classmethod
@@ -446,18 +448,10 @@ def _manifest(directory: Path, name: str) -> dict:
     return meta
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_whole(path: Path, content: str) -> None:
     """Write `path` whole or not at all (a reader never sees it half written)."""
     part = path.with_name(path.name + ".part")
     part.write_text(content)
-    _fsync(part)
+    fsync_path(part)
     os.replace(part, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)

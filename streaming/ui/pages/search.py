@@ -78,11 +78,11 @@ def results(db: redis.Redis, slot: EncoderSlot, a: Asked, settings: ConsoleSetti
     try:
         for m in modalities:
             ensure_background(db, encoder, m)
-        hits, skipped = search(db, vectors_of(encoder, modalities), encoder.name, a.device, a.since_ms, a.top)
+        found = search(db, vectors_of(encoder, modalities), encoder.name, a.device, a.since_ms, a.top)
     except QueryError as err:
         raise HTTPException(400, str(err)) from None
-    note = f"{skipped} stored windows skipped (malformed, or embedded by another model)" if skipped else ""
-    return {"rows": rows(db, hits, a, settings), "note": note}
+    note = f"{found.skipped} stored windows skipped (malformed, or embedded by another model)" if found.skipped else ""
+    return {"rows": rows(db, found.hits, a, settings), "note": note}
 
 
 def render(request: Request, slot: EncoderSlot, **context):
