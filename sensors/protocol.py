@@ -23,6 +23,9 @@ INT64_MAX = 2**63 - 1
 
 CAMERA, MIC, DEPTH, THERMAL, IMU = "camera", "mic", "depth", "thermal", "imu"
 SENSORS = (CAMERA, MIC, DEPTH, THERMAL, IMU)
+FRAME_SENSORS = (CAMERA, DEPTH, THERMAL)  # one image per message, at one moment
+OMITTED = "omitted"  # header key: a frame taken at t_ns whose pixels the device left out (PROTOCOL.md)
+NO_PIXELS = np.empty(0, np.uint8)  # the payload of an omitted frame
 
 ENCODINGS = ("jpeg", "png", "raw")
 RGB_CHANNELS = 3
@@ -112,6 +115,8 @@ class SensorMessage:
     payload: camera jpeg/png -> (nbytes,) uint8; camera raw -> (h, w, 3) uint8 RGB;
     mic -> (n, channels); imu -> (n, 6) float32; depth/thermal -> (h, w).
     `shape` is the image size (h, w, 3) for every camera message, read from the JPEG/PNG header.
+    An omitted frame (header `omitted`: the device left its pixels out) has the empty payload NO_PIXELS, and a
+    JPEG or PNG one no `shape`.
     """
 
     device: str
@@ -298,6 +303,20 @@ def _thermal(header: dict, body: memoryview, limits: Limits) -> tuple[np.ndarray
     return image, {"dtype": dtype_name, "shape": shape}
 
 
+def _omitted_frame(sensor: str, header: dict, body: memoryview, limits: Limits) -> dict:
+    """The fields of an omitted frame: the sensor's own, checked as for a sent frame, less what only the pixels
+    tell (a JPEG's or PNG's size); its payload must be empty."""
+    if header[OMITTED] is not True or sensor not in FRAME_SENSORS:
+        raise Rejected(BAD_VALUE, f"{OMITTED!r} may only be true, on a {', '.join(FRAME_SENSORS)} frame")
+    if body.nbytes:
+        raise Rejected(PAYLOAD_SIZE, f"an omitted frame has an empty payload, got {body.nbytes} bytes")
+    if sensor == CAMERA:
+        encoding = _choice(header, "encoding", ENCODINGS)
+        return {"encoding": encoding, "shape": _shape(header, 3, limits) if encoding == "raw" else None}
+    dtypes = DEPTH_DTYPES if sensor == DEPTH else THERMAL_DTYPES
+    return {"dtype": _choice(header, "dtype", dtypes), "shape": _shape(header, 2, limits)}
+
+
 _PARSERS = {CAMERA: _camera, MIC: _mic, DEPTH: _depth, THERMAL: _thermal, IMU: _imu}
 
 
@@ -327,6 +346,8 @@ def decode(frames, limits: Limits = DEFAULT_LIMITS) -> SensorMessage:
             raise Rejected(UNKNOWN_SENSOR, f"unknown sensor {sensor[:80]!r}")
         seq = _int_in(header, "seq", 0, INT64_MAX)
         t_ns = _int_in(header, "t_ns", 0, INT64_MAX)
+        if OMITTED in header:
+            return SensorMessage(device, sensor, seq, t_ns, NO_PIXELS, **_omitted_frame(sensor, header, body, limits))
         if body.nbytes == 0:
             raise Rejected(PAYLOAD_SIZE, "payload is empty")
         if body.nbytes > limits.max_payload_bytes:

@@ -19,6 +19,7 @@ from .protocol import (
     IMU,
     IMU_DTYPE,
     MIC,
+    OMITTED,
     THERMAL,
     Limits,
     decode,
@@ -26,7 +27,11 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from typing_extensions import Buffer
+
+    from .sampling import FrameSampling
 
 DEFAULT_SNDHWM = 1000  # messages queued while the link is slow or down (~7 s of a full wearable)
 DEFAULT_LINGER_MS = 2000  # how long close() keeps trying to deliver queued messages
@@ -103,6 +108,8 @@ class DevicePublisher:
     With `validate`, every message is checked with `decode` first (a bug raises Rejected here
     instead of being refused by the server). `curve_server_public_file` and `curve_client_secret_file`
     (both or neither) turn on CurveZMQ; see `connect_push` and SECURITY.md.
+    With `sampling` (the pipeline's, per frame sensor: sensors/sampling.py), a frame no window uses is sent
+    omitted, its header without pixels (PROTOCOL.md); `takes` tells beforehand, so a camera need not encode it.
     """
 
     def __init__(
@@ -118,6 +125,7 @@ class DevicePublisher:
         context: zmq.Context | None = None,
         curve_server_public_file: str | None = None,
         curve_client_secret_file: str | None = None,
+        sampling: Mapping[str, FrameSampling] | None = None,
     ):
         if not DEVICE_PATTERN.fullmatch(device):
             raise ValueError(f"device id must be {DEVICE_RULE}, got {device!r}")
@@ -138,10 +146,24 @@ class DevicePublisher:
         self.dropped: Counter[str] = Counter()
         self.bytes_sent = 0
         self._seq: Counter[str] = Counter()
+        self.sampling = dict(sampling or {})
+        self._last_frame_t: dict[str, int] = {}  # frame sensor -> time of its last frame, sent or omitted
 
-    def send(self, sensor: str, t_ns: int, payload: bytes | np.ndarray, **fields) -> bool:
-        """Send one message without copying the payload; False if it was dropped (queue full)."""
-        if isinstance(payload, np.ndarray):
+    def takes(self, sensor: str, t_ns: int) -> bool:
+        """Whether the next frame of `sensor`, taken at `t_ns`, goes with its pixels (always without `sampling`)."""
+        sampling = self.sampling.get(sensor)
+        return sampling is None or sampling.takes(self._last_frame_t.get(sensor), t_ns)
+
+    def send(self, sensor: str, t_ns: int, payload: bytes | np.ndarray | None, **fields) -> bool:
+        """Send one message without copying the payload; False if it was dropped (queue full). A frame whose
+        payload is None, or that `takes` says no window uses, goes omitted (`fields` still describe it)."""
+        if sensor in self.sampling:
+            if not self.takes(sensor, t_ns):
+                payload = None
+            self._last_frame_t[sensor] = t_ns
+        if payload is None:
+            payload, fields = b"", {**fields, OMITTED: True}
+        elif isinstance(payload, np.ndarray):
             payload = _array_payload(sensor, payload, fields)
         # numpy's stubs give ndarray the buffer protocol (__buffer__) only for Python >= 3.12
         frame: Buffer = payload  # type: ignore[assignment]

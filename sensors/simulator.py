@@ -14,7 +14,7 @@ import heapq
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import cv2
@@ -22,8 +22,9 @@ import numpy as np
 
 from .clock import Pacer
 from .images import encode_jpeg
-from .protocol import CAMERA, DEFAULT_ENDPOINT, DEPTH, IMU, MIC, NS_PER_S, SENSORS, THERMAL, VERSION
+from .protocol import CAMERA, DEFAULT_ENDPOINT, DEPTH, IMU, MIC, NS_PER_S, OMITTED, SENSORS, THERMAL, VERSION
 from .publisher import DevicePublisher
+from .sampling import FrameSampling
 
 WIDTH, HEIGHT = 640, 480  # camera and depth
 THERMAL_WIDTH, THERMAL_HEIGHT = 160, 120
@@ -226,7 +227,8 @@ class SimulatedWearable:
     The mic also plays `bursts` (by default a chirp burst at 35 s, then every 90 s). `profile` says when the
     scene moves, the background sounds and the wearer walks (default: all the time).
 
-    Message k of a sensor sent m times per second is stamped start_ns + k * 1e9 // m exactly.
+    Message k of a sensor sent m times per second is stamped start_ns + k * 1e9 // m exactly. With `sampling`
+    (the pipeline's, sensors/sampling.py), the frames no window uses are omitted: header only, never drawn.
     """
 
     def __init__(
@@ -236,8 +238,10 @@ class SimulatedWearable:
         start_ns: int | None = None,
         bursts: ChirpBursts = ChirpBursts(),
         profile: Profile = PROFILES[DEFAULT_PROFILE],
+        sampling: Mapping[str, FrameSampling] | None = None,
     ):
         self.device = device
+        self.sampling = dict(sampling or {})
         self.seed = seed
         self.start_ns = time.monotonic_ns() if start_ns is None else start_ns
         self.bursts = bursts
@@ -386,12 +390,15 @@ class SimulatedWearable:
     def _stream(
         self, sensor: str, per_second: int, fields: dict, payload: Callable[[int], bytes], end_ns: int
     ) -> Iterator[tuple[dict, bytes]]:
-        k = 0
+        k, previous_t, sampling = 0, None, self.sampling.get(sensor)
         while (t_ns := self.start_ns + k * NS_PER_S // per_second) < end_ns:
             header = {"v": VERSION, "device": self.device, "sensor": sensor, "seq": k, "t_ns": t_ns}
             header.update((key, list(value) if isinstance(value, list) else value) for key, value in fields.items())
-            yield header, payload(k)
-            k += 1
+            if sampling is None or sampling.takes(previous_t, t_ns):
+                yield header, payload(k)
+            else:
+                yield header | {OMITTED: True}, b""
+            k, previous_t = k + 1, t_ns
 
     def messages(self, seconds: float) -> Iterator[tuple[dict, bytes]]:
         """(header, payload) of every message captured in the first `seconds`, in device-time order."""
@@ -427,11 +434,12 @@ def simulate(
     start_ns: int | None = None,
     bursts: ChirpBursts = ChirpBursts(),
     profile: Profile = PROFILES[DEFAULT_PROFILE],
+    sampling: Mapping[str, FrameSampling] | None = None,
     **publisher_kwargs,
 ) -> SimulationStats:
     """Run `devices` wearables ("sim-000", ...) in this process, each on its own PUSH socket, their clocks
     starting at `start_ns` (default: now, on the monotonic clock), their mics playing `bursts`, their world
-    doing what `profile` says.
+    doing what `profile` says, omitting the frames no window uses when given the pipeline's `sampling`.
 
     Messages of all devices go out in device-time order. `realtime` paces them to the wall
     clock with non-blocking sends (a full queue drops and counts); otherwise they go as fast
@@ -439,7 +447,7 @@ def simulate(
     `publisher_kwargs` go to DevicePublisher (sndhwm, block, linger_ms, context, ...).
     """
     start_ns = time.monotonic_ns() if start_ns is None else start_ns
-    wearables = [SimulatedWearable(f"sim-{i:03d}", seed, start_ns, bursts, profile) for i in range(devices)]
+    wearables = [SimulatedWearable(f"sim-{i:03d}", seed, start_ns, bursts, profile, sampling) for i in range(devices)]
     if not realtime:
         publisher_kwargs.setdefault("block", True)
         publisher_kwargs.setdefault("linger_ms", -1)

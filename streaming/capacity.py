@@ -36,7 +36,8 @@ import psutil
 import redis
 import zmq
 
-from sensors.protocol import NS_PER_S, VERSION
+from sensors.protocol import NS_PER_S, OMITTED, VERSION
+from sensors.sampling import FrameSampling
 from sensors.simulator import DEFAULT_PROFILE, PROFILES, SimulatedWearable
 
 from .records import FUSED, STREAMS
@@ -75,6 +76,9 @@ class CapacitySettings:
     warmup_s: float = 6.0
     sndhwm: int = 1000  # messages a wearable's socket queues; a send beyond is dropped (the fleet fell behind)
     seed: int = 0
+    # wearables send every frame's pixels (ingest drops those no window uses); default: they omit them, as a
+    # wearable saving its radio does (sensors/sampling.py): 0.8 instead of 19.7 MB/s each
+    all_frames: bool = False
 
     def __post_init__(self):
         if self.profile not in PROFILES:
@@ -203,21 +207,35 @@ def record(settings: CapacitySettings) -> list[list[Recorded]]:
     return out
 
 
-def replay(recording: list[Recorded], device: str, start_ns: int, seconds: float, loop_s: int) -> Iterator[tuple]:
+def replay(
+    recording: list[Recorded],
+    device: str,
+    start_ns: int,
+    seconds: float,
+    loop_s: int,
+    sampling: dict[str, FrameSampling] | None = None,
+) -> Iterator[tuple]:
     """(t_ns, header bytes, payload) of `device` replaying `recording` from `start_ns` on its clock for
-    `seconds`: loop k is the recording `k * loop_s` later, each sensor's `seq` going on from the last loop."""
+    `seconds`: loop k is the recording `k * loop_s` later, each sensor's `seq` going on from the last loop. With
+    `sampling`, the frames no window uses on that clock go omitted (sensors/sampling.py)."""
     per_loop: dict[str, int] = {}
     for m in recording:
         per_loop[m.sensor] = per_loop.get(m.sensor, 0) + 1
+    previous_t: dict[str, int] = {}  # frame sensor -> its last frame's time
     end = round(seconds * NS_PER_S)
     for loop in range(math.ceil(seconds / loop_s)):
         for m in recording:
             offset = loop * loop_s * NS_PER_S + m.offset_ns
             if offset >= end:
                 break
+            t_ns, payload = start_ns + offset, m.payload
             header = {"v": VERSION, "device": device, "sensor": m.sensor, "seq": loop * per_loop[m.sensor] + m.seq}
-            header |= {"t_ns": start_ns + offset, **m.fields}
-            yield start_ns + offset, msgpack.packb(header), m.payload
+            header |= {"t_ns": t_ns, **m.fields}
+            if sampling and m.sensor in sampling:
+                if not sampling[m.sensor].takes(previous_t.get(m.sensor), t_ns):
+                    header[OMITTED], payload = True, b""
+                previous_t[m.sensor] = t_ns
+            yield t_ns, msgpack.packb(header), payload
 
 
 def phase_ns(j: int) -> int:
@@ -231,6 +249,7 @@ def stream_fleet(
     devices: list[str],
     start_ns: int,
     seconds: float,
+    sampling: dict[str, FrameSampling] | None = None,
 ) -> tuple[int, int]:
     """Send each device's replay for `seconds` from its own PUSH socket when its clock (the wall clock) says;
     returns the messages sent, and how many of them a full socket refused (dropped)."""
@@ -246,7 +265,7 @@ def stream_fleet(
         (
             (t, j, header, payload)
             for t, header, payload in replay(
-                recordings[j % len(recordings)], device, start_ns + phase_ns(j), seconds, settings.loop_s
+                recordings[j % len(recordings)], device, start_ns + phase_ns(j), seconds, settings.loop_s, sampling
             )
         )
         for j, device in enumerate(devices)
@@ -267,13 +286,15 @@ def stream_fleet(
     return sent, dropped
 
 
-def sender(conn, settings: CapacitySettings) -> None:
+def sender(conn, settings: CapacitySettings, sampling: dict[str, FrameSampling]) -> None:
     """The sender process: records the pool, says it is ready, then streams each fleet it is sent
-    (endpoint, devices, start_ns, seconds) and answers (messages sent, dropped), until it gets None."""
+    (endpoint, devices, start_ns, seconds) and answers (messages sent, dropped), until it gets None. The
+    wearables omit the frames no window uses (`sampling`) unless the settings say `all_frames`."""
     recordings = record(settings)
     conn.send("ready")
     while (job := conn.recv()) is not None:
-        conn.send(stream_fleet(recordings, settings, *job))
+        endpoint, devices, start_ns, seconds = job
+        conn.send(stream_fleet(recordings, settings, endpoint, devices, start_ns, seconds, sampling))
 
 
 # ----- measuring a step -----
@@ -465,7 +486,8 @@ def bench_capacity(
         config.torch_threads = 1  # one encoder thread: its forward's CPU is then all counted apart
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this one's threads is inherited
     conn, child = ctx.Pipe()
-    process = ctx.Process(target=sender, args=(child, settings), name="capacity-sender", daemon=True)
+    sampling = {} if settings.all_frames else config.windowing.frame_sampling()
+    process = ctx.Process(target=sender, args=(child, settings, sampling), name="capacity-sender", daemon=True)
     process.start()
     try:
         if conn.recv() != "ready":
@@ -488,10 +510,11 @@ def bench_capacity(
         process.join(timeout=settings.settle_s + 5)
         if process.is_alive():
             process.kill()
+    recordings = record(settings)
     frames = [
         [header, payload]
         for _, header, payload in heapq.merge(
-            *(replay(r, f"pool-{i}", 0, settings.loop_s, settings.loop_s) for i, r in enumerate(record(settings))),
+            *(replay(r, f"pool-{i}", 0, settings.loop_s, settings.loop_s, sampling) for i, r in enumerate(recordings)),
             key=lambda item: item[0],
         )
     ]

@@ -8,28 +8,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sensors.protocol import FRAME_SENSORS as FRAME_SENSORS  # re-exported beside the modality table
+
 
 @dataclass(frozen=True)
 class StreamSpec:
     """How one modality streams: from which sensor, cut into which windows, and whether `fused` sums it."""
 
-    sensor: str  # on the wire (sensors/protocol.py)
-    frames: bool  # a stream of frames, of which each window samples some; else of sample chunks, all used
+    sensor: str  # on the wire (sensors/protocol.py): a stream of frames (FRAME_SENSORS), of which each window
+    # samples some, or of sample chunks, all used
     cadence: str  # the `WindowingConfig` field giving its window length and hop (depth, thermal: vision's)
     fused: bool = True  # summed into `fused`, which needs identical window bounds (IMU windows have others)
 
 
 STREAMS = {  # modality of the encoder that embeds the windows -> its stream
-    "vision": StreamSpec("camera", frames=True, cadence="vision"),
-    "audio": StreamSpec("mic", frames=False, cadence="audio"),
-    "depth": StreamSpec("depth", frames=True, cadence="vision"),
-    "thermal": StreamSpec("thermal", frames=True, cadence="vision"),
-    "imu": StreamSpec("imu", frames=False, cadence="imu", fused=False),
+    "vision": StreamSpec("camera", cadence="vision"),
+    "audio": StreamSpec("mic", cadence="audio"),
+    "depth": StreamSpec("depth", cadence="vision"),
+    "thermal": StreamSpec("thermal", cadence="vision"),
+    "imu": StreamSpec("imu", cadence="imu", fused=False),
 }
 FUSED = "fused"
 STREAM_MODALITIES = tuple(STREAMS)
 SENSOR_MODALITY = {s.sensor: m for m, s in STREAMS.items()}  # sensor on the wire -> modality
-FRAME_SENSORS = tuple(s.sensor for s in STREAMS.values() if s.frames)
 FUSED_MODALITIES = tuple(m for m, s in STREAMS.items() if s.fused)
 QUERY_MODALITIES = STREAM_MODALITIES + (FUSED,)  # every embedding stream a query can watch
 MIN_DBFS = -120.0  # an audio window's loudness floor (digital silence has no finite RMS dBFS); int16 LSB is -96

@@ -30,7 +30,8 @@ What each window holds:
   (`jpeg_min_side`).
 - depth, thermal: the first frame at or after the window's middle (t0 + 1 s), 1 x 224 x 224.
 Since a frame's use follows from its time alone, ingest forwards only the pixels of frames some window
-samples (`frame_is_sampled`); the others travel as timestamps, which the checks above still see.
+samples (`WindowingConfig.frame_sampling`), and devices may leave the others' pixels out themselves (omitted
+frames, PROTOCOL.md); those travel as timestamps, which the checks above still see.
 - audio: the window's samples, resampled to 16 kHz, 128-bin log-mel, 1 x 128 x 204; and their loudness
   (`Window.dbfs`, RMS in dBFS, see `rms_dbfs`), which a query's `min_dbfs` gate reads.
 - imu: the window's rows resampled to 2000 steps, 6 x 2000.
@@ -63,6 +64,7 @@ import torch
 
 from encoders import batch_transforms, transforms
 from sensors.protocol import NS_PER_S, TOO_COSTLY, Rejected, SensorMessage, decode_image
+from sensors.sampling import FrameSampling
 
 from .evidence import EvidenceSettings, EvidenceWriter
 from .gating import Gate, GatingSettings
@@ -105,6 +107,14 @@ class WindowingConfig:
     def spec(self, modality: str) -> WindowSpec:
         return getattr(self, STREAMS[modality].cadence)
 
+    def frame_sampling(self) -> dict[str, FrameSampling]:
+        """Per frame sensor, the moments whose frames windows take (ingest drops the pixels of the other
+        frames; a device may leave them out: sensors/sampling.py)."""
+        specs = {sensor: self.spec(SENSOR_MODALITY[sensor]) for sensor in FRAME_SENSORS}
+        return {
+            sensor: FrameSampling(spec.hop_ns, frame_sample_offsets(sensor, spec)) for sensor, spec in specs.items()
+        }
+
 
 def _ceil_to(t: int, step: int) -> int:
     return -(-t // step) * step
@@ -116,15 +126,6 @@ def frame_sample_offsets(sensor: str, spec: WindowSpec) -> tuple[int, ...]:
         n = transforms.VIDEO_FRAMES
         return tuple((2 * i + 1) * spec.length_ns // (2 * n) for i in range(n))
     return (spec.length_ns // 2,)
-
-
-def frame_is_sampled(sensor: str, spec: WindowSpec, previous_t: int | None, t: int) -> bool:
-    """Whether some window takes the frame at `t`, the frame before it being at `previous_t`: true when a
-    sample moment k * hop + offset lies in (previous_t, t]."""
-    if previous_t is None:
-        return True
-    hop = spec.hop_ns
-    return any((t - o) // hop > (previous_t - o) // hop for o in frame_sample_offsets(sensor, spec))
 
 
 @dataclass

@@ -42,7 +42,7 @@ from streaming.redis_layout import (
     stream_key,
 )
 from streaming.stage import Counts
-from streaming.windowing import SECOND, WindowingConfig, frame_is_sampled
+from streaming.windowing import SECOND, WindowingConfig
 
 from .conftest import wait_for
 
@@ -370,15 +370,11 @@ def test_the_pipeline_keeps_what_the_device_sent_around_an_event(ray_local, redi
         pcm = np.frombuffer(fields[AUDIO_PCM], "<i2")
         assert np.corrcoef(pcm, want)[0, 1] > 0.999 and np.array_equal(pcm, want)  # sample for sample
         # the frames its vision windows sampled (the only ones ingest forwards with pixels), as sent
+        camera = WindowingConfig().frame_sampling()["camera"]
         sampled = {
             START_NS + k * SECOND // FPS: images[k]
             for k in range(SECONDS * FPS)
-            if frame_is_sampled(
-                "camera",
-                WindowingConfig().spec("vision"),
-                START_NS + (k - 1) * SECOND // FPS if k else None,
-                START_NS + k * SECOND // FPS,
-            )
+            if camera.takes(START_NS + (k - 1) * SECOND // FPS if k else None, START_NS + k * SECOND // FPS)
         }
         frames = {parse_frame_field(name): value for name, value in fields.items() if parse_frame_field(name)}
         assert frames == {("camera", t, "jpg"): jpeg for t, jpeg in sampled.items() if first <= t < end_t1}

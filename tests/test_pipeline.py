@@ -19,6 +19,7 @@ from .conftest import wait_for
 SECONDS = 12
 START_NS = 1_000 * SECOND  # on the 1 s grid, so the first window starts with the stream
 DEVICE = "glasses-1"
+OMITTING = "glasses-omitting"  # sends the frames no window uses as omitted (PROTOCOL.md section 5)
 
 
 def send_all(endpoint: str, messages) -> int:
@@ -37,9 +38,10 @@ def send_all(endpoint: str, messages) -> int:
 def pipeline_run(ray_local, redis_server):
     messages = list(SimulatedWearable(DEVICE, seed=7, start_ns=START_NS).messages(SECONDS))
     config = PipelineConfig(ingest=["tcp://127.0.0.1:*"], model="tiny", max_wait_ms=20)
+    omitting = SimulatedWearable(OMITTING, seed=7, start_ns=START_NS, sampling=config.windowing.frame_sampling())
     pipeline = Pipeline(config, redis_server.url, "tiny")
     (endpoint,) = pipeline.start()
-    sent = send_all(endpoint, messages)
+    sent = send_all(endpoint, messages) + send_all(endpoint, omitting.messages(SECONDS))
     wait_for(
         lambda: (
             sum(
@@ -55,11 +57,11 @@ def pipeline_run(ray_local, redis_server):
     pipeline.kill()
     client = redis.Redis.from_url(redis_server.url)
     records = read_all(client, DEVICE)
-    return messages, records, final
+    return messages, records, final, read_all(client, OMITTING)
 
 
 def test_exact_windows_per_modality_and_bounds(pipeline_run):
-    _, records, _ = pipeline_run
+    _, records, _, _ = pipeline_run
     by_modality = {}
     for r in records:
         by_modality.setdefault(r.modality, []).append((r.t0, r.t1))
@@ -71,7 +73,7 @@ def test_exact_windows_per_modality_and_bounds(pipeline_run):
 
 
 def test_published_embeddings_equal_offline_encoder(pipeline_run):
-    messages, records, _ = pipeline_run
+    messages, records, _, _ = pipeline_run
     windower = Windower()
     windows = []
     for header, payload in messages:
@@ -103,10 +105,30 @@ def test_records_decode_as_documented(pipeline_run, redis_server):
 
 
 def test_drain_reports_no_drops(pipeline_run):
-    _, _, final = pipeline_run
+    _, _, final, _ = pipeline_run
     for stage in final.values():
         for actor in stage:
             assert not [e for e in Counts.of(actor).events() if e.startswith(("dropped", "rejected"))], actor
+
+
+def test_a_device_omitting_unused_frames_gets_the_embeddings_of_sending_them_all(pipeline_run):
+    """The same wearable sending every frame's pixels (offline here) and omitting the frames no window uses
+    (through the pipeline): the same windows, embeddings within the parity tolerance; ingest counted the omitted
+    frames, about 28 of every 30 camera frames."""
+    _, _, final, records = pipeline_run
+    windower = Windower()
+    windows = []
+    for header, payload in SimulatedWearable(OMITTING, seed=7, start_ns=START_NS).messages(SECONDS):
+        windows += windower.add(decode([msgpack.packb(header), payload]))
+    encoder = encoders.load("tiny", device="cpu")
+    offline = {(w.modality, w.t0): encoder.embed(w.modality, w.data[None])[0] for w in windows}
+    published = {(r.modality, r.t0): r.emb for r in records if r.modality != "fused"}
+    assert published.keys() == offline.keys()
+    for key, emb in published.items():
+        np.testing.assert_allclose(emb, offline[key], atol=1e-4, err_msg=str(key))
+    ingest = Counts.of(final["ingest"][0])
+    assert 25 * SECONDS < ingest.get("omitted", "vision") < 30 * SECONDS  # 30 fps, a few of each second's used
+    assert 25 * SECONDS < ingest.get("omitted", "depth") < 30 * SECONDS
 
 
 def bad_messages(device: str, good: list) -> list[list[bytes]]:

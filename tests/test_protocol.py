@@ -258,7 +258,55 @@ REJECTS = {
         frames(header(sensor="camera", rate=None, encoding="jpeg"), _sof_patched(JPEG, 0, 64)),
         "bad_value",
     ),
+    # omitted frames (the device left the pixels out): a frame's header, checked as for a sent frame, no payload
+    "omitted-with-payload": (frames(header(DEPTH, omitted=True), bytes(8)), "payload_size"),
+    "omitted-mic": (frames(header(MIC, omitted=True), b""), "bad_value"),
+    "omitted-imu": (frames(header(omitted=True), b""), "bad_value"),
+    "omitted-false": (frames(header(DEPTH, omitted=False), b""), "bad_value"),
+    "omitted-1": (frames(header(DEPTH, omitted=1), b""), "bad_value"),
+    "omitted-depth-no-dtype": (frames(header(DEPTH, dtype=None, omitted=True), b""), "missing_key"),
+    "omitted-depth-side-4097": (frames(header(DEPTH, shape=[4097, 1], omitted=True), b""), "too_large"),
+    "omitted-camera-no-encoding": (frames(header(sensor="camera", rate=None, omitted=True), b""), "missing_key"),
+    "omitted-raw-no-shape": (frames(header(CAMERA_RAW, omitted=True), b""), "missing_key"),
 }
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"sensor": "camera", "rate": None, "encoding": "jpeg"},
+        {**CAMERA_RAW, "shape": [480, 640, 3]},
+        {**DEPTH, "shape": [480, 640]},
+        THERMAL,
+    ],
+)
+def test_an_omitted_frame_is_its_header_without_pixels(fields):
+    msg = decode(frames(header(fields, omitted=True), b""))
+    assert (msg.sensor, msg.t_ns, msg.payload.size) == (fields["sensor"], T0, 0)
+    assert msg.dtype == fields.get("dtype") and msg.encoding == fields.get("encoding")
+    assert msg.shape == (tuple(fields["shape"]) if "shape" in fields else None)
+
+
+def test_a_publisher_with_the_pipelines_sampling_omits_the_frames_no_window_uses(pull):
+    """Over a real socket: of 3 s of camera frames at 30 fps, only the first and those at the windows' sample
+    moments (x.5 s: the centres of a 2 s window's halves, windows starting every second) carry pixels; the rest
+    arrive omitted, numbered as ever."""
+    from streaming.windowing import WindowingConfig
+
+    sampling = WindowingConfig().frame_sampling()
+    sock, ep = pull, endpoint(pull)
+    times = [T0 + k * 1_000_000_000 // 30 for k in range(90)]
+    with DevicePublisher(ep, DEVICE, sampling=sampling) as pub:
+        for t in times:
+            frame = np.frombuffer(JPEG, np.uint8) if pub.takes("camera", t) else None
+            pub.send("camera", t, frame, encoding="jpeg")
+        got = [decode(sock.recv_multipart()) for _ in times]
+    assert [m.seq for m in got] == list(range(90))
+    with_pixels = [m.t_ns for m in got if m.payload.size]
+    previous = [None, *times[:-1]]
+    assert with_pixels == [t for t, before in zip(times, previous) if sampling["camera"].takes(before, t)]
+    assert len(with_pixels) == 1 + 3  # the first frame (at 1 s), then the first at or after 1.5, 2.5 and 3.5 s
+    assert all(m.shape == (48, 64, 3) for m in got if m.payload.size)
 
 
 @pytest.mark.parametrize("case", REJECTS)

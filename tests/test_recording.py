@@ -376,3 +376,20 @@ def test_run_record_then_replay_into_a_fresh_pipeline_gives_the_live_windows(ray
     assert set(again) == set(live_windows)
     for key, emb in again.items():  # the same bytes in, the same embeddings out (tiny: RANDOM weights, fixed seed)
         np.testing.assert_allclose(emb, live_windows[key], atol=1e-5, err_msg=str(key))
+
+
+def test_omitted_frames_are_recorded_and_read_back_as_sent(tmp_path):
+    """A wearable omitting the frames no window uses (PROTOCOL.md): its header-only frames are recorded, valid
+    for the Foxglove schemas, and read back byte for byte."""
+    from streaming.windowing import WindowingConfig
+
+    wearable = SimulatedWearable("rec-3", 5, start_ns=START_NS, sampling=WindowingConfig().frame_sampling())
+    sent = wire(wearable.messages(1.0))
+    assert any(not payload for _, payload in sent)
+    record(tmp_path, sent)
+    (path,) = tmp_path.iterdir()
+    _, messages, _ = read_with_mcap(path)
+    for _, schema, _, fields, _ in messages:
+        jsonschema.validate(fields, json.loads(schema.data))
+    recording = Recording(path)
+    assert [m.frames for m in recording.messages()] == sent and recording.complete

@@ -315,3 +315,24 @@ def test_a_large_jpeg_is_decoded_scaled_within_tolerance(size):
     scaled, whole = (feed(Windower(WindowingConfig(jpeg_min_side=side)), frames) for side in (default, 0))
     assert len(scaled) == len(whole) == 1
     assert 0 < np.abs(scaled[0].data - whole[0].data).mean() < 0.006
+
+
+def test_a_device_omitting_the_frames_no_window_uses_gets_the_same_windows():
+    """Omitted frames (PROTOCOL.md: header, no pixels) keep the stream's times: the windows, their bounds and
+    their inputs equal those of the same device sending every frame's pixels, and nothing is dropped."""
+    import msgpack
+
+    from sensors.simulator import SimulatedWearable
+
+    def windows(sampling) -> tuple[dict, Windower]:
+        windower = Windower(WindowingConfig(device_cpu_share=1e9, device_cpu_burst_s=1e9))  # unmetered: CPU apart
+        wearable = SimulatedWearable(DEVICE, seed=3, start_ns=START + SECOND // 7, sampling=sampling)
+        cut = feed(windower, [decode([msgpack.packb(h), p]) for h, p in wearable.messages(8)])
+        return {(w.modality, w.t0, w.t1): w.data for w in cut}, windower
+
+    everything, _ = windows(None)
+    omitting, windower = windows(WindowingConfig().frame_sampling())
+    assert {m for m, _, _ in everything} == {"vision", "audio", "depth", "thermal", "imu"}
+    assert omitting.keys() == everything.keys() and not windower.drops
+    for key, data in everything.items():
+        np.testing.assert_array_equal(omitting[key], data, err_msg=str(key))

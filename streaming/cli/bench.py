@@ -244,9 +244,14 @@ def bench_pipeline_command(devices, seconds, config_file, redis_url, **flags):
 @click.option(
     "--max-wearables", type=click.IntRange(1), default=CapacitySettings.max_wearables, help="The largest fleet tried."
 )
+@click.option(
+    "--all-frames",
+    is_flag=True,
+    help="Wearables send every frame's pixels (ingest drops those no window uses) instead of omitting them.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (the progress lines go to stderr).")
 @pipeline_options
-def bench_capacity_command(seconds, profile, max_wearables, as_json, config_file, redis_url, **flags):
+def bench_capacity_command(seconds, profile, max_wearables, all_frames, as_json, config_file, redis_url, **flags):
     """The largest fleet of simulated wearables streaming at real pace that the pipeline keeps up with, its
     windows/s, and the CPU a window costs per stage (process CPU time; the encoder's forward apart)."""
     import json
@@ -258,7 +263,9 @@ def bench_capacity_command(seconds, profile, max_wearables, as_json, config_file
 
     config = build_config(config_file, redis_url, **flags)
     config.model = config.model or "tiny"
-    settings = CapacitySettings(seconds=seconds, profile=profile, max_wearables=min(max_wearables, 2**16))
+    settings = CapacitySettings(
+        seconds=seconds, profile=profile, max_wearables=min(max_wearables, 2**16), all_frames=all_frames
+    )
     progress = Console(stderr=True, soft_wrap=True)  # one line per step, also into a file
 
     def on_step(s) -> None:
@@ -273,7 +280,8 @@ def bench_capacity_command(seconds, profile, max_wearables, as_json, config_file
     progress.print(
         f"bench capacity: model {config.model}"
         + (" ([bold red]random weights[/]: speed does not depend on the values)" if config.model == "tiny" else "")
-        + f", profile {profile}, {seconds:g} s per fleet, fleets doubling until one falls behind"
+        + f", profile {profile}, {seconds:g} s per fleet, fleets doubling until one falls behind, wearables "
+        + ("sending every frame" if all_frames else "omitting the frames no window uses")
     )
     with user_errors():
         try:

@@ -265,6 +265,7 @@ def demo(seconds, devices, seed, events, config_file, redis_url, ui, ui_port, **
                     seed=seed,
                     start_ns=found.start_ns if found else None,
                     bursts=bursts,
+                    sampling=config.windowing.frame_sampling(),  # they omit the frames no window uses
                 )
             except Exception:
                 if not stop.is_set():  # after a Ctrl-C its sends may fail as the process ends
