@@ -2,6 +2,7 @@
 
 import dataclasses
 import tracemalloc
+from pathlib import Path
 
 import cv2
 import msgpack
@@ -425,3 +426,20 @@ def test_rejects_arrive_over_loopback(pull):
     push.close(linger=1000)
     assert [rejected(pull.recv_multipart(copy=False)) for _ in sent] == [reason for _, reason in sent]
     assert decode(pull.recv_multipart(copy=False)).payload.shape == (1, 6)
+
+
+def test_the_sampling_protocol_md_states_decides_as_the_default_windows():
+    """PROTOCOL.md section 5 gives a device without the server's code the default sample moments."""
+    from sensors.sampling import FrameSampling
+    from streaming.windowing import WindowingConfig
+
+    stated = {"camera": FrameSampling(10**9, (5 * 10**8,)), "depth": FrameSampling(10**9, (0,))}
+    stated["thermal"] = stated["depth"]
+    server = WindowingConfig().frame_sampling()
+    assert server.keys() == stated.keys()
+    for sensor, sampling in server.items():
+        for previous in range(0, 5 * 10**9, 7_777_777):
+            for period in (33_333_333, 111_111_111, 10**9 // 9):  # 30, 9 and 9 fps
+                t = previous + period
+                assert sampling.takes(previous, t) == stated[sensor].takes(previous, t), (sensor, previous, period)
+    assert "FrameSampling(10**9, (5 * 10**8,))" in (Path(__file__).parents[1] / "PROTOCOL.md").read_text()
