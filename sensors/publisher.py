@@ -134,14 +134,22 @@ class DevicePublisher:
         self.block = block
         self.validate = validate
         self.limits = limits
-        self.socket = connect_push(
-            endpoint,
-            sndhwm=sndhwm,
-            linger_ms=linger_ms,
-            context=context,
-            curve_server_public_file=curve_server_public_file,
-            curve_client_secret_file=curve_client_secret_file,
-        )
+        # a context of its own unless given: ZeroMQ's close returns at once, only terminating the context waits
+        # (up to the linger) for the queue to be sent, and a program that exits before that loses the queue
+        self._own_context = zmq.Context() if context is None else None
+        try:
+            self.socket = connect_push(
+                endpoint,
+                sndhwm=sndhwm,
+                linger_ms=linger_ms,
+                context=context or self._own_context,
+                curve_server_public_file=curve_server_public_file,
+                curve_client_secret_file=curve_client_secret_file,
+            )
+        except BaseException:  # e.g. a malformed endpoint: nothing was sent, nothing to wait for
+            if self._own_context is not None:
+                self._own_context.destroy(linger=0)
+            raise
         self.sent: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.bytes_sent = 0
@@ -192,8 +200,12 @@ class DevicePublisher:
         self.socket.connect(self.endpoint)
 
     def close(self, linger_ms: int | None = None) -> None:
-        """Close the socket, waiting up to `linger_ms` (default: the socket's) to flush the queue."""
+        """Close the socket and return once its queue is sent, or after `linger_ms` (default: the socket's; -1:
+        no limit), when what is still queued is lost (the receiver sees no gap: nothing follows). With a `context`
+        passed in, the wait happens where its owner terminates it."""
         self.socket.close(linger=linger_ms)
+        if self._own_context is not None:
+            self._own_context.term()
 
     def __enter__(self) -> DevicePublisher:
         return self

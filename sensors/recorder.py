@@ -355,10 +355,11 @@ class Replay:
         context: zmq.Context | None = None,
     ) -> int:
         """Send every message; returns the number sent. Paced by the receive times at `speed` (the first message
-        at once); `speed=None` as fast as the receiver takes them. Sends block while the receiver is slow:
-        nothing is dropped."""
+        at once); `speed=None` as fast as the receiver takes them. Sends block while the receiver is slow, and it
+        returns once the receiver has taken the last one (`linger_ms`): nothing is dropped."""
         pacer = Pacer(speed)
-        sock = connect_push(endpoint, sndhwm=sndhwm, linger_ms=linger_ms, context=context)
+        own = zmq.Context() if context is None else None  # terminated at the end: that waits for the queue
+        sock = connect_push(endpoint, sndhwm=sndhwm, linger_ms=linger_ms, context=context or own)
         sent = 0
         try:
             for message in self.messages():
@@ -367,4 +368,6 @@ class Replay:
                 sent += 1
         finally:
             sock.close()
+            if own is not None:
+                own.term()  # ZeroMQ's close returns at once; until this, the queue's tail may still be unsent
         return sent
