@@ -140,6 +140,15 @@ class Ingest:
                 batches, first_arrival, received = {}, None, 0
             elif first_arrival:  # messages then come in runs: a wake-up per message costs more than the wait
                 self._stop.wait(self.settings.drain_pause_ms / 1000)
+        # stopping: what the socket already queued is taken too (up to `rcvhwm` messages: a device sending on
+        # cannot keep the drain going), then passed on
+        for _ in range(self.settings.rcvhwm):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            first_arrival = first_arrival or time.time_ns()
+            self._accept(frames, batches)
         if batches and first_arrival:
             self._flush(batches, first_arrival)
 
@@ -233,7 +242,8 @@ class Ingest:
         self.metrics.busy(time.perf_counter() - start)
 
     def stop(self) -> dict:
-        """Stop receiving, pass on what was received, wait until the windowing actors took it."""
+        """Stop receiving (taking what the socket already queued), pass on what was received, wait until the
+        windowing actors took it."""
         self._stop.set()
         if self._worker.is_alive():
             self._worker.join()
