@@ -223,12 +223,17 @@ def _require_finite(values: np.ndarray) -> None:
         raise Rejected(NON_FINITE, "payload contains NaN or Inf")
 
 
+def _raw_shape(header: dict, limits: Limits) -> tuple[int, ...]:
+    shape = _shape(header, 3, limits)
+    if shape[2] != RGB_CHANNELS:
+        raise Rejected(BAD_VALUE, f"raw camera frames are RGB, got {shape[2]} channels")
+    return shape
+
+
 def _camera(header: dict, body: memoryview, limits: Limits) -> tuple[np.ndarray, dict]:
     encoding = _choice(header, "encoding", ENCODINGS)
     if encoding == "raw":
-        shape = _shape(header, 3, limits)
-        if shape[2] != RGB_CHANNELS:
-            raise Rejected(BAD_VALUE, f"raw camera frames are RGB, got {shape[2]} channels")
+        shape = _raw_shape(header, limits)
         return _sized(body, DTYPES["uint8"], shape), {"encoding": encoding, "shape": shape}
     size = encoded_image_size(body, encoding)
     if size is None:
@@ -312,7 +317,7 @@ def _omitted_frame(sensor: str, header: dict, body: memoryview, limits: Limits) 
         raise Rejected(PAYLOAD_SIZE, f"an omitted frame has an empty payload, got {body.nbytes} bytes")
     if sensor == CAMERA:
         encoding = _choice(header, "encoding", ENCODINGS)
-        return {"encoding": encoding, "shape": _shape(header, 3, limits) if encoding == "raw" else None}
+        return {"encoding": encoding, "shape": _raw_shape(header, limits) if encoding == "raw" else None}
     dtypes = DEPTH_DTYPES if sensor == DEPTH else THERMAL_DTYPES
     return {"dtype": _choice(header, "dtype", dtypes), "shape": _shape(header, 2, limits)}
 

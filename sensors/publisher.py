@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from .protocol import (
     decode,
     encode_header,
 )
+from .sampling import FrameOmitter
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -100,6 +102,15 @@ def _array_payload(sensor: str, array: np.ndarray, fields: dict) -> np.ndarray:
     return array
 
 
+def terminate(context: zmq.Context) -> None:
+    """Terminate `context`, which waits until its sockets' queues are sent or their linger is over, in a way
+    Ctrl-C can interrupt (ZeroMQ's own wait cannot be; interrupted, what is still queued is lost)."""
+    waiter = threading.Thread(target=context.term, name="zmq-term", daemon=True)
+    waiter.start()
+    while waiter.is_alive():
+        waiter.join(0.1)
+
+
 class DevicePublisher:
     """Sends one device's sensor messages over a PUSH socket connected to the ingest endpoint.
 
@@ -154,25 +165,19 @@ class DevicePublisher:
         self.dropped: Counter[str] = Counter()
         self.bytes_sent = 0
         self._seq: Counter[str] = Counter()
-        self.sampling = dict(sampling or {})
-        self._last_frame_t: dict[str, int] = {}  # frame sensor -> time of its last frame, sent or omitted
+        self.omitter = FrameOmitter(sampling)
 
     def takes(self, sensor: str, t_ns: int) -> bool:
         """Whether the next frame of `sensor`, taken at `t_ns`, goes with its pixels (always without `sampling`)."""
-        sampling = self.sampling.get(sensor)
-        return sampling is None or sampling.takes(self._last_frame_t.get(sensor), t_ns)
+        return self.omitter.takes(sensor, t_ns)
 
     def send(self, sensor: str, t_ns: int, payload: bytes | np.ndarray | None, **fields) -> bool:
         """Send one message without copying the payload; False if it was dropped (queue full). A frame whose
         payload is None, or that `takes` says no window uses, goes omitted (`fields` still describe it)."""
-        if sensor in self.sampling:
-            if not self.takes(sensor, t_ns):
-                payload = None
-            self._last_frame_t[sensor] = t_ns
-        if payload is None:
+        if isinstance(payload, np.ndarray):
+            payload = _array_payload(sensor, payload, fields)  # also fills the fields an omitted frame keeps
+        if self.omitter.omits(sensor, t_ns) or payload is None:
             payload, fields = b"", {**fields, OMITTED: True}
-        elif isinstance(payload, np.ndarray):
-            payload = _array_payload(sensor, payload, fields)
         # numpy's stubs give ndarray the buffer protocol (__buffer__) only for Python >= 3.12
         frame: Buffer = payload  # type: ignore[assignment]
         seq = self._seq[sensor]
@@ -202,13 +207,13 @@ class DevicePublisher:
     def close(self, linger_ms: int | None = None) -> None:
         """Close the socket and return once its queue is sent, or after `linger_ms` (default: the socket's; -1:
         no limit), when what is still queued is lost (the receiver sees no gap: nothing follows). With a `context`
-        passed in, the wait happens where its owner terminates it."""
+        passed in, the wait happens where its owner terminates it (`terminate`)."""
         self.socket.close(linger=linger_ms)
         if self._own_context is not None:
-            self._own_context.term()
+            terminate(self._own_context)
 
     def __enter__(self) -> DevicePublisher:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(0 if exc_type else None)  # leaving on an error or Ctrl-C: do not wait for the queue

@@ -40,7 +40,7 @@ from .mcap_format import (
     bindstream_version,
 )
 from .protocol import DEFAULT_LIMITS, VERSION, Limits, Rejected, SensorMessage, decode
-from .publisher import DEFAULT_SNDHWM, connect_push
+from .publisher import DEFAULT_SNDHWM, connect_push, terminate
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
@@ -366,8 +366,11 @@ class Replay:
                 pacer.wait(message.rx_ns)
                 sock.send_multipart(message.frames, copy=False)
                 sent += 1
+        except BaseException:  # an error or Ctrl-C: do not wait for the queue
+            sock.close(linger=0)
+            raise
         finally:
-            sock.close()
+            sock.close()  # a no-op after close(linger=0)
             if own is not None:
-                own.term()  # ZeroMQ's close returns at once; until this, the queue's tail may still be unsent
+                terminate(own)  # ZeroMQ's close returns at once; until this, the queue's tail may still be unsent
         return sent

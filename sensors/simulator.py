@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import zmq
 
 from .clock import Pacer
 from .images import encode_jpeg
 from .protocol import CAMERA, DEFAULT_ENDPOINT, DEPTH, IMU, MIC, NS_PER_S, OMITTED, SENSORS, THERMAL, VERSION
-from .publisher import DevicePublisher
-from .sampling import FrameSampling
+from .publisher import DevicePublisher, terminate
+from .sampling import FrameOmitter, FrameSampling
 
 WIDTH, HEIGHT = 640, 480  # camera and depth
 THERMAL_WIDTH, THERMAL_HEIGHT = 160, 120
@@ -390,15 +391,12 @@ class SimulatedWearable:
     def _stream(
         self, sensor: str, per_second: int, fields: dict, payload: Callable[[int], bytes], end_ns: int
     ) -> Iterator[tuple[dict, bytes]]:
-        k, previous_t, sampling = 0, None, self.sampling.get(sensor)
+        k, omitter = 0, FrameOmitter(self.sampling)
         while (t_ns := self.start_ns + k * NS_PER_S // per_second) < end_ns:
             header = {"v": VERSION, "device": self.device, "sensor": sensor, "seq": k, "t_ns": t_ns}
             header.update((key, list(value) if isinstance(value, list) else value) for key, value in fields.items())
-            if sampling is None or sampling.takes(previous_t, t_ns):
-                yield header, payload(k)
-            else:
-                yield header | {OMITTED: True}, b""
-            k, previous_t = k + 1, t_ns
+            yield (header | {OMITTED: True}, b"") if omitter.omits(sensor, t_ns) else (header, payload(k))
+            k += 1
 
     def messages(self, seconds: float) -> Iterator[tuple[dict, bytes]]:
         """(header, payload) of every message captured in the first `seconds`, in device-time order."""
@@ -451,7 +449,11 @@ def simulate(
     if not realtime:
         publisher_kwargs.setdefault("block", True)
         publisher_kwargs.setdefault("linger_ms", -1)
-    publishers = {w.device: DevicePublisher(endpoint, w.device, **publisher_kwargs) for w in wearables}
+    context = publisher_kwargs.pop("context", None)
+    own = zmq.Context() if context is None else None  # one for all: their queues are then sent at once on close
+    publishers = {
+        w.device: DevicePublisher(endpoint, w.device, context=context or own, **publisher_kwargs) for w in wearables
+    }
     pacer = Pacer(1.0 if realtime else None)
     began = time.monotonic()
     try:
@@ -459,9 +461,15 @@ def simulate(
             pacer.wait(header["t_ns"])
             fields = {key: value for key, value in header.items() if key not in COMMON_KEYS}
             publishers[header["device"]].send(header["sensor"], header["t_ns"], payload, **fields)
+    except BaseException:  # an error or Ctrl-C: do not wait for the queues
+        for publisher in publishers.values():
+            publisher.close(0)
+        raise
     finally:
         for publisher in publishers.values():
-            publisher.close()
+            publisher.close()  # a no-op after close(0)
+        if own is not None:
+            terminate(own)  # returns once every queue is sent or its linger is over
     return SimulationStats(
         {d: dict(p.sent) for d, p in publishers.items()},
         {d: dict(p.dropped) for d, p in publishers.items()},

@@ -37,7 +37,7 @@ import redis
 import zmq
 
 from sensors.protocol import NS_PER_S, OMITTED, VERSION
-from sensors.sampling import FrameSampling
+from sensors.sampling import FrameOmitter, FrameSampling
 from sensors.simulator import DEFAULT_PROFILE, PROFILES, SimulatedWearable
 
 from .records import FUSED, STREAMS
@@ -221,7 +221,7 @@ def replay(
     per_loop: dict[str, int] = {}
     for m in recording:
         per_loop[m.sensor] = per_loop.get(m.sensor, 0) + 1
-    previous_t: dict[str, int] = {}  # frame sensor -> its last frame's time
+    omitter = FrameOmitter(sampling)
     end = round(seconds * NS_PER_S)
     for loop in range(math.ceil(seconds / loop_s)):
         for m in recording:
@@ -231,10 +231,8 @@ def replay(
             t_ns, payload = start_ns + offset, m.payload
             header = {"v": VERSION, "device": device, "sensor": m.sensor, "seq": loop * per_loop[m.sensor] + m.seq}
             header |= {"t_ns": t_ns, **m.fields}
-            if sampling and m.sensor in sampling:
-                if not sampling[m.sensor].takes(previous_t.get(m.sensor), t_ns):
-                    header[OMITTED], payload = True, b""
-                previous_t[m.sensor] = t_ns
+            if omitter.omits(m.sensor, t_ns):
+                header[OMITTED], payload = True, b""
             yield t_ns, msgpack.packb(header), payload
 
 
@@ -289,7 +287,7 @@ def stream_fleet(
 def sender(conn, settings: CapacitySettings, sampling: dict[str, FrameSampling]) -> None:
     """The sender process: records the pool, says it is ready, then streams each fleet it is sent
     (endpoint, devices, start_ns, seconds) and answers (messages sent, dropped), until it gets None. The
-    wearables omit the frames no window uses (`sampling`) unless the settings say `all_frames`."""
+    wearables omit the frames no window uses by `sampling` (empty: none)."""
     recordings = record(settings)
     conn.send("ready")
     while (job := conn.recv()) is not None:

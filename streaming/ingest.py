@@ -102,7 +102,7 @@ class Ingest:
         self.devices: OrderedDict[str, float] = OrderedDict()  # device -> its last message (monotonic), oldest first
         self.last_frame_t: dict[tuple[str, str], int] = {}  # (device, sensor) -> time of its last frame
         self.sampling = settings.windowing.frame_sampling()
-        # the batch's counts ("in", "thinned" per modality) and busy time, counted with it: a count costs
+        # the batch's counts ("in", "thinned", "omitted" per modality) and busy time, counted with it: a count costs
         # microseconds (it is a Ray metric too), a batch holds hundreds of messages
         self.tally: Counter = Counter()
         self.tally_busy_s = 0.0
@@ -140,8 +140,9 @@ class Ingest:
                 batches, first_arrival, received = {}, None, 0
             elif first_arrival:  # messages then come in runs: a wake-up per message costs more than the wait
                 self._stop.wait(self.settings.drain_pause_ms / 1000)
-        # stopping: what the socket already queued is taken too (up to `rcvhwm` messages: a device sending on
-        # cannot keep the drain going), then passed on
+        # stopping: what the socket already queued is taken too, in batches of `batch_max`, up to `rcvhwm`
+        # messages (so devices sending on cannot keep the drain going; ZeroMQ queues up to `rcvhwm` per device,
+        # and what is left is lost uncounted, as anything sent after the drain)
         for _ in range(self.settings.rcvhwm):
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -149,6 +150,10 @@ class Ingest:
                 break
             first_arrival = first_arrival or time.time_ns()
             self._accept(frames, batches)
+            received += 1
+            if received >= self.settings.batch_max:
+                self._flush(batches, first_arrival)
+                batches, first_arrival, received = {}, None, 0
         if batches and first_arrival:
             self._flush(batches, first_arrival)
 

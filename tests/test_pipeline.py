@@ -1,5 +1,7 @@
 """End to end with real parts: a simulated wearable -> ZeroMQ on loopback -> Ray actors -> redis-server."""
 
+from collections import Counter
+
 import msgpack
 import numpy as np
 import pytest
@@ -114,7 +116,7 @@ def test_drain_reports_no_drops(pipeline_run):
 def test_a_device_omitting_unused_frames_gets_the_embeddings_of_sending_them_all(pipeline_run):
     """The same wearable sending every frame's pixels (offline here) and omitting the frames no window uses
     (through the pipeline): the same windows, embeddings within the parity tolerance; ingest counted the omitted
-    frames, about 28 of every 30 camera frames."""
+    frames, 29 of every 30 camera and depth frames."""
     _, _, final, records = pipeline_run
     windower = Windower()
     windows = []
@@ -126,9 +128,17 @@ def test_a_device_omitting_unused_frames_gets_the_embeddings_of_sending_them_all
     assert published.keys() == offline.keys()
     for key, emb in published.items():
         np.testing.assert_allclose(emb, offline[key], atol=1e-4, err_msg=str(key))
+    sampling = PipelineConfig().windowing.frame_sampling()
+    omitted = Counter(
+        h["sensor"]
+        for h, _ in SimulatedWearable(OMITTING, seed=7, start_ns=START_NS, sampling=sampling).messages(SECONDS)
+        if h.get("omitted")
+    )
+    assert min(omitted["camera"], omitted["depth"]) > 28 * SECONDS  # of 30 fps, about one frame a second used
     ingest = Counts.of(final["ingest"][0])
-    assert 25 * SECONDS < ingest.get("omitted", "vision") < 30 * SECONDS  # 30 fps, a few of each second's used
-    assert 25 * SECONDS < ingest.get("omitted", "depth") < 30 * SECONDS
+    assert [ingest.get("omitted", m) for m in ("vision", "depth", "thermal")] == [
+        omitted[s] for s in ("camera", "depth", "thermal")
+    ]
 
 
 def bad_messages(device: str, good: list) -> list[list[bytes]]:

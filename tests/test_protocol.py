@@ -269,6 +269,7 @@ REJECTS = {
     "omitted-depth-side-4097": (frames(header(DEPTH, shape=[4097, 1], omitted=True), b""), "too_large"),
     "omitted-camera-no-encoding": (frames(header(sensor="camera", rate=None, omitted=True), b""), "missing_key"),
     "omitted-raw-no-shape": (frames(header(CAMERA_RAW, omitted=True), b""), "missing_key"),
+    "omitted-raw-4-channels": (frames(header(CAMERA_RAW, shape=[2, 2, 4], omitted=True), b""), "bad_value"),
 }
 
 
@@ -443,3 +444,19 @@ def test_the_sampling_protocol_md_states_decides_as_the_default_windows():
                 t = previous + period
                 assert sampling.takes(previous, t) == stated[sensor].takes(previous, t), (sensor, previous, period)
     assert "FrameSampling(10**9, (5 * 10**8,))" in (Path(__file__).parents[1] / "PROTOCOL.md").read_text()
+
+
+def test_a_publisher_omits_frames_given_as_arrays_with_their_fields(pull):
+    """Depth frames handed over as arrays: the omitted ones still carry the dtype and shape the array implies,
+    and a clock stepping back sends the next frame whole (as the server keeps it)."""
+    from streaming.windowing import WindowingConfig
+
+    sock = pull
+    depth = np.zeros((48, 64), np.uint16)
+    times = [T0 + k * 1_000_000_000 // 30 for k in range(40)] + [T0]  # the last: the clock stepped back
+    with DevicePublisher(endpoint(pull), DEVICE, sampling=WindowingConfig().frame_sampling()) as pub:
+        for t in times:
+            pub.send("depth", t, depth)
+        got = [decode(sock.recv_multipart()) for _ in times]
+    assert all(m.dtype == "uint16" and m.shape == (48, 64) for m in got)
+    assert [m.t_ns for m in got if m.payload.size] == [T0, T0 + 1_000_000_000, T0]
