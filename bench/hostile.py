@@ -37,6 +37,10 @@ ATTACKS = {
         "valid 4096 px progressive JPEGs, 30 fps at 5x, 20 s",
         functools.partial(attacks.costly_frames, seconds=20),
     ),
+    "omitted": (
+        "200,000 header-only omitted depth frames, as fast as they go",
+        functools.partial(attacks.omitted_frames, frames=200_000),
+    ),
     "imu": ("IMU rows of +-3e38", attacks.huge_imu),
     "forged": ("seq 2^63-1 and clock +2^62 in the victim's name", attacks.forged_seq_and_clock),
     "ids": ("20,000 new device ids, one message each", functools.partial(attacks.device_id_flood, ids=20_000)),

@@ -289,6 +289,14 @@ def costly_frames(endpoint: str, victim: str, seconds: float = 6.0, speed: float
     push.close(linger=-1)
 
 
+def omitted_frames(endpoint: str, victim: str, frames: int = 20_000) -> None:
+    """Header-only depth frames (PROTOCOL.md section 5: `omitted`, no pixels) as fast as they go, at 1,000 fps of
+    device time: the cheapest messages to send, each of which ingest and windowing must still check; none carries
+    the pixels a window needs."""
+    fields = dict(device=f"{ATTACKER}-omit", sensor="depth", dtype="uint16", shape=[480, 640], omitted=True)
+    _send_all(endpoint, [(dict(fields, seq=k, t_ns=START_NS + k * SECOND // 1000), b"") for k in range(frames)])
+
+
 def huge_imu(endpoint: str, victim: str) -> None:
     """6 s of IMU rows of +-3e38 (finite float32), which overflowed the encoder to NaN."""
     rows = np.where(np.arange(40 * 6).reshape(40, 6) % 2, 3e38, -3e38).astype(np.float32).tobytes()

@@ -82,6 +82,13 @@ def test_a_device_over_its_cpu_share_is_throttled(pipeline, redis_server):
     assert outcome.counted["window: dropped_throttled"] >= 1
 
 
+def test_a_flood_of_omitted_frames_costs_only_the_senders_windows(pipeline, redis_server):
+    outcome = run(pipeline, redis_server, "omitted", attacks.omitted_frames)
+    dropped = outcome.counted["window: dropped_empty"] + outcome.counted["window: dropped_throttled"]
+    assert dropped >= 1, outcome.counted  # its windows had no pixels (or it spent its CPU share): counted, its own
+    assert not read_all(redis.Redis.from_url(redis_server.url), f"{attacks.ATTACKER}-omit")  # nothing embedded
+
+
 def test_huge_imu_values_publish_finite_unit_embeddings(pipeline, redis_server):
     run(pipeline, redis_server, "imu", attacks.huge_imu)
     records = [
