@@ -289,7 +289,7 @@ def costly_frames(endpoint: str, victim: str, seconds: float = 6.0, speed: float
     push.close(linger=-1)
 
 
-def omitted_frames(endpoint: str, victim: str, frames: int = 20_000) -> None:
+def omitted_frames(endpoint: str, victim: str, frames: int = 5_000) -> None:
     """Header-only depth frames (PROTOCOL.md section 5: `omitted`, no pixels) as fast as they go, at 1,000 fps of
     device time: the cheapest messages to send, each of which ingest and windowing must still check; none carries
     the pixels a window needs."""
