@@ -30,13 +30,14 @@ import ray
 from .publisher import unit_rows
 from .records import NO_DATA, STREAM_MODALITIES, Embedding, Window
 from .retry import Backoff
-from .stage import Downstream, StageMetrics
+from .stage import CallOrder, Downstream, StageMetrics
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 PUBLISH_RETRY_MAX_S = 2.0  # backoff cap while the publisher is down
+ORDER_WAIT_S = 1.0  # how long a push call waits for the same caller's previous call (one that never comes)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,9 @@ class Embedder:
         self.queue = WindowQueue(settings.queue_capacity)
         self.downstream = Downstream(publishers, max_inflight=1)
         self.metrics = StageMetrics("embed")
+        context = ray.get_runtime_context()
+        restarted = context.get_actor_id() is not None and context.was_current_actor_reconstructed
+        self.order = CallOrder(ORDER_WAIT_S, self.metrics.count, restarted)
         # CPU time of this worker thread in the encoder (all of the forward's when torch runs one thread; with
         # more, their other threads' share counts as the process's): `bench capacity` tells it apart
         self.forward_cpu_s = 0.0
@@ -164,20 +168,25 @@ class Embedder:
         self._worker = threading.Thread(target=self._run, name="embedder", daemon=True)
         self._worker.start()
 
-    def push(self, windows: list[Window]) -> int:
+    def push(self, windows: list[Window], order: tuple[str, int] | None = None) -> int:
         """Embed windows (batched with other calls' windows); returns, with the queue depth, once they are
-        published or dropped."""
-        if not windows:
-            return self.queue.size
+        published or dropped. With `order` (`CallOrder`), a caller's windows are queued in the order of its calls,
+        so a device's windows reach the publisher in the order its windowing actor cut them."""
         ticket = Ticket(len(windows))
         for window in windows:
             self.metrics.count("in", window.modality)
-        now = time.monotonic()
-        full, refused = self.queue.put([Queued(w, ticket, now) for w in windows])
+        if order:
+            self.order.wait_turn(*order)
+        try:
+            full, refused = self.queue.put([Queued(w, ticket, time.monotonic()) for w in windows])
+        finally:
+            if order:
+                self.order.done(*order)
         self._drop(full, "queue_full")
         self._drop(refused, "drain_timeout")
         self.metrics.queue_depth(self.queue.size)
-        ticket.done.wait()
+        if windows:
+            ticket.done.wait()
         return self.queue.size
 
     def _drop(self, items: list[Queued], reason: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -160,27 +161,68 @@ class NamedActor:
         return getattr(self._handle, attr)
 
 
+class CallOrder:
+    """Lets the calls of each caller into a concurrent actor in the order the caller made them. Ray runs a
+    threaded actor's calls on a pool of threads, so of two calls made in order the second can reach its first
+    line before the first does. Each call carries `(caller, n)`, n counting that caller's calls to this actor
+    from 0 (`Downstream(ordered=True)` numbers them); call n waits until n - 1 has passed, at most `max_wait_s`
+    (a call that never comes), then goes on, counted as `order_wait_timeout`. In an actor that Ray restarted,
+    the calls it runs again begin at some n > 0: a caller it has not seen yet starts wherever its first call
+    does."""
+
+    def __init__(self, max_wait_s: float, count, restarted: bool = False):
+        self.max_wait_s = max_wait_s
+        self.count = count
+        self.restarted = restarted
+        self._next: dict[str, int] = {}  # caller -> the n of its next call
+        self._cond = threading.Condition()
+
+    def wait_turn(self, caller: str, n: int) -> None:
+        """Return once it is call n's turn (or after `max_wait_s`); `done` must follow once the call is in."""
+        with self._cond:
+            if self.restarted:
+                self._next.setdefault(caller, n)
+            if not self._cond.wait_for(lambda: self._next.get(caller, 0) >= n, self.max_wait_s):
+                self.count("order_wait_timeout")
+
+    def done(self, caller: str, n: int) -> None:
+        with self._cond:
+            self._next[caller] = max(self._next.get(caller, 0), n + 1)
+            self._cond.notify_all()
+
+
 class Downstream:
     """Calls `push` on the next stage's actors with at most `max_inflight` calls not yet returned: a slow
     consumer makes this stage wait instead of piling calls up in Ray's queues. Calls go round robin,
-    or, given a `key`, always to the same actor for that key (a device's data to the actor that owns it)."""
+    or, given a `key`, always to the same actor for that key (a device's data to the actor that owns it).
+    `ordered`: each call also passes `order=(caller, n)` for the actor's `CallOrder` (a concurrent actor)."""
 
-    def __init__(self, actors: list, max_inflight: int):
+    def __init__(self, actors: list, max_inflight: int, ordered: bool = False):
         if not actors:
             raise ValueError("a stage needs at least one downstream actor")
         self.actors = list(actors)
-        self._next = cycle(self.actors)
+        self._next = cycle(range(len(self.actors)))
         self._inflight: deque = deque()
         self.max_inflight = max_inflight
+        # a fresh caller id per Downstream: its numbering starts again at 0 for every actor
+        self._caller = uuid.uuid4().hex if ordered else None
+        self._calls = [0] * len(self.actors)  # calls made to each actor
 
     def actor_for(self, key: str):
-        return self.actors[zlib.crc32(key.encode()) % len(self.actors)]
+        return self.actors[self._index(key)]
+
+    def _index(self, key: str) -> int:
+        return zlib.crc32(key.encode()) % len(self.actors)
 
     def push(self, *args, key: str | None = None) -> None:
         while len(self._inflight) >= self.max_inflight:
             ray.get(self._inflight.popleft())
-        actor = self.actor_for(key) if key is not None else next(self._next)
-        self._inflight.append(actor.push.remote(*args))
+        i = self._index(key) if key is not None else next(self._next)
+        if self._caller is None:
+            self._inflight.append(self.actors[i].push.remote(*args))
+            return
+        self._inflight.append(self.actors[i].push.remote(*args, order=(self._caller, self._calls[i])))
+        self._calls[i] += 1
 
     def has_room(self) -> bool:
         """Whether a call can be made now without waiting (calls that returned are let go)."""

@@ -486,7 +486,7 @@ class WindowStage:
         self.windower = Windower(
             settings.windowing, keep=self.evidence.buffer.add if self.evidence else None, ship_raw=settings.ships_raw()
         )
-        self.downstream = Downstream(embedders, settings.max_inflight)
+        self.downstream = Downstream(embedders, settings.max_inflight, ordered=True)
         self.gate = Gate(settings.gating)
         self.backlog: deque[Window] = deque()
         self._lock = threading.Lock()  # backlog and downstream: push() and the pump thread share them
@@ -528,7 +528,8 @@ class WindowStage:
 
     def _push_next(self) -> None:
         """Send the oldest waiting window, with the next ones bound for the same embedder. A device's
-        windows always go to the same embedder, so they reach the publisher in order."""
+        windows always go to the same embedder, which queues this actor's calls in the order they were made
+        (`CallOrder`), so they reach the publisher in order."""
         embedder = self.downstream.actor_for(self.backlog[0].device)
         batch: list[Window] = []
         rest: deque[Window] = deque()
@@ -562,7 +563,7 @@ class WindowStage:
         """Send to these embedders from now on (after the calls open to the old ones have returned)."""
         with self._lock:
             self.downstream.wait()
-            self.downstream = Downstream(embedders, self.settings.max_inflight)
+            self.downstream = Downstream(embedders, self.settings.max_inflight, ordered=True)
 
     def flush(self) -> dict:
         """Hand every window cut so far to the embedders and wait until they are published."""
