@@ -26,7 +26,7 @@ from .protocol import (
     decode,
     encode_header,
 )
-from .sampling import FrameOmitter
+from .sampling import OMIT, SKIP, FrameOmitter
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -120,7 +120,8 @@ class DevicePublisher:
     instead of being refused by the server). `curve_server_public_file` and `curve_client_secret_file`
     (both or neither) turn on CurveZMQ; see `connect_push` and SECURITY.md.
     With `sampling` (the pipeline's, per frame sensor: sensors/sampling.py), a frame no window uses is sent
-    omitted, its header without pixels (PROTOCOL.md); `takes` tells beforehand, so a camera need not encode it.
+    omitted, its header without pixels (PROTOCOL.md), or not at all where the frames sent stay within the
+    server's largest gap; `takes` tells beforehand, so a camera need not encode it.
     """
 
     def __init__(
@@ -163,6 +164,7 @@ class DevicePublisher:
             raise
         self.sent: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()  # frames the stream did without (sampling's max_gap_ns)
         self.bytes_sent = 0
         self._seq: Counter[str] = Counter()
         self.omitter = FrameOmitter(sampling)
@@ -173,10 +175,15 @@ class DevicePublisher:
 
     def send(self, sensor: str, t_ns: int, payload: bytes | np.ndarray | None, **fields) -> bool:
         """Send one message without copying the payload; False if it was dropped (queue full). A frame whose
-        payload is None, or that `takes` says no window uses, goes omitted (`fields` still describe it)."""
+        payload is None, or that `takes` says no window uses, goes omitted (`fields` still describe it), or is
+        skipped (nothing sent, no `seq` used: True)."""
         if isinstance(payload, np.ndarray):
             payload = _array_payload(sensor, payload, fields)  # also fills the fields an omitted frame keeps
-        if self.omitter.omits(sensor, t_ns) or payload is None:
+        how = self.omitter.decide(sensor, t_ns)
+        if how == SKIP:
+            self.skipped[sensor] += 1
+            return True
+        if how == OMIT or payload is None:
             payload, fields = b"", {**fields, OMITTED: True}
         # numpy's stubs give ndarray the buffer protocol (__buffer__) only for Python >= 3.12
         frame: Buffer = payload  # type: ignore[assignment]

@@ -5,6 +5,8 @@ first frame at or after each sample moment. A frame is therefore used when a sam
 frame before it and at or before it, which the device can tell as well as the pipeline. A device given the
 pipeline's `FrameSampling` (streaming/windowing.py `WindowingConfig.frame_sampling`) sends the other frames as
 omitted (their header, no pixels: PROTOCOL.md): of a 30 fps camera or depth stream, 29 frames of every 30.
+With the server's largest gap between frames (`max_gap_ns`), it sends only as many of those headers as keep
+its frames that close, and skips the rest: a stream at a lower frame rate, with the same windows.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+SEND, OMIT, SKIP = "send", "omit", "skip"  # a frame goes whole, as its header only, or not at all
+
 
 @dataclass(frozen=True)
 class FrameSampling:
-    """Sample moments `k * hop_ns + offset` for every integer k and each of `offsets_ns`."""
+    """Sample moments `k * hop_ns + offset` for every integer k and each of `offsets_ns`. `max_gap_ns`: frames
+    further apart than this leave a hole in the server's stream (None: a device must send every frame)."""
 
     hop_ns: int
     offsets_ns: tuple[int, ...]
+    max_gap_ns: int | None = None
 
     def takes(self, previous_t: int | None, t: int) -> bool:
         """Whether the frame at `t` is used, the frame before it being at `previous_t` (None: no frame before
@@ -31,21 +37,35 @@ class FrameSampling:
 
 
 class FrameOmitter:
-    """A device's side of `FrameSampling`: remembers each frame sensor's last frame, sent or omitted, and says
-    which frames go without pixels. Without a sampling for a sensor, every frame goes whole."""
+    """A device's side of `FrameSampling`: remembers each frame sensor's last frame and last frame sent, and
+    decides how each frame goes. Without a sampling for a sensor, every frame goes whole."""
 
     def __init__(self, sampling: Mapping[str, FrameSampling] | None = None):
         self.sampling = dict(sampling or {})
         self.last_t: dict[str, int] = {}
+        self.last_sent_t: dict[str, int] = {}
 
     def takes(self, sensor: str, t: int) -> bool:
         """Whether the frame of `sensor` at `t` would go with its pixels (nothing is remembered)."""
         sampling = self.sampling.get(sensor)
         return sampling is None or sampling.takes(self.last_t.get(sensor), t)
 
-    def omits(self, sensor: str, t: int) -> bool:
-        """Whether to send the frame of `sensor` at `t` omitted; it becomes the sensor's last frame."""
-        omit = not self.takes(sensor, t)
-        if sensor in self.sampling:
-            self.last_t[sensor] = t
-        return omit
+    def decide(self, sensor: str, t: int) -> str:
+        """SEND the frame of `sensor` at `t` whole (a window uses it), OMIT its pixels, or SKIP it: with the
+        sampling's `max_gap_ns`, a frame is skipped while the frames sent stay within the gap even if the next
+        two frames came at this one's spacing (so one frame the camera misses leaves no hole). It becomes the
+        sensor's last frame."""
+        sampling = self.sampling.get(sensor)
+        if sampling is None:
+            return SEND
+        last, sent = self.last_t.get(sensor), self.last_sent_t.get(sensor)
+        how = OMIT
+        if sampling.takes(last, t):
+            how = SEND
+        elif last is not None and sent is not None and sampling.max_gap_ns is not None:
+            if (t - sent) + 2 * (t - last) <= sampling.max_gap_ns:
+                how = SKIP
+        self.last_t[sensor] = t
+        if how != SKIP:
+            self.last_sent_t[sensor] = t
+        return how

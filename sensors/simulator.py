@@ -25,7 +25,7 @@ from .clock import Pacer
 from .images import encode_jpeg
 from .protocol import CAMERA, DEFAULT_ENDPOINT, DEPTH, IMU, MIC, NS_PER_S, OMITTED, SENSORS, THERMAL, VERSION
 from .publisher import DevicePublisher, terminate
-from .sampling import FrameOmitter, FrameSampling
+from .sampling import OMIT, SKIP, FrameOmitter, FrameSampling
 
 WIDTH, HEIGHT = 640, 480  # camera and depth
 THERMAL_WIDTH, THERMAL_HEIGHT = 160, 120
@@ -228,8 +228,9 @@ class SimulatedWearable:
     The mic also plays `bursts` (by default a chirp burst at 35 s, then every 90 s). `profile` says when the
     scene moves, the background sounds and the wearer walks (default: all the time).
 
-    Message k of a sensor sent m times per second is stamped start_ns + k * 1e9 // m exactly. With `sampling`
-    (the pipeline's, sensors/sampling.py), the frames no window uses are omitted: header only, never drawn.
+    Capture k of a sensor taken m times per second is stamped start_ns + k * 1e9 // m exactly. With `sampling`
+    (the pipeline's, sensors/sampling.py), the frames no window uses are never drawn: sent omitted (header
+    only), or skipped where the frames sent stay within the sampling's `max_gap_ns` (`seq` counts what is sent).
     """
 
     def __init__(
@@ -391,11 +392,14 @@ class SimulatedWearable:
     def _stream(
         self, sensor: str, per_second: int, fields: dict, payload: Callable[[int], bytes], end_ns: int
     ) -> Iterator[tuple[dict, bytes]]:
-        k, omitter = 0, FrameOmitter(self.sampling)
+        k, seq, omitter = 0, 0, FrameOmitter(self.sampling)
         while (t_ns := self.start_ns + k * NS_PER_S // per_second) < end_ns:
-            header = {"v": VERSION, "device": self.device, "sensor": sensor, "seq": k, "t_ns": t_ns}
-            header.update((key, list(value) if isinstance(value, list) else value) for key, value in fields.items())
-            yield (header | {OMITTED: True}, b"") if omitter.omits(sensor, t_ns) else (header, payload(k))
+            how = omitter.decide(sensor, t_ns)
+            if how != SKIP:
+                header = {"v": VERSION, "device": self.device, "sensor": sensor, "seq": seq, "t_ns": t_ns}
+                header.update((key, list(value) if isinstance(value, list) else value) for key, value in fields.items())
+                yield (header | {OMITTED: True}, b"") if how == OMIT else (header, payload(k))
+                seq += 1
             k += 1
 
     def messages(self, seconds: float) -> Iterator[tuple[dict, bytes]]:

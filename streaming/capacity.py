@@ -37,7 +37,7 @@ import redis
 import zmq
 
 from sensors.protocol import NS_PER_S, OMITTED, VERSION
-from sensors.sampling import FrameOmitter, FrameSampling
+from sensors.sampling import OMIT, SKIP, FrameOmitter, FrameSampling
 from sensors.simulator import DEFAULT_PROFILE, PROFILES, SimulatedWearable
 
 from .records import FUSED, STREAMS
@@ -187,7 +187,6 @@ class Recorded:
 
     offset_ns: int
     sensor: str
-    seq: int
     fields: dict
     payload: bytes
 
@@ -200,7 +199,7 @@ def record(settings: CapacitySettings) -> list[list[Recorded]]:
         common = ("v", "device", "sensor", "seq", "t_ns")
         out.append(
             [
-                Recorded(h["t_ns"], h["sensor"], h["seq"], {k: v for k, v in h.items() if k not in common}, payload)
+                Recorded(h["t_ns"], h["sensor"], {k: v for k, v in h.items() if k not in common}, payload)
                 for h, payload in wearable.messages(settings.loop_s)
             ]
         )
@@ -217,10 +216,8 @@ def replay(
 ) -> Iterator[tuple]:
     """(t_ns, header bytes, payload) of `device` replaying `recording` from `start_ns` on its clock for
     `seconds`: loop k is the recording `k * loop_s` later, each sensor's `seq` going on from the last loop. With
-    `sampling`, the frames no window uses on that clock go omitted (sensors/sampling.py)."""
-    per_loop: dict[str, int] = {}
-    for m in recording:
-        per_loop[m.sensor] = per_loop.get(m.sensor, 0) + 1
+    `sampling`, the frames no window uses on that clock go omitted or are skipped (sensors/sampling.py)."""
+    seq: Counter = Counter()
     omitter = FrameOmitter(sampling)
     end = round(seconds * NS_PER_S)
     for loop in range(math.ceil(seconds / loop_s)):
@@ -229,9 +226,13 @@ def replay(
             if offset >= end:
                 break
             t_ns, payload = start_ns + offset, m.payload
-            header = {"v": VERSION, "device": device, "sensor": m.sensor, "seq": loop * per_loop[m.sensor] + m.seq}
-            header |= {"t_ns": t_ns, **m.fields}
-            if omitter.omits(m.sensor, t_ns):
+            how = omitter.decide(m.sensor, t_ns)
+            if how == SKIP:
+                continue
+            header = {"v": VERSION, "device": device, "sensor": m.sensor, "seq": seq[m.sensor], "t_ns": t_ns}
+            header |= m.fields
+            seq[m.sensor] += 1
+            if how == OMIT:
                 header[OMITTED], payload = True, b""
             yield t_ns, msgpack.packb(header), payload
 

@@ -109,11 +109,18 @@ class WindowingConfig:
 
     def frame_sampling(self) -> dict[str, FrameSampling]:
         """Per frame sensor, the moments whose frames windows take (ingest drops the pixels of the other
-        frames; a device may leave them out: sensors/sampling.py)."""
-        specs = {sensor: self.spec(SENSOR_MODALITY[sensor]) for sensor in FRAME_SENSORS}
-        return {
-            sensor: FrameSampling(spec.hop_ns, frame_sample_offsets(sensor, spec)) for sensor, spec in specs.items()
-        }
+        frames; a device may leave them out: sensors/sampling.py), and the largest gap between frames, within
+        which a device may skip frames altogether. A frame counts as lasting until the next one is due, so with
+        frames up to that gap apart a window can be cut up to that long before its end: skipping is offered only
+        where every moment lies at least that long before its window's end (so its frame has come by then)."""
+        out = {}
+        for sensor in FRAME_SENSORS:
+            spec = self.spec(SENSOR_MODALITY[sensor])
+            offsets = frame_sample_offsets(sensor, spec)
+            reach = self.max_frame_gap_ns + self.clock_tolerance_ns
+            safe = all(spec.length_ns - offset >= reach for offset in offsets)
+            out[sensor] = FrameSampling(spec.hop_ns, offsets, self.max_frame_gap_ns if safe else None)
+        return out
 
 
 def _ceil_to(t: int, step: int) -> int:

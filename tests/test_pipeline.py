@@ -114,9 +114,9 @@ def test_drain_reports_no_drops(pipeline_run):
 
 
 def test_a_device_omitting_unused_frames_gets_the_embeddings_of_sending_them_all(pipeline_run):
-    """The same wearable sending every frame's pixels (offline here) and omitting the frames no window uses
-    (through the pipeline): the same windows, embeddings within the parity tolerance; ingest counted the omitted
-    frames, 29 of every 30 camera and depth frames."""
+    """The same wearable sending every frame's pixels (offline here) and leaving out the frames no window uses
+    (through the pipeline: most skipped, some sent omitted to keep the frames within the largest gap): the same
+    windows, embeddings within the parity tolerance; ingest counted the omitted frames it got."""
     _, _, final, records = pipeline_run
     windower = Windower()
     windows = []
@@ -129,12 +129,11 @@ def test_a_device_omitting_unused_frames_gets_the_embeddings_of_sending_them_all
     for key, emb in published.items():
         np.testing.assert_allclose(emb, offline[key], atol=1e-4, err_msg=str(key))
     sampling = PipelineConfig().windowing.frame_sampling()
-    omitted = Counter(
-        h["sensor"]
-        for h, _ in SimulatedWearable(OMITTING, seed=7, start_ns=START_NS, sampling=sampling).messages(SECONDS)
-        if h.get("omitted")
-    )
-    assert min(omitted["camera"], omitted["depth"]) > 28 * SECONDS  # of 30 fps, about one frame a second used
+    sent = list(SimulatedWearable(OMITTING, seed=7, start_ns=START_NS, sampling=sampling).messages(SECONDS))
+    omitted = Counter(h["sensor"] for h, _ in sent if h.get("omitted"))
+    frames = Counter(h["sensor"] for h, _ in sent)
+    for sensor in ("camera", "depth"):  # of 30 fps, one frame a second used, some 4 to 6 sent omitted
+        assert 3 * SECONDS <= omitted[sensor] <= 7 * SECONDS and frames[sensor] <= 8 * SECONDS, sensor
     ingest = Counts.of(final["ingest"][0])
     assert [ingest.get("omitted", m) for m in ("vision", "depth", "thermal")] == [
         omitted[s] for s in ("camera", "depth", "thermal")

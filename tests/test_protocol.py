@@ -291,24 +291,30 @@ def test_an_omitted_frame_is_its_header_without_pixels(fields):
 
 def test_a_publisher_with_the_pipelines_sampling_omits_the_frames_no_window_uses(pull):
     """Over a real socket: of 3 s of camera frames at 30 fps, only the first and those at the windows' sample
-    moments (x.5 s: the centres of a 2 s window's halves, windows starting every second) carry pixels; the rest
-    arrive omitted, numbered as ever."""
+    moments (x.5 s: the centres of a 2 s window's halves, windows starting every second) carry pixels; of the
+    rest only as many arrive omitted as keep the frames within the server's largest gap (the others are not sent
+    at all), numbered without holes."""
     from streaming.windowing import WindowingConfig
 
     sampling = WindowingConfig().frame_sampling()
+    gap = sampling["camera"].max_gap_ns
+    assert gap == WindowingConfig().max_frame_gap_ns
     sock, ep = pull, endpoint(pull)
     times = [T0 + k * 1_000_000_000 // 30 for k in range(90)]
     with DevicePublisher(ep, DEVICE, sampling=sampling) as pub:
         for t in times:
             frame = np.frombuffer(JPEG, np.uint8) if pub.takes("camera", t) else None
             pub.send("camera", t, frame, encoding="jpeg")
-        got = [decode(sock.recv_multipart()) for _ in times]
-    assert [m.seq for m in got] == list(range(90))
+        sent = pub.sent["camera"]
+        got = [decode(sock.recv_multipart()) for _ in range(sent)]
+    assert pub.skipped["camera"] == len(times) - sent > len(times) // 2
+    assert [m.seq for m in got] == list(range(sent))
     with_pixels = [m.t_ns for m in got if m.payload.size]
     previous = [None, *times[:-1]]
     assert with_pixels == [t for t, before in zip(times, previous) if sampling["camera"].takes(before, t)]
     assert len(with_pixels) == 1 + 3  # the first frame (at 1 s), then the first at or after 1.5, 2.5 and 3.5 s
     assert all(m.shape == (48, 64, 3) for m in got if m.payload.size)
+    assert max(b.t_ns - a.t_ns for a, b in zip(got, got[1:])) <= gap  # the server sees no hole
 
 
 @pytest.mark.parametrize("case", REJECTS)
@@ -434,7 +440,7 @@ def test_the_sampling_protocol_md_states_decides_as_the_default_windows():
     from sensors.sampling import FrameSampling
     from streaming.windowing import WindowingConfig
 
-    stated = {"camera": FrameSampling(10**9, (5 * 10**8,)), "depth": FrameSampling(10**9, (0,))}
+    stated = {"camera": FrameSampling(10**9, (5 * 10**8,), 25 * 10**7), "depth": FrameSampling(10**9, (0,), 25 * 10**7)}
     stated["thermal"] = stated["depth"]
     server = WindowingConfig().frame_sampling()
     assert server.keys() == stated.keys()
@@ -443,7 +449,9 @@ def test_the_sampling_protocol_md_states_decides_as_the_default_windows():
             for period in (33_333_333, 111_111_111, 10**9 // 9):  # 30, 9 and 9 fps
                 t = previous + period
                 assert sampling.takes(previous, t) == stated[sensor].takes(previous, t), (sensor, previous, period)
-    assert "FrameSampling(10**9, (5 * 10**8,))" in (Path(__file__).parents[1] / "PROTOCOL.md").read_text()
+        assert sampling.max_gap_ns == stated[sensor].max_gap_ns, sensor
+    text = (Path(__file__).parents[1] / "PROTOCOL.md").read_text()
+    assert "FrameSampling(10**9, (5 * 10**8,))" in text and "FrameSampling(10**9, (5 * 10**8,), 25 * 10**7)" in text
 
 
 def test_a_publisher_omits_frames_given_as_arrays_with_their_fields(pull):
@@ -457,6 +465,34 @@ def test_a_publisher_omits_frames_given_as_arrays_with_their_fields(pull):
     with DevicePublisher(endpoint(pull), DEVICE, sampling=WindowingConfig().frame_sampling()) as pub:
         for t in times:
             pub.send("depth", t, depth)
-        got = [decode(sock.recv_multipart()) for _ in times]
+        got = [decode(sock.recv_multipart()) for _ in range(pub.sent["depth"])]
+    assert any(not m.payload.size for m in got)  # some went omitted, carrying the fields below
     assert all(m.dtype == "uint16" and m.shape == (48, 64) for m in got)
     assert [m.t_ns for m in got if m.payload.size] == [T0, T0 + 1_000_000_000, T0]
+
+
+def test_skipping_keeps_the_frames_sent_within_the_gap_when_the_camera_misses_frames():
+    """A camera that misses one frame in seven (30 fps with holes of 67 ms): the frames sent, whole or omitted,
+    are still no further apart than the server's gap, and every frame a window uses goes whole."""
+    from sensors.sampling import OMIT, SEND, SKIP, FrameOmitter
+    from streaming.windowing import WindowingConfig
+
+    sampling = WindowingConfig().frame_sampling()
+    omitter = FrameOmitter(sampling)
+    times = [T0 + k * 1_000_000_000 // 30 for k in range(300) if k % 7 != 3]
+    decided = [omitter.decide("camera", t) for t in times]
+    sent = [t for t, how in zip(times, decided) if how != SKIP]
+    assert max(b - a for a, b in zip(sent, sent[1:])) <= sampling["camera"].max_gap_ns
+    used = [t for t, before in zip(times, [None, *times[:-1]]) if sampling["camera"].takes(before, t)]
+    assert [t for t, how in zip(times, decided) if how == SEND] == used
+    assert decided.count(SKIP) > decided.count(OMIT)
+
+
+def test_a_server_offers_skipping_only_where_a_window_cut_early_still_has_its_frames():
+    """With a gap of 600 ms, a vision window's second moment (0.5 s before its end) could be cut before its frame
+    came: no skipping for the camera; depth and thermal (1 s before the end) may."""
+    from streaming.windowing import WindowingConfig
+
+    sampling = WindowingConfig(max_frame_gap_ns=600_000_000).frame_sampling()
+    assert sampling["camera"].max_gap_ns is None
+    assert sampling["depth"].max_gap_ns == sampling["thermal"].max_gap_ns == 600_000_000

@@ -1,5 +1,7 @@
 """Windowing on the device clock: grid, completeness, and every drop rule, on crafted messages."""
 
+from collections import Counter
+
 import cv2
 import numpy as np
 import pytest
@@ -318,21 +320,24 @@ def test_a_large_jpeg_is_decoded_scaled_within_tolerance(size):
 
 
 def test_a_device_omitting_the_frames_no_window_uses_gets_the_same_windows():
-    """Omitted frames (PROTOCOL.md: header, no pixels) keep the stream's times: the windows, their bounds and
-    their inputs equal those of the same device sending every frame's pixels, and nothing is dropped."""
+    """Omitted frames (PROTOCOL.md: header, no pixels) keep the stream's times, and frames skipped altogether
+    (the ones sent staying within `max_frame_gap_ns`) leave no hole: the windows, their bounds and their inputs
+    equal those of the same device sending every frame's pixels, and nothing is dropped."""
     import msgpack
 
     from sensors.simulator import SimulatedWearable
 
-    def windows(sampling) -> tuple[dict, Windower]:
+    def windows(sampling) -> tuple[dict, Windower, Counter]:
         windower = Windower(WindowingConfig(device_cpu_share=1e9, device_cpu_burst_s=1e9))  # unmetered: CPU apart
         wearable = SimulatedWearable(DEVICE, seed=3, start_ns=START + SECOND // 7, sampling=sampling)
-        cut = feed(windower, [decode([msgpack.packb(h), p]) for h, p in wearable.messages(8)])
-        return {(w.modality, w.t0, w.t1): w.data for w in cut}, windower
+        messages = [decode([msgpack.packb(h), p]) for h, p in wearable.messages(8)]
+        cut = feed(windower, messages)
+        return {(w.modality, w.t0, w.t1): w.data for w in cut}, windower, Counter(m.sensor for m in messages)
 
-    everything, _ = windows(None)
-    omitting, windower = windows(WindowingConfig().frame_sampling())
+    everything, _, all_sent = windows(None)
+    omitting, windower, sent = windows(WindowingConfig().frame_sampling())
     assert {m for m, _, _ in everything} == {"vision", "audio", "depth", "thermal", "imu"}
     assert omitting.keys() == everything.keys() and not windower.drops
+    assert sent["camera"] < all_sent["camera"] / 4 and sent["depth"] < all_sent["depth"] / 4  # most skipped
     for key, data in everything.items():
         np.testing.assert_array_equal(omitting[key], data, err_msg=str(key))
