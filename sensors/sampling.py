@@ -36,6 +36,17 @@ class FrameSampling:
         return any((t - o) // hop > (previous_t - o) // hop for o in self.offsets_ns)
 
 
+# The frames the server's default windows use (PROTOCOL.md section 5: vision windows take the frames at x.5 s of
+# the device clock, depth and thermal windows those at whole seconds; frames at most 250 ms apart), for a device
+# that cannot ask the server; a server's own are streaming/windowing.py `WindowingConfig.frame_sampling()`.
+DEFAULT_GAP_NS = 250_000_000
+DEFAULT_SAMPLING = {
+    "camera": FrameSampling(10**9, (5 * 10**8,), DEFAULT_GAP_NS),
+    "depth": FrameSampling(10**9, (0,), DEFAULT_GAP_NS),
+    "thermal": FrameSampling(10**9, (0,), DEFAULT_GAP_NS),
+}
+
+
 class FrameOmitter:
     """A device's side of `FrameSampling`: remembers each frame sensor's last frame and last frame sent, and
     decides how each frame goes. Without a sampling for a sensor, every frame goes whole."""

@@ -416,11 +416,13 @@ def _message_order(message: tuple[dict, bytes]) -> tuple[int, str, int]:
 
 @dataclass
 class SimulationStats:
-    """Messages sent and dropped per device and sensor, and the wall time taken."""
+    """Messages sent and dropped per device and sensor, the wall time taken, and the bytes sent (headers and
+    payloads)."""
 
     sent: dict[str, dict[str, int]]
     dropped: dict[str, dict[str, int]]
     wall_s: float
+    bytes_sent: int = 0
 
     @property
     def total_sent(self) -> int:
@@ -478,4 +480,5 @@ def simulate(
         {d: dict(p.sent) for d, p in publishers.items()},
         {d: dict(p.dropped) for d, p in publishers.items()},
         time.monotonic() - began,
+        sum(p.bytes_sent for p in publishers.values()),
     )

@@ -436,12 +436,14 @@ def test_rejects_arrive_over_loopback(pull):
 
 
 def test_the_sampling_protocol_md_states_decides_as_the_default_windows():
-    """PROTOCOL.md section 5 gives a device without the server's code the default sample moments."""
-    from sensors.sampling import FrameSampling
+    """PROTOCOL.md section 5 gives a device without the server's code the default sample moments; so does
+    `sensors.sampling.DEFAULT_SAMPLING` (what `bindstream simulate` omits and skips by)."""
+    from sensors.sampling import DEFAULT_SAMPLING, FrameSampling
     from streaming.windowing import WindowingConfig
 
     stated = {"camera": FrameSampling(10**9, (5 * 10**8,), 25 * 10**7), "depth": FrameSampling(10**9, (0,), 25 * 10**7)}
     stated["thermal"] = stated["depth"]
+    assert DEFAULT_SAMPLING == stated
     server = WindowingConfig().frame_sampling()
     assert server.keys() == stated.keys()
     for sensor, sampling in server.items():

@@ -2,6 +2,7 @@
 
 import hashlib
 import importlib.util
+import subprocess
 import time
 from collections import Counter, defaultdict
 
@@ -249,3 +250,21 @@ def test_camera_file_is_sent_as_jpeg_with_file_timestamps(pull, tmp_path):
 def test_microphone_without_sounddevice_says_how_to_install(pull):
     with DevicePublisher(endpoint(pull), "mic-1") as pub, pytest.raises(ImportError, match=r"bindstream\[mic\]"):
         publish_microphone(pub, seconds=0.1)
+
+
+def test_bindstream_simulate_leaves_out_the_frames_the_default_windows_do_not_use(pull):
+    """The command as a user runs it: by default its wearables send the used frames whole, a few omitted and skip
+    the rest (a lower frame rate, PROTOCOL.md section 5); `--all-frames` sends every frame's pixels."""
+    received = {}
+    for flags in ([], ["--all-frames"]):
+        command = ["bindstream", "simulate", "--fast", "--seconds", "3", "--endpoint", endpoint(pull), *flags]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+        sent = int(out.split()[1])
+        messages = [decode(pull.recv_multipart(copy=False)) for _ in range(sent)]
+        frames = [m for m in messages if m.sensor in ("camera", "depth", "thermal")]
+        received[tuple(flags)] = (sent, sum(m.payload.nbytes for m in frames), Counter(m.sensor for m in frames))
+        assert "MB)" in out
+    (sent, pixels, frames), (all_sent, all_pixels, all_frames) = received[()], received[("--all-frames",)]
+    assert all_frames == {"camera": 90, "depth": 90, "thermal": 27}
+    assert frames["camera"] < 30 and frames["depth"] < 30 and sent < all_sent
+    assert pixels < all_pixels / 10
