@@ -72,9 +72,9 @@ def main() -> None:
 @click.option(
     "--all-frames",
     is_flag=True,
-    help="Send every frame's pixels. By default the wearables leave out the frames the server's default windows do "
-    "not use (PROTOCOL.md section 5): 0.8 instead of 19.7 MB/s each, the same windows. Use it against a server "
-    "whose [windowing] differs from the default.",
+    help="Send every frame's pixels. By default the wearables leave out the frames the server's default windows "
+    "do not use (PROTOCOL.md section 5): 0.8 instead of 19.7 MB/s each, the same windows while frames keep "
+    "coming. Use it against a server whose [windowing] differs from the default.",
 )
 def simulate_command(
     endpoint: str, devices: int, seconds: float, seed: int, realtime: bool, profile: str, all_frames: bool

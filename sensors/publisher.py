@@ -196,6 +196,7 @@ class DevicePublisher:
             self.socket.send_multipart([header, frame], 0 if self.block else zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self.dropped[sensor] += 1
+            self.omitter.lost(sensor)
             return False
         self.sent[sensor] += 1
         self.bytes_sent += len(header) + memoryview(frame).nbytes

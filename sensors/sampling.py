@@ -80,3 +80,8 @@ class FrameOmitter:
         if how != SKIP:
             self.last_sent_t[sensor] = t
         return how
+
+    def lost(self, sensor: str) -> None:
+        """The frame just decided to go did not leave (a full send queue): the next frame is not skipped, so the
+        frames that reach the server stay within the gap."""
+        self.last_sent_t.pop(sensor, None)

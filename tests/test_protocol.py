@@ -498,3 +498,21 @@ def test_a_server_offers_skipping_only_where_a_window_cut_early_still_has_its_fr
     sampling = WindowingConfig(max_frame_gap_ns=600_000_000).frame_sampling()
     assert sampling["camera"].max_gap_ns is None
     assert sampling["depth"].max_gap_ns == sampling["thermal"].max_gap_ns == 600_000_000
+
+
+def test_a_frame_the_full_queue_dropped_makes_the_next_one_go(pull):
+    """A header-only frame lost to a full send queue must not leave the server with a hole: the next frame is
+    sent, not skipped."""
+    from sensors.sampling import OMIT, SKIP, FrameOmitter
+    from streaming.windowing import WindowingConfig
+
+    omitter = FrameOmitter(WindowingConfig().frame_sampling())
+    times = [T0 + k * 1_000_000_000 // 30 for k in range(40)]
+    decided = [omitter.decide("camera", t) for t in times[:20]]
+    last_omit = max(i for i, how in enumerate(decided) if how == OMIT)
+    assert decided[last_omit + 1] == SKIP  # what follows a delivered header is skipped
+    omitter = FrameOmitter(WindowingConfig().frame_sampling())
+    for t in times[: last_omit + 1]:
+        omitter.decide("camera", t)
+    omitter.lost("camera")  # the last header did not leave
+    assert omitter.decide("camera", times[last_omit + 1]) != SKIP
