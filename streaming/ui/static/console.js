@@ -2,7 +2,8 @@
 //   data-refresh="URL" data-every="S"  reload this element's HTML from URL every S seconds (not while it holds the
 //                                      keyboard focus, nor while the page is hidden), and
 //   data-on-live="KINDS"               at once when a live event of one of these kinds (query, health) arrives;
-//   data-live-feed data-max="N"        a list that gets a line per live event change, newest first, at most N;
+//   data-live-feed data-max="N"        a list that gets a line per live event change, newest first, at most N
+//                                      (each line has data-event, data-state and data-kind);
 //   data-live-status                   says whether the live stream (/live, server-sent events) is connected.
 (function () {
   "use strict";
@@ -26,6 +27,7 @@
     var li = document.createElement("li");
     li.dataset.event = a.event;
     li.dataset.state = a.state;
+    li.dataset.kind = a.kind;
     var when = document.createElement("time");
     var ms = Math.round(a.detected_ns / 1e6);
     when.dateTime = new Date(ms).toISOString();
