@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ImageBindConfig, resolve_config
+from .finite import all_finite
 from .layers import LN_EPS, Trunk
 from .modalities import MEDIA_MODALITIES, MODALITIES
 
@@ -276,7 +277,7 @@ class ImageBind(nn.Module):
         else:
             if not x.is_floating_point():
                 raise ValueError(f"{modality}: expected a floating-point tensor of shape {expected}, got {x.dtype}")
-            if not bool(torch.isfinite(x).all()):
+            if not all_finite(x):
                 raise ValueError(f"{modality}: input of shape {tuple(x.shape)} contains NaN or Inf")
 
     # ----- forward -----

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 import torchaudio
 
 from .config import ImageBindConfig
+from .finite import all_finite
 
 # Output sizes: the default config's `input_specs()`, which are the official ImageBind preprocessing's.
 OFFICIAL = ImageBindConfig()
@@ -152,7 +153,7 @@ def _array(x, modality: str, expected: str) -> np.ndarray:
 
 
 def _check_finite(x: torch.Tensor, modality: str, expected: str) -> None:
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError(f"{modality}: NaN or Inf in input; expected finite values {expected}")
 
 
@@ -349,7 +350,9 @@ def _waveform(waveform) -> torch.Tensor:
     waveform = _array(waveform, "audio", expected)
     if waveform.ndim not in (1, 2) or waveform.dtype.kind != "f" or (waveform.ndim == 2 and waveform.shape[0] == 0):
         raise ValueError(f"audio: expected {expected}, got {waveform.dtype} {waveform.shape}")
-    x = torch.tensor(waveform, dtype=torch.float32)  # a copy: input arrays may be read-only buffers
+    # a copy (input arrays may be read-only buffers), contiguous: numpy's copy of a strided view is ~40x faster than
+    # torch.tensor's (a window's 96,000 samples: 10 against 465 us)
+    x = torch.from_numpy(np.array(waveform, dtype=np.float32, order="C"))
     _check_finite(x, "audio", expected)
     return x
 

@@ -202,6 +202,24 @@ def test_audio_rejects_bad_input(waveform, rate):
         T.audio_tensor(waveform, rate)
 
 
+def test_audio_of_a_strided_read_only_view_equals_that_of_its_contiguous_copy():
+    samples = np.random.default_rng(0).uniform(-0.5, 0.5, (2 * 48000, 2)).astype(np.float32)
+    view = samples.T  # (channels, samples), as the windowing stage passes a stream's joined chunks
+    view.flags.writeable = False
+    assert torch.equal(T.audio_tensor(view, 48000), T.audio_tensor(np.ascontiguousarray(view), 48000))
+    assert np.array_equal(samples, np.random.default_rng(0).uniform(-0.5, 0.5, (2 * 48000, 2)).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])
+def test_all_finite_agrees_with_torch(dtype, bad):
+    x = torch.zeros(3, 4, 5, dtype=dtype)
+    if bad is not None:
+        x[2, 1, 3] = bad
+    for tensor in (x, x.transpose(0, 2), x[::2], x.clone().requires_grad_(True)):
+        assert T.all_finite(tensor) == bool(torch.isfinite(tensor).all()) == (bad is None)
+
+
 # ----- depth -----
 
 
