@@ -1,6 +1,7 @@
 """Wire protocol v1: round trips over loopback ZeroMQ, and every reject reason from crafted messages."""
 
 import dataclasses
+import pickle
 import tracemalloc
 from pathlib import Path
 
@@ -516,3 +517,12 @@ def test_a_frame_the_full_queue_dropped_makes_the_next_one_go(pull):
         omitter.decide("camera", t)
     omitter.lost("camera")  # the last header did not leave
     assert omitter.decide("camera", times[last_omit + 1]) != SKIP
+
+
+def test_a_message_pickles_with_every_field():
+    msg = decode([encode_header("d1", "mic", 7, 123, rate=48000, channels=2, dtype="int16"), bytes(range(8))])
+    back = pickle.loads(pickle.dumps(msg, protocol=5))
+    for field in dataclasses.fields(p.SensorMessage):
+        theirs, ours = getattr(back, field.name), getattr(msg, field.name)
+        assert np.array_equal(theirs, ours) if field.name == "payload" else theirs == ours, field.name
+    assert back.payload.dtype == msg.payload.dtype and back.payload.shape == (2, 2)
