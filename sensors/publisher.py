@@ -26,7 +26,7 @@ from .protocol import (
     decode,
     encode_header,
 )
-from .sampling import OMIT, SKIP, FrameOmitter
+from .sampling import FrameOmitter
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -166,7 +166,6 @@ class DevicePublisher:
         self.dropped: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()  # frames the stream did without (sampling's max_gap_ns)
         self.bytes_sent = 0
-        self._seq: Counter[str] = Counter()
         self.omitter = FrameOmitter(sampling)
 
     def takes(self, sensor: str, t_ns: int) -> bool:
@@ -179,19 +178,22 @@ class DevicePublisher:
         skipped (nothing sent, no `seq` used: True)."""
         if isinstance(payload, np.ndarray):
             payload = _array_payload(sensor, payload, fields)  # also fills the fields an omitted frame keeps
-        how = self.omitter.decide(sensor, t_ns)
-        if how == SKIP:
+        numbered = self.omitter.next(sensor, t_ns)
+        if numbered is None:
             self.skipped[sensor] += 1
             return True
-        if how == OMIT or payload is None:
+        seq, omitted = numbered
+        if omitted or payload is None:
             payload, fields = b"", {**fields, OMITTED: True}
         # numpy's stubs give ndarray the buffer protocol (__buffer__) only for Python >= 3.12
         frame: Buffer = payload  # type: ignore[assignment]
-        seq = self._seq[sensor]
-        header = encode_header(self.device, sensor, seq, t_ns, **fields)
-        if self.validate:
-            decode([header, frame], self.limits)
-        self._seq[sensor] = seq + 1
+        try:
+            header = encode_header(self.device, sensor, seq, t_ns, **fields)
+            if self.validate:
+                decode([header, frame], self.limits)
+        except Exception:
+            self.omitter.seq[sensor] = seq  # not sent: the next message takes its number
+            raise
         try:
             self.socket.send_multipart([header, frame], 0 if self.block else zmq.NOBLOCK, copy=False)
         except zmq.Again:

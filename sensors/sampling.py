@@ -11,6 +11,7 @@ its frames that close, and skips the rest: a stream at a lower frame rate, with 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -48,13 +49,15 @@ DEFAULT_SAMPLING = {
 
 
 class FrameOmitter:
-    """A device's side of `FrameSampling`: remembers each frame sensor's last frame and last frame sent, and
-    decides how each frame goes. Without a sampling for a sensor, every frame goes whole."""
+    """A device's side of `FrameSampling`: remembers each frame sensor's last frame and last frame sent, decides
+    how each frame goes, and numbers what goes (`next`, for every sensor). Without a sampling for a sensor, every
+    frame goes whole."""
 
     def __init__(self, sampling: Mapping[str, FrameSampling] | None = None):
         self.sampling = dict(sampling or {})
         self.last_t: dict[str, int] = {}
         self.last_sent_t: dict[str, int] = {}
+        self.seq: Counter[str] = Counter()  # sensor -> the seq of its next message
 
     def takes(self, sensor: str, t: int) -> bool:
         """Whether the frame of `sensor` at `t` would go with its pixels (nothing is remembered)."""
@@ -80,6 +83,16 @@ class FrameOmitter:
         if how != SKIP:
             self.last_sent_t[sensor] = t
         return how
+
+    def next(self, sensor: str, t: int) -> tuple[int, bool] | None:
+        """The message of `sensor` at `t` as it goes: None when it is skipped (no message, no number), else its
+        `seq` (each sensor's messages count 0, 1, ... in the order they go) and whether its pixels are omitted."""
+        how = self.decide(sensor, t)
+        if how == SKIP:
+            return None
+        seq = self.seq[sensor]
+        self.seq[sensor] = seq + 1
+        return seq, how == OMIT
 
     def lost(self, sensor: str) -> None:
         """The frame just decided to go did not leave (a full send queue): the next frame is not skipped, so the

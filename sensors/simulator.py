@@ -25,7 +25,7 @@ from .clock import Pacer
 from .images import encode_jpeg
 from .protocol import CAMERA, DEFAULT_ENDPOINT, DEPTH, IMU, MIC, NS_PER_S, OMITTED, SENSORS, THERMAL, VERSION
 from .publisher import DevicePublisher, terminate
-from .sampling import OMIT, SKIP, FrameOmitter, FrameSampling
+from .sampling import FrameOmitter, FrameSampling
 
 WIDTH, HEIGHT = 640, 480  # camera and depth
 THERMAL_WIDTH, THERMAL_HEIGHT = 160, 120
@@ -392,14 +392,13 @@ class SimulatedWearable:
     def _stream(
         self, sensor: str, per_second: int, fields: dict, payload: Callable[[int], bytes], end_ns: int
     ) -> Iterator[tuple[dict, bytes]]:
-        k, seq, omitter = 0, 0, FrameOmitter(self.sampling)
+        k, omitter = 0, FrameOmitter(self.sampling)
         while (t_ns := self.start_ns + k * NS_PER_S // per_second) < end_ns:
-            how = omitter.decide(sensor, t_ns)
-            if how != SKIP:
+            if (numbered := omitter.next(sensor, t_ns)) is not None:
+                seq, omitted = numbered
                 header = {"v": VERSION, "device": self.device, "sensor": sensor, "seq": seq, "t_ns": t_ns}
                 header.update((key, list(value) if isinstance(value, list) else value) for key, value in fields.items())
-                yield (header | {OMITTED: True}, b"") if how == OMIT else (header, payload(k))
-                seq += 1
+                yield (header | {OMITTED: True}, b"") if omitted else (header, payload(k))
             k += 1
 
     def messages(self, seconds: float) -> Iterator[tuple[dict, bytes]]:

@@ -37,7 +37,7 @@ import redis
 import zmq
 
 from sensors.protocol import NS_PER_S, OMITTED, VERSION
-from sensors.sampling import OMIT, SKIP, FrameOmitter, FrameSampling
+from sensors.sampling import FrameOmitter, FrameSampling
 from sensors.simulator import DEFAULT_PROFILE, PROFILES, SimulatedWearable
 
 from .records import FUSED, STREAMS
@@ -217,7 +217,6 @@ def replay(
     """(t_ns, header bytes, payload) of `device` replaying `recording` from `start_ns` on its clock for
     `seconds`: loop k is the recording `k * loop_s` later, each sensor's `seq` going on from the last loop. With
     `sampling`, the frames no window uses on that clock go omitted or are skipped (sensors/sampling.py)."""
-    seq: Counter = Counter()
     omitter = FrameOmitter(sampling)
     end = round(seconds * NS_PER_S)
     for loop in range(math.ceil(seconds / loop_s)):
@@ -226,13 +225,11 @@ def replay(
             if offset >= end:
                 break
             t_ns, payload = start_ns + offset, m.payload
-            how = omitter.decide(m.sensor, t_ns)
-            if how == SKIP:
+            if (numbered := omitter.next(m.sensor, t_ns)) is None:
                 continue
-            header = {"v": VERSION, "device": device, "sensor": m.sensor, "seq": seq[m.sensor], "t_ns": t_ns}
-            header |= m.fields
-            seq[m.sensor] += 1
-            if how == OMIT:
+            seq, omitted = numbered
+            header = {"v": VERSION, "device": device, "sensor": m.sensor, "seq": seq, "t_ns": t_ns} | m.fields
+            if omitted:
                 header[OMITTED], payload = True, b""
             yield t_ns, msgpack.packb(header), payload
 
