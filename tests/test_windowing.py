@@ -341,3 +341,29 @@ def test_a_device_omitting_the_frames_no_window_uses_gets_the_same_windows():
     assert sent["camera"] < all_sent["camera"] / 4 and sent["depth"] < all_sent["depth"] / 4  # most skipped
     for key, data in everything.items():
         np.testing.assert_array_equal(omitting[key], data, err_msg=str(key))
+
+
+@pytest.mark.parametrize("stop_s", [3.9, 4.3, 4.85, 4.95])  # 3.9, 4.85, 4.95: one more depth or vision window
+def test_a_skipping_device_that_stops_gets_the_same_windows_or_one_more_near_its_end(stop_s):
+    """Skipping gives the same windows while frames keep coming (PROTOCOL.md section 5). When the device stops, a
+    frame stream's windower has estimated its end up to a gap ahead: a window ending within `max_frame_gap_ns` after
+    the stop may be cut where sending every frame would not cut it; its frames are those of the other device."""
+    import msgpack
+
+    from sensors.simulator import SimulatedWearable
+
+    stop = START + round(stop_s * SECOND)
+    config = WindowingConfig(device_cpu_share=1e9, device_cpu_burst_s=1e9)
+
+    def windows(sampling) -> dict:
+        windower = Windower(config)
+        wearable = SimulatedWearable(DEVICE, seed=3, start_ns=START + SECOND // 7, sampling=sampling)
+        messages = [decode([msgpack.packb(h), p]) for h, p in wearable.messages(8) if h["t_ns"] < stop]
+        return {(w.modality, w.t0, w.t1): w.data for w in feed(windower, messages)}
+
+    everything, skipping = windows(None), windows(config.frame_sampling())
+    assert everything.keys() <= skipping.keys()
+    for key, data in everything.items():
+        np.testing.assert_array_equal(skipping[key], data, err_msg=str(key))
+    for modality, _, t1 in skipping.keys() - everything.keys():
+        assert modality in ("vision", "depth", "thermal") and 0 < t1 - stop <= config.max_frame_gap_ns
