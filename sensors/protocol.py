@@ -133,7 +133,7 @@ class SensorMessage:
 
     def __reduce__(self):
         # by its fields in order: a fifth cheaper than the slots dataclass's state dict when Ray passes a batch on
-        return SensorMessage, _message_fields(self)
+        return type(self), _message_fields(self)
 
     @property
     def nbytes(self) -> int:

@@ -192,7 +192,7 @@ class DevicePublisher:
             if self.validate:
                 decode([header, frame], self.limits)
         except Exception:
-            self.omitter.seq[sensor] = seq  # not sent: the next message takes its number
+            self.omitter.not_sent(sensor, seq)
             raise
         try:
             self.socket.send_multipart([header, frame], 0 if self.block else zmq.NOBLOCK, copy=False)

@@ -94,6 +94,12 @@ class FrameOmitter:
         self.seq[sensor] = seq + 1
         return seq, how == OMIT
 
+    def not_sent(self, sensor: str, seq: int) -> None:
+        """The message just numbered `seq` failed before it could go (an invalid one): the next message of `sensor`
+        takes its number, and, as after `lost`, the next frame is not skipped."""
+        self.seq[sensor] = seq
+        self.lost(sensor)
+
     def lost(self, sensor: str) -> None:
         """The frame just decided to go did not leave (a full send queue): the next frame is not skipped, so the
         frames that reach the server stay within the gap."""

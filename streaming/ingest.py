@@ -18,6 +18,7 @@ of the data path."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -121,27 +122,32 @@ class Ingest:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         batches: dict[str, list] = {}
-        first_arrival: int | None = None
+        first_arrival: int | None = None  # wall clock, ns: the windows' latency counts from it
+        due = 0.0  # time.monotonic() at which the open batch is passed on
         received = 0  # messages of the open batch
         while not self._stop.is_set():
-            if poller.poll(timeout=int(self.settings.batch_ms)):
-                for _ in range(self.settings.batch_max):
+            wait_s = self.settings.batch_ms / 1000 if first_arrival is None else max(due - time.monotonic(), 0.0)
+            if poller.poll(timeout=math.ceil(wait_s * 1000)):
+                for _ in range(self.settings.batch_max - received):
                     try:
                         frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         self.connections.drained()
                         break
-                    first_arrival = first_arrival or time.time_ns()
+                    if first_arrival is None:
+                        first_arrival, due = time.time_ns(), time.monotonic() + self.settings.batch_ms / 1000
                     self._accept(frames, batches)
                     received += 1
             else:
                 self.connections.drained()
-            due_s = (first_arrival + self.settings.batch_ms * 1e6 - time.time_ns()) / 1e9 if first_arrival else 0
-            if first_arrival and (due_s <= 0 or received >= self.settings.batch_max):
+            if first_arrival is None:
+                continue
+            left_s = due - time.monotonic()
+            if left_s <= 0 or received >= self.settings.batch_max:
                 self._flush(batches, first_arrival)
                 batches, first_arrival, received = {}, None, 0
-            elif first_arrival:  # messages then come in runs: a wake-up per message costs more than the wait
-                self._stop.wait(min(self.settings.drain_pause_ms / 1000, due_s))
+            else:  # messages then come in runs: a wake-up per message costs more than the wait
+                self._stop.wait(min(self.settings.drain_pause_ms / 1000, left_s))
         # stopping: what the socket already queued is taken too, in batches of `batch_max`, up to `rcvhwm`
         # messages (so devices sending on cannot keep the drain going; ZeroMQ queues up to `rcvhwm` per device,
         # and what is left is lost uncounted, as anything sent after the drain)

@@ -519,10 +519,37 @@ def test_a_frame_the_full_queue_dropped_makes_the_next_one_go(pull):
     assert omitter.decide("camera", times[last_omit + 1]) != SKIP
 
 
+def test_a_frame_that_fails_validation_leaves_no_hole_in_seq_or_time(pull):
+    """A frame the publisher's own check refuses did not go: the next message takes its `seq`, and the next frame
+    is not skipped, so the frames the server gets stay within its gap."""
+    from streaming.windowing import WindowingConfig
+
+    sampling = WindowingConfig().frame_sampling()
+    times = [T0 + k * 1_000_000_000 // 30 for k in range(60)]
+    refused = None
+    with DevicePublisher(endpoint(pull), DEVICE, sampling=sampling) as pub:
+        for t in times:
+            if refused is None and not pub.takes("camera", t):  # the first frame that goes omitted: made invalid
+                try:
+                    pub.send("camera", t, None, encoding="bmp")
+                except Rejected:
+                    refused = t
+                continue
+            pub.send("camera", t, None if not pub.takes("camera", t) else JPEG, encoding="jpeg")
+        got = [decode(pull.recv_multipart()) for _ in range(pub.sent["camera"])]
+    assert refused is not None and refused not in [m.t_ns for m in got]
+    assert [m.seq for m in got] == list(range(len(got)))
+    assert max(b.t_ns - a.t_ns for a, b in zip(got, got[1:])) <= sampling["camera"].max_gap_ns
+
+
 def test_a_message_pickles_with_every_field():
-    msg = decode([encode_header("d1", "mic", 7, 123, rate=48000, channels=2, dtype="int16"), bytes(range(8))])
-    back = pickle.loads(pickle.dumps(msg, protocol=5))
-    for field in dataclasses.fields(p.SensorMessage):
-        theirs, ours = getattr(back, field.name), getattr(msg, field.name)
-        assert np.array_equal(theirs, ours) if field.name == "payload" else theirs == ours, field.name
-    assert back.payload.dtype == msg.payload.dtype and back.payload.shape == (2, 2)
+    assert p.SensorMessage.__slots__ == tuple(f.name for f in dataclasses.fields(p.SensorMessage))  # __reduce__'s order
+    camera = [encode_header("d1", "camera", 7, 123, encoding="jpeg"), JPEG]
+    omitted = [encode_header("d1", "depth", 8, 124, omitted=True, dtype="uint16", shape=[4, 6]), b""]
+    mic = [encode_header("d1", "mic", 9, 125, rate=48000, channels=2, dtype="int16"), bytes(range(8))]
+    for msg in map(decode, (camera, omitted, mic)):
+        back = pickle.loads(pickle.dumps(msg, protocol=5))
+        for field in dataclasses.fields(p.SensorMessage):
+            theirs, ours = getattr(back, field.name), getattr(msg, field.name)
+            assert np.array_equal(theirs, ours) if field.name == "payload" else theirs == ours, field.name
+        assert back.payload.dtype == msg.payload.dtype and back.payload.shape == msg.payload.shape

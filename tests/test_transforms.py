@@ -216,8 +216,12 @@ def test_all_finite_agrees_with_torch(dtype, bad):
     x = torch.zeros(3, 4, 5, dtype=dtype)
     if bad is not None:
         x[2, 1, 3] = bad
-    for tensor in (x, x.transpose(0, 2), x[::2], x.clone().requires_grad_(True)):
+    for tensor in (x, x.transpose(0, 2), x[::2], x.flip(0), x.clone().requires_grad_(True)):
         assert T.all_finite(tensor) == bool(torch.isfinite(tensor).all()) == (bad is None)
+    assert T.all_finite(x[:2]) and T.all_finite(x[:, :, :3])  # views without the bad value
+    if dtype in (torch.float32, torch.float64):  # a view numpy cannot take (its negative bit set): torch's check
+        negated = torch.complex(torch.zeros_like(x), x).conj().imag  # -x
+        assert negated.is_neg() and T.all_finite(negated) == (bad is None)
 
 
 # ----- depth -----
