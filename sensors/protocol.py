@@ -158,11 +158,17 @@ def _plain(value):
     raise TypeError(f"cannot encode {type(value).__name__} in a header")
 
 
-def encode_header(device: str, sensor: str, seq: int, t_ns: int, **fields) -> bytes:
-    """msgpack header for one message; `fields` are the sensor's keys (None values are omitted)."""
+def header_map(device: str, sensor: str, seq: int, t_ns: int, **fields) -> dict:
+    """The header of one message as a map: the keys every message has, then the sensor's `fields` (None values
+    are left out)."""
     header = {"v": VERSION, "device": device, "sensor": sensor, "seq": int(seq), "t_ns": int(t_ns)}
     header.update((key, value) for key, value in fields.items() if value is not None)
-    data = msgpack.packb(header, default=_plain)
+    return header
+
+
+def encode_header(device: str, sensor: str, seq: int, t_ns: int, **fields) -> bytes:
+    """msgpack header for one message (`header_map`)."""
+    data = msgpack.packb(header_map(device, sensor, seq, t_ns, **fields), default=_plain)
     if len(data) > DEFAULT_LIMITS.max_header_bytes:
         raise ValueError(f"header is {len(data)} bytes, the limit is {DEFAULT_LIMITS.max_header_bytes}")
     return data

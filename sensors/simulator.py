@@ -23,7 +23,7 @@ import zmq
 
 from .clock import Pacer
 from .images import encode_jpeg
-from .protocol import CAMERA, DEFAULT_ENDPOINT, DEPTH, IMU, MIC, NS_PER_S, OMITTED, SENSORS, THERMAL, VERSION
+from .protocol import CAMERA, DEFAULT_ENDPOINT, DEPTH, IMU, MIC, NS_PER_S, OMITTED, SENSORS, THERMAL, header_map
 from .publisher import DevicePublisher, terminate
 from .sampling import FrameOmitter, FrameSampling
 
@@ -396,8 +396,8 @@ class SimulatedWearable:
         while (t_ns := self.start_ns + k * NS_PER_S // per_second) < end_ns:
             if (numbered := omitter.next(sensor, t_ns)) is not None:
                 seq, omitted = numbered
-                header = {"v": VERSION, "device": self.device, "sensor": sensor, "seq": seq, "t_ns": t_ns}
-                header.update((key, list(value) if isinstance(value, list) else value) for key, value in fields.items())
+                copied = {key: list(value) if isinstance(value, list) else value for key, value in fields.items()}
+                header = header_map(self.device, sensor, seq, t_ns, **copied)
                 yield (header | {OMITTED: True}, b"") if omitted else (header, payload(k))
             k += 1
 

@@ -36,7 +36,7 @@ import psutil
 import redis
 import zmq
 
-from sensors.protocol import NS_PER_S, OMITTED, VERSION
+from sensors.protocol import NS_PER_S, OMITTED, header_map
 from sensors.sampling import FrameOmitter, FrameSampling
 from sensors.simulator import DEFAULT_PROFILE, PROFILES, SimulatedWearable
 
@@ -228,7 +228,7 @@ def replay(
             if (numbered := omitter.next(m.sensor, t_ns)) is None:
                 continue
             seq, omitted = numbered
-            header = {"v": VERSION, "device": device, "sensor": m.sensor, "seq": seq, "t_ns": t_ns} | m.fields
+            header = header_map(device, m.sensor, seq, t_ns, **m.fields)
             if omitted:
                 header[OMITTED], payload = True, b""
             yield t_ns, msgpack.packb(header), payload
