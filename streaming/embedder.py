@@ -158,9 +158,7 @@ class Embedder:
         self.queue = WindowQueue(settings.queue_capacity)
         self.downstream = Downstream(publishers, max_inflight=1)
         self.metrics = StageMetrics("embed")
-        context = ray.get_runtime_context()
-        restarted = context.get_actor_id() is not None and context.was_current_actor_reconstructed
-        self.order = CallOrder(ORDER_WAIT_S, self.metrics.count, restarted)
+        self.order = CallOrder(ORDER_WAIT_S, self.metrics.count)
         # CPU time of this worker thread in the encoder (all of the forward's when torch runs one thread; with
         # more, their other threads' share counts as the process's): `bench capacity` tells it apart
         self.forward_cpu_s = 0.0
@@ -168,7 +166,7 @@ class Embedder:
         self._worker = threading.Thread(target=self._run, name="embedder", daemon=True)
         self._worker.start()
 
-    def push(self, windows: list[Window], order: tuple[str, int] | None = None) -> int:
+    def push(self, windows: list[Window], order: tuple[str, int, int] | None = None) -> int:
         """Embed windows (batched with other calls' windows); returns, with the queue depth, once they are
         published or dropped. With `order` (`CallOrder`), a caller's windows are queued in the order of its calls,
         so a device's windows reach the publisher in the order its windowing actor cut them."""
@@ -181,7 +179,7 @@ class Embedder:
             full, refused = self.queue.put([Queued(w, ticket, time.monotonic()) for w in windows])
         finally:
             if order:
-                self.order.done(*order)
+                self.order.done(*order[:2])
         self._drop(full, "queue_full")
         self._drop(refused, "drain_timeout")
         self.metrics.queue_depth(self.queue.size)

@@ -164,24 +164,24 @@ class NamedActor:
 class CallOrder:
     """Lets the calls of each caller into a concurrent actor in the order the caller made them. Ray runs a
     threaded actor's calls on a pool of threads, so of two calls made in order the second can reach its first
-    line before the first does. Each call carries `(caller, n)`, n counting that caller's calls to this actor
-    from 0 (`Downstream(ordered=True)` numbers them); call n waits until n - 1 has passed, at most `max_wait_s`
-    (a call that never comes), then goes on, counted as `order_wait_timeout`. In an actor that Ray restarted,
-    the calls it runs again begin at some n > 0: a caller it has not seen yet starts wherever its first call
-    does."""
+    line before the first does. Each call carries `(caller, n, first_open)`: n counts that caller's calls to this
+    actor from 0, and every call before `first_open` had returned to the caller when it made this one
+    (`Downstream(ordered=True)` numbers them). Call n waits until n - 1 has passed, or until calls before n are
+    all known returned; at most `max_wait_s` (a call that never comes), then goes on, counted as
+    `order_wait_timeout`. So an actor that Ray restarted, whose retried calls begin at some n > 0, lets them in
+    from the first one's `first_open` on, without a restart flag."""
 
-    def __init__(self, max_wait_s: float, count, restarted: bool = False):
+    def __init__(self, max_wait_s: float, count):
         self.max_wait_s = max_wait_s
         self.count = count
-        self.restarted = restarted
         self._next: dict[str, int] = {}  # caller -> the n of its next call
         self._cond = threading.Condition()
 
-    def wait_turn(self, caller: str, n: int) -> None:
+    def wait_turn(self, caller: str, n: int, first_open: int = 0) -> None:
         """Return once it is call n's turn (or after `max_wait_s`); `done` must follow once the call is in."""
         with self._cond:
-            if self.restarted:
-                self._next.setdefault(caller, n)
+            if first_open > self._next.get(caller, 0):  # the calls before it returned: passed here or before a restart
+                self._next[caller] = first_open
             if not self._cond.wait_for(lambda: self._next.get(caller, 0) >= n, self.max_wait_s):
                 self.count("order_wait_timeout")
 
@@ -195,18 +195,20 @@ class Downstream:
     """Calls `push` on the next stage's actors with at most `max_inflight` calls not yet returned: a slow
     consumer makes this stage wait instead of piling calls up in Ray's queues. Calls go round robin,
     or, given a `key`, always to the same actor for that key (a device's data to the actor that owns it).
-    `ordered`: each call also passes `order=(caller, n)` for the actor's `CallOrder` (a concurrent actor)."""
+    `ordered`: each call also passes `order=(caller, n, first_open)` for the actor's `CallOrder` (a concurrent
+    actor): n counts the calls to that actor, `first_open` is the oldest of them not known to have returned."""
 
     def __init__(self, actors: list, max_inflight: int, ordered: bool = False):
         if not actors:
             raise ValueError("a stage needs at least one downstream actor")
         self.actors = list(actors)
         self._next = cycle(range(len(self.actors)))
-        self._inflight: deque = deque()
+        self._inflight: deque[tuple] = deque()  # (ref, actor index, n; -1 unordered), oldest first
         self.max_inflight = max_inflight
         # a fresh caller id per Downstream: its numbering starts again at 0 for every actor
         self._caller = uuid.uuid4().hex if ordered else None
         self._calls = [0] * len(self.actors)  # calls made to each actor
+        self._open: list[deque[int]] = [deque() for _ in self.actors]  # per actor, its calls' n not known returned
 
     def actor_for(self, key: str):
         return self.actors[self._index(key)]
@@ -216,25 +218,43 @@ class Downstream:
 
     def push(self, *args, key: str | None = None) -> None:
         while len(self._inflight) >= self.max_inflight:
-            ray.get(self._inflight.popleft())
+            self._returned(self._inflight.popleft())
         i = self._index(key) if key is not None else next(self._next)
         if self._caller is None:
-            self._inflight.append(self.actors[i].push.remote(*args))
+            self._inflight.append((self.actors[i].push.remote(*args), i, -1))
             return
-        self._inflight.append(self.actors[i].push.remote(*args, order=(self._caller, self._calls[i])))
+        if self._open[i]:
+            self._take_returned()  # so that `first_open` is as recent as can be (an actor Ray restarts reads it)
+        n = self._calls[i]
+        first_open = self._open[i][0] if self._open[i] else n
+        self._inflight.append((self.actors[i].push.remote(*args, order=(self._caller, n, first_open)), i, n))
+        self._open[i].append(n)
         self._calls[i] += 1
+
+    def _returned(self, call: tuple) -> None:
+        """Wait for `call` to return; its error, if it failed, is raised."""
+        ref, i, n = call
+        try:
+            ray.get(ref)
+        finally:
+            if n >= 0:
+                self._open[i].remove(n)
+
+    def _take_returned(self) -> None:
+        """Let go of the calls that returned, without waiting."""
+        done, _ = ray.wait([ref for ref, _, _ in self._inflight], num_returns=len(self._inflight), timeout=0)
+        finished = set(done)
+        for call in [c for c in self._inflight if c[0] in finished]:
+            self._inflight.remove(call)
+            self._returned(call)
 
     def has_room(self) -> bool:
         """Whether a call can be made now without waiting (calls that returned are let go)."""
-        while len(self._inflight) >= self.max_inflight:
-            done, _ = ray.wait(list(self._inflight), num_returns=1, timeout=0)
-            if not done:
-                return False
-            self._inflight.remove(done[0])
-            ray.get(done[0])  # surface the error of a failed call
-        return True
+        if len(self._inflight) >= self.max_inflight:
+            self._take_returned()
+        return len(self._inflight) < self.max_inflight
 
     def wait(self) -> None:
         """Block until every call made so far has been taken by the next stage."""
         while self._inflight:
-            ray.get(self._inflight.popleft())
+            self._returned(self._inflight.popleft())

@@ -57,14 +57,20 @@ def test_a_call_that_never_comes_holds_the_next_one_only_for_max_wait_and_is_cou
     assert waited >= 0.2 and timeouts == ["order_wait_timeout"]
 
 
-def test_a_restarted_actor_takes_a_callers_first_call_at_any_number():
-    """The calls a restarted actor runs again begin where the caller's open calls began, not at 0."""
+def test_calls_pass_from_the_first_one_still_open_and_a_new_caller_starts_at_0():
+    """An actor Ray restarted runs the open calls again, from some n > 0: the first of them says that every call
+    before it had returned (`first_open`), so it passes at once, and the next waits for it. A caller new to the
+    actor still starts at 0: its call 1 does not pass before its call 0."""
     timeouts: list[str] = []
-    order = CallOrder(max_wait_s=5, count=timeouts.append, restarted=True)
-    order.wait_turn("a", 7)
+    order = CallOrder(max_wait_s=0.3, count=timeouts.append)
+    order.wait_turn("a", 7, 7)
     order.done("a", 7)
-    order.wait_turn("a", 8)
+    order.wait_turn("a", 8, 7)
+    order.done("a", 8)
     assert timeouts == []
+    began = time.monotonic()
+    order.wait_turn("b", 1, 0)  # "b"'s call 0 never comes here: held for max_wait_s, counted
+    assert time.monotonic() - began >= 0.3 and timeouts == ["order_wait_timeout"]
 
 
 def imu_window(device: str, k: int) -> Window:
