@@ -122,14 +122,12 @@ def test_a_flood_of_device_ids_is_capped_and_new_devices_return_later(pipeline, 
 def _delivers(endpoint: str, pipeline) -> bool:
     """Whether a message from a device id never seen before is admitted (counted as `in`, which ingest counts
     with the batch it passes on, or as refused, at once)."""
-    ingested, refused = _ingested(pipeline), _refused(pipeline)
+    ingested, refused = attacks.ingested(pipeline), _refused(pipeline)
     attacks.device_id_flood(endpoint, "", ids=1, name=f"newcomer-{time.monotonic_ns()}-")
-    wait_for(lambda: _ingested(pipeline) + _refused(pipeline) > ingested + refused, 10, "the message to be counted")
-    return _ingested(pipeline) > ingested
-
-
-def _ingested(pipeline) -> int:
-    return Counts.of(pipeline.stats()["ingest"][0]).get("in")
+    wait_for(
+        lambda: attacks.ingested(pipeline) + _refused(pipeline) > ingested + refused, 10, "the message to be counted"
+    )
+    return attacks.ingested(pipeline) > ingested
 
 
 def _refused(pipeline) -> int:
@@ -147,9 +145,9 @@ def test_silent_and_stalled_connections_are_bounded_and_closed(pipeline, redis_s
         CONNECTIONS.idle_timeout_s + 10,
         "the attack's connections to be closed",
     )
-    before = _ingested(pipeline)
+    before = attacks.ingested(pipeline)
     attacks.huge_imu(pipeline.endpoints[0], "")  # on a new connection
-    wait_for(lambda: _ingested(pipeline) > before, 20, "a newcomer's messages")
+    wait_for(lambda: attacks.ingested(pipeline) > before, 20, "a newcomer's messages")
 
 
 def test_the_pipeline_drains_cleanly_after_the_attacks(pipeline):
