@@ -79,6 +79,9 @@ class CapacitySettings:
     # wearables send every frame's pixels (ingest drops those no window uses); default: they omit them, as a
     # wearable saving its radio does (sensors/sampling.py): 0.8 instead of 19.7 MB/s each
     all_frames: bool = False
+    # wearables send their audio and IMU samples in chunks of at least this many ms (the simulator's 20 ms audio
+    # and 50 ms IMU chunks joined; 0: as the simulator makes them): fewer, larger messages for the same samples
+    chunk_ms: int = 0
 
     def __post_init__(self):
         if self.profile not in PROFILES:
@@ -87,6 +90,8 @@ class CapacitySettings:
             raise ValueError(f"need seconds > 0, settle_s >= 0 and 0 < quantile <= 1: {self}")
         if not 1 <= self.first <= self.max_wearables or self.pool < 1 or self.loop_s < 1 or self.refine < 0:
             raise ValueError(f"need 1 <= first <= max_wearables, pool >= 1, loop_s >= 1, refine >= 0: {self}")
+        if not 0 <= self.chunk_ms <= 1000:
+            raise ValueError(f"need 0 <= chunk_ms <= 1000: {self}")
 
 
 @dataclass
@@ -157,6 +162,7 @@ class Capacity:
             **figures,
             "model": self.model,
             "profile": self.settings.profile,
+            "chunk_ms": self.settings.chunk_ms,
             "cores": self.cores,
             "steps": [
                 {
@@ -182,28 +188,53 @@ class Capacity:
 
 @dataclass(frozen=True)
 class Recorded:
-    """One recorded message: its time from the recording's start, its header's fields but the device's, and
-    its payload."""
+    """One recorded message: when it is sent (from the recording's start), its header's fields but the device's,
+    its payload, and its capture time (its header's `t_ns`, from the recording's start)."""
 
     offset_ns: int
     sensor: str
     fields: dict
     payload: bytes
+    capture_ns: int
 
 
 def record(settings: CapacitySettings) -> list[list[Recorded]]:
-    """`pool` wearables' first `loop_s` seconds (deterministic: the sender and the offline run record alike)."""
+    """`pool` wearables' first `loop_s` seconds (deterministic: the sender and the offline run record alike),
+    audio and IMU chunks joined to `chunk_ms`."""
     out = []
     for i in range(settings.pool):
         wearable = SimulatedWearable(f"pool-{i}", settings.seed, 0, profile=PROFILES[settings.profile])
         common = ("v", "device", "sensor", "seq", "t_ns")
-        out.append(
-            [
-                Recorded(h["t_ns"], h["sensor"], {k: v for k, v in h.items() if k not in common}, payload)
-                for h, payload in wearable.messages(settings.loop_s)
-            ]
-        )
+        messages = [
+            Recorded(h["t_ns"], h["sensor"], {k: v for k, v in h.items() if k not in common}, payload, h["t_ns"])
+            for h, payload in wearable.messages(settings.loop_s)
+        ]
+        out.append(join_chunks(messages, settings.chunk_ms * NS_PER_S // 1000))
     return out
+
+
+def join_chunks(messages: list[Recorded], chunk_ns: int) -> list[Recorded]:
+    """Each sensor's consecutive sample chunks (audio, IMU: those with a `rate`) joined into chunks of at least
+    `chunk_ns` (the last one: what is left): the same samples in fewer messages. A joined chunk has its first
+    part's capture time and is sent when its last part would have been."""
+
+    def joined(group: list[Recorded]) -> Recorded:
+        first, payload = group[0], b"".join(p.payload for p in group)
+        return Recorded(group[-1].offset_ns, first.sensor, first.fields, payload, first.capture_ns)
+
+    out: list[Recorded] = []
+    parts: dict[str, list[Recorded]] = {}
+    for m in messages:
+        if "rate" not in m.fields or not chunk_ns:
+            out.append(m)
+            continue
+        group = parts.setdefault(m.sensor, [])
+        if group and m.capture_ns - group[0].capture_ns >= chunk_ns:
+            out.append(joined(group))
+            group.clear()
+        group.append(m)
+    out += [joined(group) for group in parts.values() if group]
+    return sorted(out, key=lambda m: m.offset_ns)
 
 
 def replay(
@@ -214,7 +245,7 @@ def replay(
     loop_s: int,
     sampling: dict[str, FrameSampling] | None = None,
 ) -> Iterator[tuple]:
-    """(t_ns, header bytes, payload) of `device` replaying `recording` from `start_ns` on its clock for
+    """(when it is sent, header bytes, payload) of `device` replaying `recording` from `start_ns` on its clock for
     `seconds`: loop k is the recording `k * loop_s` later, each sensor's `seq` going on from the last loop. With
     `sampling`, the frames no window uses on that clock go omitted or are skipped (sensors/sampling.py)."""
     omitter = FrameOmitter(sampling)
@@ -224,14 +255,14 @@ def replay(
             offset = loop * loop_s * NS_PER_S + m.offset_ns
             if offset >= end:
                 break
-            t_ns, payload = start_ns + offset, m.payload
+            t_ns, payload = start_ns + loop * loop_s * NS_PER_S + m.capture_ns, m.payload
             if (numbered := omitter.next(m.sensor, t_ns)) is None:
                 continue
             seq, omitted = numbered
             header = header_map(device, m.sensor, seq, t_ns, **m.fields)
             if omitted:
                 header[OMITTED], payload = True, b""
-            yield t_ns, msgpack.packb(header), payload
+            yield start_ns + offset, msgpack.packb(header), payload
 
 
 def phase_ns(j: int) -> int:

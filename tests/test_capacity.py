@@ -5,10 +5,14 @@ import json
 import math
 import subprocess
 import sys
+from collections import Counter
 
+import numpy as np
 import pytest
 
-from streaming.capacity import CPU_STAGES, CapacitySettings, fleet_sizes
+from sensors.protocol import NS_PER_S, decode
+from streaming.capacity import CPU_STAGES, CapacitySettings, fleet_sizes, record, replay
+from streaming.windowing import Windower, WindowingConfig
 
 BINDSTREAM = [sys.executable, "-c", "from streaming.cli import main; main()"]
 KEYS = {"wearables", "windows_per_s", "cpu_ms_per_window", "per_stage_cpu_ms", "efficiency"}
@@ -56,3 +60,26 @@ def test_fleets_double_until_one_falls_behind_then_bisect(keeps_up_to, max_weara
     steps = fleet_sizes(CapacitySettings(max_wearables=max_wearables, refine=2), Step)
     assert [s.wearables for s in steps] == tried
     assert max((s.wearables for s in steps if not s.behind), default=0) == min(keeps_up_to, max_wearables)
+
+
+def test_joined_chunks_carry_the_same_samples_into_the_same_windows():
+    """Audio and IMU joined into 100 ms chunks (`--chunk-ms 100`): a fifth of the audio messages, each sent once
+    its samples are all captured, and windows equal to those of the simulator's own chunks, also across the
+    recording's loop (no hole where it starts over)."""
+    plain, joined = (record(CapacitySettings(pool=1, chunk_ms=ms))[0] for ms in (0, 100))
+    count = Counter(m.sensor for m in plain)
+    assert Counter(m.sensor for m in joined) == count | {"mic": count["mic"] // 5, "imu": count["imu"] // 2}
+    for m in joined:
+        if m.sensor == "mic":
+            assert m.offset_ns - m.capture_ns == 80 * NS_PER_S // 1000  # sent with its last 20 ms part
+    windows = []
+    for recording in (plain, joined):
+        windower = Windower(WindowingConfig(device_cpu_share=1e9, device_cpu_burst_s=1e9))  # unmetered
+        sent = list(replay(recording, "d", 0, 13, 10))
+        assert [t for t, _, _ in sent] == sorted(t for t, _, _ in sent)
+        windows.append(
+            {(w.modality, w.t0): w.data for _, header, payload in sent for w in windower.add(decode([header, payload]))}
+        )
+        assert not windower.take_drops()
+    assert windows[0].keys() == windows[1].keys() and ("audio", 9 * NS_PER_S) in windows[0]  # 9-11 s: across the loop
+    assert all(np.array_equal(windows[0][key], windows[1][key]) for key in windows[0])

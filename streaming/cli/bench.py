@@ -249,9 +249,18 @@ def bench_pipeline_command(devices, seconds, config_file, redis_url, **flags):
     is_flag=True,
     help="Wearables send every frame's pixels (ingest drops those no window uses) instead of omitting them.",
 )
+@click.option(
+    "--chunk-ms",
+    type=click.IntRange(0, 1000),
+    default=CapacitySettings.chunk_ms,
+    help="Wearables send audio and IMU samples in chunks of at least this many ms (0: the simulator's 20 ms audio "
+    "and 50 ms IMU chunks).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (the progress lines go to stderr).")
 @pipeline_options
-def bench_capacity_command(seconds, profile, max_wearables, all_frames, as_json, config_file, redis_url, **flags):
+def bench_capacity_command(
+    seconds, profile, max_wearables, all_frames, chunk_ms, as_json, config_file, redis_url, **flags
+):
     """The largest fleet of simulated wearables streaming at real pace that the pipeline keeps up with, its
     windows/s, and the CPU a window costs per stage (process CPU time; the encoder's forward apart)."""
     import json
@@ -264,7 +273,11 @@ def bench_capacity_command(seconds, profile, max_wearables, all_frames, as_json,
     config = build_config(config_file, redis_url, **flags)
     config.model = config.model or "tiny"
     settings = CapacitySettings(
-        seconds=seconds, profile=profile, max_wearables=min(max_wearables, 2**16), all_frames=all_frames
+        seconds=seconds,
+        profile=profile,
+        max_wearables=min(max_wearables, 2**16),
+        all_frames=all_frames,
+        chunk_ms=chunk_ms,
     )
     progress = Console(stderr=True, soft_wrap=True)  # one line per step, also into a file
 
@@ -282,6 +295,7 @@ def bench_capacity_command(seconds, profile, max_wearables, all_frames, as_json,
         + (" ([bold red]random weights[/]: speed does not depend on the values)" if config.model == "tiny" else "")
         + f", profile {profile}, {seconds:g} s per fleet, fleets doubling until one falls behind, wearables "
         + ("sending every frame" if all_frames else "omitting the frames no window uses")
+        + (f", audio and IMU in chunks of {chunk_ms} ms or more" if chunk_ms else "")
     )
     with user_errors():
         try:
