@@ -135,11 +135,6 @@ class SensorMessage:
         # by its fields in order: a fifth cheaper than the slots dataclass's state dict when Ray passes a batch on
         return type(self), _message_fields(self)
 
-    def owning(self) -> SensorMessage:
-        """This message with a copy of its payload (one that keeps no received buffer alive)."""
-        fields = _message_fields(self)
-        return type(self)(*fields[:4], self.payload.copy(), *fields[5:])
-
     @property
     def nbytes(self) -> int:
         return self.payload.nbytes

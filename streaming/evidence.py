@@ -26,7 +26,7 @@ import logging
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import redis
@@ -162,7 +162,8 @@ class RawBuffer:
 
     def add(self, msg: SensorMessage, epoch: int = 0) -> None:
         """Keep a message of session `epoch` of its sensor (Windower's `keep` hook)."""
-        msg = msg.owning()  # the payload is a view of Ray's received buffer, which can then be let go
+        # the payload is a view of Ray's received buffer: keep a copy, so the buffer can be let go
+        msg = replace(msg, payload=msg.payload.copy())
         with self._lock:
             sensors = self.devices.get(msg.device)
             if sensors is None:

@@ -542,18 +542,14 @@ def test_a_frame_that_fails_validation_leaves_no_hole_in_seq_or_time(pull):
     assert max(b.t_ns - a.t_ns for a, b in zip(got, got[1:])) <= sampling["camera"].max_gap_ns
 
 
-def test_a_message_pickles_and_copies_with_every_field():
+def test_a_message_pickles_with_every_field():
     assert p.SensorMessage.__slots__ == tuple(f.name for f in dataclasses.fields(p.SensorMessage))  # __reduce__'s order
     camera = [encode_header("d1", "camera", 7, 123, encoding="jpeg"), JPEG]
     omitted = [encode_header("d1", "depth", 8, 124, omitted=True, dtype="uint16", shape=[4, 6]), b""]
-    mic = [encode_header("d1", "mic", 9, 125, rate=48000, channels=2, dtype="int16"), bytearray(range(8))]
+    mic = [encode_header("d1", "mic", 9, 125, rate=48000, channels=2, dtype="int16"), bytes(range(8))]
     for msg in map(decode, (camera, omitted, mic)):
-        for back in (pickle.loads(pickle.dumps(msg, protocol=5)), msg.owning()):
-            for field in dataclasses.fields(p.SensorMessage):
-                theirs, ours = getattr(back, field.name), getattr(msg, field.name)
-                assert np.array_equal(theirs, ours) if field.name == "payload" else theirs == ours, field.name
-            assert back.payload.dtype == msg.payload.dtype and back.payload.shape == msg.payload.shape
-    received = bytearray(mic[1])
-    owned = decode([mic[0], received]).owning()
-    received[:] = bytes(8)  # the receive buffer is reused: the copy keeps what was received
-    assert owned.payload.tobytes() == bytes(range(8))
+        back = pickle.loads(pickle.dumps(msg, protocol=5))
+        for field in dataclasses.fields(p.SensorMessage):
+            theirs, ours = getattr(back, field.name), getattr(msg, field.name)
+            assert np.array_equal(theirs, ours) if field.name == "payload" else theirs == ours, field.name
+        assert back.payload.dtype == msg.payload.dtype and back.payload.shape == msg.payload.shape
