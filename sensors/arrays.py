@@ -16,7 +16,7 @@ from .protocol import IMU, IMU_COLUMNS, IMU_DTYPE, IMU_RATES, NS_PER_S
 from .publisher import DevicePublisher
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-DEFAULT_IMU_CHUNK_S = 0.05
+DEFAULT_IMU_CHUNK_S = 0.1  # PROTOCOL.md section 5, recommended chunking
 GAP_PERIODS = 1.5  # an IMU row further than this many periods from the previous one starts a new chunk
 CSV_COLUMNS = 1 + len(IMU_COLUMNS)  # t (seconds), ax, ay, az, gx, gy, gz
 

@@ -7,7 +7,7 @@ import socket
 import click
 import zmq
 
-from .arrays import ImuRecording, load_frames, publish_frames, publish_imu
+from .arrays import DEFAULT_IMU_CHUNK_S, ImuRecording, load_frames, publish_frames, publish_imu
 from .camera import DEFAULT_JPEG_QUALITY, publish_camera
 from .mic import publish_microphone
 from .protocol import DEFAULT_ENDPOINT, DEPTH, THERMAL
@@ -120,7 +120,7 @@ def camera_command(source: str, endpoint: str, device: str, sndhwm: int, quality
 @click.option("--channels", default=1, show_default=True)
 @click.option("--seconds", type=float, default=None, help="Stop after this long (default: Ctrl-C).")
 def mic_command(endpoint: str, device: str, sndhwm: int, rate: int, channels: int, seconds: float | None) -> None:
-    """Send the default microphone in 20 ms int16 chunks (needs bindstream[mic])."""
+    """Send the default microphone in 100 ms int16 chunks (needs bindstream[mic])."""
     with DevicePublisher(endpoint, device, sndhwm=sndhwm) as publisher:
         publish_microphone(publisher, rate=rate, channels=channels, seconds=seconds)
         _report(publisher)
@@ -145,7 +145,7 @@ def frames_command(sensor: str, path: str, fps: float, endpoint: str, device: st
 @endpoint_option
 @device_option
 @hwm_option
-@click.option("--chunk-ms", default=50, show_default=True)
+@click.option("--chunk-ms", default=round(DEFAULT_IMU_CHUNK_S * 1000), show_default=True)
 def imu_csv_command(path: str, endpoint: str, device: str, sndhwm: int, chunk_ms: int) -> None:
     """Send an IMU CSV (t seconds, ax, ay, az, gx, gy, gz) at its own rate."""
     with DevicePublisher(endpoint, device, sndhwm=sndhwm) as publisher:

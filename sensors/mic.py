@@ -9,7 +9,7 @@ from .protocol import MIC, NS_PER_S
 from .publisher import DevicePublisher
 
 DEFAULT_RATE = 48_000
-DEFAULT_CHUNK_MS = 20
+DEFAULT_CHUNK_MS = 100  # PROTOCOL.md section 5, recommended chunking
 MS_PER_S = 1000
 POLL_S = 0.1  # how often the send loop checks its deadline
 

@@ -3,9 +3,10 @@ pace that the pipeline keeps up with on this machine, and what a window costs in
 
 The fleet replays `pool` recorded wearables (sensors/simulator.py, in one of its `PROFILES`) under ids of its
 own, each from its own socket and at its own phase, its clock the wall clock, a recording of `loop_s` seconds
-replayed in a loop (its clock and `seq` going on). A sender process streams the fleet, so that its sending
-does not share this process's interpreter; on a small machine it shares the CPU with the pipeline, as the
-devices' own computers would not (its CPU is reported apart).
+replayed in a loop (its clock and `seq` going on). The wearables omit the frames no window uses and send audio and
+IMU in 100 ms chunks (`chunk_ms`), as PROTOCOL.md section 5 recommends. A sender process streams the fleet, so
+that its sending does not share this process's interpreter; on a small machine it shares the CPU with the
+pipeline, as the devices' own computers would not (its CPU is reported apart).
 
 Each step streams a fleet for `seconds`, then waits up to `settle_s` for the windows cut to be published. A
 fleet keeps up when nothing was dropped (by any stage, or by a wearable's full socket), every window cut was
@@ -79,9 +80,9 @@ class CapacitySettings:
     # wearables send every frame's pixels (ingest drops those no window uses); default: they omit them, as a
     # wearable saving its radio does (sensors/sampling.py): 0.8 instead of 19.7 MB/s each
     all_frames: bool = False
-    # wearables send their audio and IMU samples in chunks of at least this many ms (the simulator's 20 ms audio
-    # and 50 ms IMU chunks joined; 0: as the simulator makes them): fewer, larger messages for the same samples
-    chunk_ms: int = 0
+    # wearables send their audio and IMU samples in chunks of at least this many ms, as the device publishers do
+    # (PROTOCOL.md section 5): the simulator's 20 ms audio and 50 ms IMU chunks joined (0: sent as they are)
+    chunk_ms: int = 100
 
     def __post_init__(self):
         if self.profile not in PROFILES:

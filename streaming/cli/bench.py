@@ -253,8 +253,8 @@ def bench_pipeline_command(devices, seconds, config_file, redis_url, **flags):
     "--chunk-ms",
     type=click.IntRange(0, 1000),
     default=CapacitySettings.chunk_ms,
-    help="Wearables send audio and IMU samples in chunks of at least this many ms (0: the simulator's 20 ms audio "
-    "and 50 ms IMU chunks).",
+    help="Wearables send audio and IMU samples in chunks of at least this many ms (0: the simulator's own 20 ms "
+    "audio and 50 ms IMU chunks).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (the progress lines go to stderr).")
 @pipeline_options
