@@ -224,7 +224,8 @@ def _add_patch(dst: np.ndarray, patch: np.ndarray, cx: int, cy: int) -> None:
 
 class SimulatedWearable:
     """Smart glasses with camera (30 fps JPEG 640x480), mic (48 kHz int16 mono, 20 ms chunks),
-    IMU (800 Hz, 50 ms chunks), depth (30 fps 640x480 uint16 mm) and thermal (9 fps 160x120 uint16 cK).
+    IMU (800 Hz, 50 ms chunks), depth (30 fps 640x480 uint16 mm) and thermal (9 fps 160x120 uint16 cK). Its chunks
+    are smaller than the 100 ms PROTOCOL.md recommends (more messages: a harder case); `bench capacity` joins them.
     The mic also plays `bursts` (by default a chirp burst at 35 s, then every 90 s). `profile` says when the
     scene moves, the background sounds and the wearer walks (default: all the time).
 

@@ -26,6 +26,8 @@ from streaming.stage import Counts
 from streaming.subscriber import read_all
 from streaming.windowing import SECOND, Windower, WindowingConfig
 
+from .conftest import wait_for
+
 SOS = b"\xff\xda"
 EOI = b"\xff\xd9"
 # a progressive AC scan of component 1 (Ss=1, Se=63, Ah=Al=0) with no entropy-coded data after it
@@ -186,9 +188,7 @@ def beside_legit(pipeline, redis_url: str, name: str, attack, seconds: float = 6
     sender.start()
     # the wearable is already streaming when the attack starts (ingest passed its first message on): a device
     # new at the moment a flood of ids fills the device cap waits for an eviction, by design (streaming/ingest.py)
-    deadline = time.monotonic() + 30
-    while ingested(pipeline) == admitted and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: ingested(pipeline) > admitted, 30, "ingest to pass the wearable's first message on", poll_s=0.05)
     attack(endpoint, victim)
     sender.join()
     deadline = time.monotonic() + 60

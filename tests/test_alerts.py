@@ -89,7 +89,7 @@ def write(client, device: str, vectors, start_s: float = 0.0, model: str = MODEL
 
 
 def matcher(server, **overrides) -> Matcher:
-    return Matcher(MatcherSettings(**{"start_id": "0", "step_ms": 10, **overrides}), server.url)
+    return Matcher(MatcherSettings(**{"start_id": "0", "block_ms": 10, **overrides}), server.url)
 
 
 def drain(m: Matcher) -> None:
@@ -220,7 +220,7 @@ def test_pending_entries_of_a_dead_consumer_are_resumed(server, client):
     add_query(client, Decision(k=3, n=3))
     key = stream_key("dev", "audio")
     ids = write(client, "dev", [QUIET] + [MATCH] * 4)
-    settings = MatcherSettings(start_id="0", step_ms=10)
+    settings = MatcherSettings(start_id="0", block_ms=10)
     client.xgroup_create(key, settings.group, id="0")
     taken = client.xreadgroup(settings.group, settings.consumer, {key: ">"}, count=3)  # read, never acked: died
     assert len(taken[0][1]) == 3
@@ -252,20 +252,23 @@ def test_new_device_and_new_query_are_picked_up_while_running(server, client):
         m.stop()
 
 
-def test_steps_are_paced_and_what_arrives_between_them_is_read_in_one(server, client):
+def test_an_empty_step_waits_block_ms_and_a_stop_cuts_the_wait_short(server, client):
     add_query(client, Decision(k=1, n=1))
-    m = matcher(server, step_ms=400)
-    m.step()
-    began = time.monotonic()
-    for device in ("paced-a", "paced-b"):  # written while the next step waits
+    for device in ("quiet-a", "quiet-b"):
         write(client, device, [QUIET, MATCH])
-    assert m.step() == 4  # both devices' windows, in one step
-    assert time.monotonic() - began >= 0.4 * 0.9  # it waited for step_ms since the last step began
-    assert {a.device for a in alerts(client)} == {"paced-a", "paced-b"}
-    m.next_step = time.monotonic() + 60
-    threading.Timer(0.2, m.stop).start()
+    m = matcher(server, block_ms=300)
+    assert m.step() == 4  # both devices' windows in one step
     began = time.monotonic()
-    assert m.step() == 0 and time.monotonic() - began < 30  # a stop cuts the wait short, and the step does nothing
+    assert m.step() == 0
+    assert time.monotonic() - began >= 0.3  # nothing read: it waited block_ms
+    assert {a.device for a in alerts(client)} == {"quiet-a", "quiet-b"}
+    m.stop()
+    waiting = matcher(server, block_ms=60_000)
+    threading.Timer(0.5, waiting.stop).start()
+    began = time.monotonic()
+    while waiting.step():
+        pass
+    assert time.monotonic() - began < 10  # the stop ended its minute-long wait
 
 
 def test_actor_restart_resumes_without_double_alert(ray_local, server, client):
@@ -274,7 +277,7 @@ def test_actor_restart_resumes_without_double_alert(ray_local, server, client):
     add_query(client, Decision(k=2, n=3))
     key = stream_key("dev", "audio")
     ids = write(client, "dev", [QUIET, MATCH])
-    settings = MatcherSettings(start_id="0", step_ms=50, discover_s=0.2)
+    settings = MatcherSettings(start_id="0", block_ms=50, discover_s=0.2)
     (actor,) = start_matchers(settings, server.url, count=1)
 
     def all_acked():

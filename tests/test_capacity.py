@@ -63,12 +63,12 @@ def test_fleets_double_until_one_falls_behind_then_bisect(keeps_up_to, max_weara
 
 
 def test_joined_chunks_carry_the_same_samples_into_the_same_windows():
-    """Audio and IMU joined into 100 ms chunks (`--chunk-ms 100`): a fifth of the audio messages, each sent once
-    its samples are all captured, and windows equal to those of the simulator's own chunks, also across the
-    recording's loop (no hole where it starts over)."""
+    """Audio and IMU joined into 100 ms chunks (`--chunk-ms 100`): a fifth of the audio messages, each sent when
+    its last 20 ms part would have been (the simulator sends a chunk at its first sample's time), and windows equal
+    to those of the simulator's own chunks, also across the recording's loop (no hole where it starts over)."""
     plain, joined = (record(CapacitySettings(pool=1, chunk_ms=ms))[0] for ms in (0, 100))
     count = Counter(m.sensor for m in plain)
-    assert Counter(m.sensor for m in joined) == count | {"mic": count["mic"] // 5, "imu": count["imu"] // 2}
+    assert Counter(m.sensor for m in joined) == {**count, "mic": count["mic"] // 5, "imu": count["imu"] // 2}
     for m in joined:
         if m.sensor == "mic":
             assert m.offset_ns - m.capture_ns == 80 * NS_PER_S // 1000  # sent with its last 20 ms part

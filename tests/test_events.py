@@ -59,7 +59,7 @@ def add_query(client, decision: Decision, notify=()) -> Query:
 
 
 def matcher(server, **overrides) -> Matcher:
-    return Matcher(MatcherSettings(**{"start_id": "0", "step_ms": 10, **overrides}), server.url)
+    return Matcher(MatcherSettings(**{"start_id": "0", "block_ms": 10, **overrides}), server.url)
 
 
 def settle(m: Matcher) -> None:

@@ -285,7 +285,7 @@ def started(client) -> list[Alert]:
 
 
 def drain(server) -> None:
-    m = Matcher(MatcherSettings(start_id="0", step_ms=10), server.url)
+    m = Matcher(MatcherSettings(start_id="0", block_ms=10), server.url)
     while m.step():
         pass
 

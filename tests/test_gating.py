@@ -402,7 +402,7 @@ def run_day(ray_local, messages: list, gating: bool) -> tuple[list[tuple], dict[
         example = encoder.embed("audio", clip[None])[0]
         calibration = Calibration(warmup=WARMUP)
         save_query(client, Query("chirp", "audio", example, "tiny", source="example:chirp", calibration=calibration))
-        matcher = Matcher(MatcherSettings(start_id="0", step_ms=10), server.url)
+        matcher = Matcher(MatcherSettings(start_id="0", block_ms=10), server.url)
         stored = len(read_all(client))
 
         def matched() -> bool:  # every entry read, and every event change it made copied to the alerts stream

@@ -50,7 +50,7 @@ MAX_STEPS = 50  # a matcher that needs more steps to read a few dozen entries is
 
 
 def matcher(server, **overrides) -> Matcher:
-    return Matcher(MatcherSettings(start_id="0", step_ms=10, **overrides), server.url)
+    return Matcher(MatcherSettings(start_id="0", block_ms=10, **overrides), server.url)
 
 
 def settle(m: Matcher) -> int:

@@ -174,7 +174,7 @@ def write_round(c, devices: list[str], n: int) -> None:
 
 
 def fast_matcher(url: str, name: str) -> Matcher:
-    settings = MatcherSettings(consumer=name, start_id="0", step_ms=10, discover_s=0.2, member_ttl_s=1.0)
+    settings = MatcherSettings(consumer=name, start_id="0", block_ms=10, discover_s=0.2, member_ttl_s=1.0)
     return Matcher(settings, url)
 
 

@@ -156,9 +156,9 @@ class MatcherSettings:
     start_id: str = field(default_factory=now_id)  # where groups this matcher creates start
     read_count: int = 256  # entries per stream per read
     batch_entries: int = 4_096  # entries per step in all (one per stream at least): a step's time and memory
-    # a step starts at least this long after the one before, so what arrives meanwhile is read in one step (an
-    # alert may wait this much longer) and an idle matcher polls the registry this often
-    step_ms: int = 50
+    # wait after a step that read nothing: an idle matcher polls the registry this often, and an entry written
+    # meanwhile waits up to this long (a step that read entries is followed at once: no wait under load)
+    block_ms: int = 50
     reload_s: float = 1.0  # query version poll (pub/sub notifications reload at once)
     discover_s: float = 2.0  # heartbeat, membership, idle streams, health; every polled stream is read then
     member_ttl_s: float = 10.0  # a matcher silent this long leaves its group: the others take its devices
@@ -197,8 +197,6 @@ class MatcherSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.step_ms < 0:
-            raise ValueError(f"step_ms must be at least 0, got {self.step_ms}")
         if not self.idle_s > 0 or not self.member_ttl_s > self.discover_s:
             raise ValueError(
                 f"idle_s ({self.idle_s}) must be > 0, member_ttl_s ({self.member_ttl_s}) > discover_s "
@@ -348,7 +346,7 @@ class Matcher:
         self.baselines = Baselines(s.baseline_streams)  # example queries' running estimates (scoring.py)
         self._warn_once = WarnOnce(log, s.max_logged)
         self.version: bytes | None = None
-        self.next_reload = self.next_discover = self.next_step = 0.0
+        self.next_reload = self.next_discover = 0.0
         self.last_error = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -574,12 +572,9 @@ class Matcher:
     # ----- one cycle -----
 
     def step(self) -> int:
-        """Once `step_ms` has passed since the last step began: reload queries and discover when due, read the
-        polled streams with news (all of them after a discovery), score, decide, commit, copy the alerts entries.
-        Returns the number of entries read (0: nothing new, or stopped while it waited)."""
-        if self._stop.wait(self.next_step - time.monotonic()):
-            return 0
-        self.next_step = time.monotonic() + self.settings.step_ms / 1000
+        """Reload queries and discover when due, read the polled streams with news (all of them after a
+        discovery), score, decide, commit, copy the alerts entries. Returns the number of entries read (0:
+        nothing new; the step then waits `block_ms`, or until `stop`)."""
         self._maybe_reload()
         now = time.monotonic()
         keys = set(self.retry)
@@ -593,6 +588,8 @@ class Matcher:
             self._process(entries)
         self.fanin.copy()
         self._grow()
+        if not entries:
+            self._stop.wait(self.settings.block_ms / 1000)
         return len(entries)
 
     def _read(self, keys: set[str]) -> list[tuple[str, str, dict | None]]:

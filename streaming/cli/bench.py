@@ -253,6 +253,7 @@ def bench_pipeline_command(devices, seconds, config_file, redis_url, **flags):
     "--chunk-ms",
     type=click.IntRange(0, 1000),
     default=CapacitySettings.chunk_ms,
+    show_default=True,
     help="Wearables send audio and IMU samples in chunks of at least this many ms (0: the simulator's own 20 ms "
     "audio and 50 ms IMU chunks).",
 )
