@@ -111,6 +111,9 @@ class Step:
     behind: str = ""  # why the fleet fell behind; "" when it kept up
     cut: int = 0  # windows cut
     gated: int = 0  # of them, windows the gate found unchanged: published again without a forward (gating.py)
+    # the share of the machine's CPU time (every core, every process) that was busy while the fleet streamed: near
+    # 1, the machine is the limit, not the pipeline's stages
+    machine_busy: float = math.nan
 
     @property
     def forwards_saved(self) -> float:
@@ -158,6 +161,7 @@ class Capacity:
             "efficiency": (best.windows_per_s if best else 0.0) / self.offline_windows_per_s,
             "offline_windows_per_s": self.offline_windows_per_s,
             "forwards_saved": best.forwards_saved if best else math.nan,
+            "machine_busy": best.machine_busy if best else math.nan,
         }
         return {
             **figures,
@@ -178,6 +182,7 @@ class Capacity:
                     "unpublished": s.unpublished,
                     "behind": s.behind,
                     "forwards_saved": s.forwards_saved,
+                    "machine_busy": s.machine_busy,
                 }
                 for s in self.steps
             ],
@@ -337,6 +342,17 @@ def cpu_seconds(pid: int) -> float:
         return math.nan
 
 
+def busy_share(before, after) -> float:
+    """The share of the CPU time between two `psutil.cpu_times()` readings that was neither idle nor waiting for I/O
+    (Linux counts a guest's time in `user` and `nice` too: left out once)."""
+
+    def delta(name: str) -> float:
+        return getattr(after, name, 0.0) - getattr(before, name, 0.0)
+
+    total = sum(after) - sum(before) - delta("guest") - delta("guest_nice")
+    return 1 - (delta("idle") + delta("iowait")) / total if total > 0 else math.nan
+
+
 def raylet_pid(pid: int) -> int | None:
     """The raylet that started the actor process `pid` (where Ray's object store lives), if it is local."""
     try:
@@ -424,8 +440,10 @@ class CapacityRun:
         seconds = seconds or self.settings.seconds
         devices = [f"cap{self.runs}-{j:04d}" for j in range(wearables)]
         before, (stage_cpu, other_cpu) = self.pipeline.stats(), self.cpu()
+        machine_before = psutil.cpu_times()
         self.conn.send((self.pipeline.endpoints[0], devices, time.time_ns() + START_DELAY_NS, seconds))
         sent, sender_dropped = self.conn.recv()
+        machine_busy = busy_share(machine_before, psutil.cpu_times())
         deadline = time.monotonic() + self.settings.settle_s
         while True:  # until every message sent is windowed and every window cut is published
             after = self.pipeline.stats()
@@ -455,6 +473,7 @@ class CapacityRun:
             {name: other_after[name] - other_cpu[name] for name in other_cpu},
             cut=cut,
             gated=count(after, "window", "gated") - count(before, "window", "gated"),
+            machine_busy=machine_busy,
         )
         step.behind = behind(step, self.windowing)
         return step

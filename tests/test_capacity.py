@@ -5,13 +5,15 @@ import json
 import math
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import numpy as np
+import psutil
 import pytest
 
 from sensors.protocol import NS_PER_S, decode
-from streaming.capacity import CPU_STAGES, CapacitySettings, fleet_sizes, record, replay
+from streaming.capacity import CPU_STAGES, CapacitySettings, busy_share, fleet_sizes, record, replay
 from streaming.windowing import Windower, WindowingConfig
 
 BINDSTREAM = [sys.executable, "-c", "from streaming.cli import main; main()"]
@@ -33,6 +35,7 @@ def test_capacity_of_one_wearable_reports_consistent_figures():
     assert step["wearables"] == 1 and step["windows"] > 0 and step["unpublished"] >= 0
     assert math.isclose(step["windows_per_s"], step["windows"] / 3, rel_tol=1e-9)
     assert figures["offline_windows_per_s"] > 0
+    assert 0 < step["machine_busy"] <= 1  # a pipeline and a sender ran: the machine was busy, at most wholly
     if step["behind"]:  # a loaded machine may not keep one wearable within the hop: then no fleet kept up
         assert figures["wearables"] == 0 and figures["per_stage_cpu_ms"] == {}
         return
@@ -43,6 +46,17 @@ def test_capacity_of_one_wearable_reports_consistent_figures():
     assert math.isclose(figures["cpu_ms_per_window"], step["cpu_ms_per_window"], rel_tol=1e-9)
     assert figures["forward_cpu_ms_per_window"] > 0  # the encoder ran, and its share is told apart
     assert math.isclose(figures["efficiency"], figures["windows_per_s"] / figures["offline_windows_per_s"])
+
+
+def test_the_machine_busy_share_counts_at_least_this_process():
+    """Busy for 0.3 s on one core: at least this process's share of all cores' time was busy, at most all of it."""
+    before, mine = psutil.cpu_times(), time.process_time()
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        pass
+    after, mine = psutil.cpu_times(), time.process_time() - mine
+    total = sum(after) - sum(before) - (after.guest - before.guest) - (after.guest_nice - before.guest_nice)
+    assert 0.9 * mine / total <= busy_share(before, after) <= 1  # 10%: the kernel counts in 10 ms ticks
 
 
 @pytest.mark.parametrize(

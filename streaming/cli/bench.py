@@ -288,7 +288,7 @@ def bench_capacity_command(
         progress.print(
             f"{s.wearables:4d} wearables: {s.windows_per_s:6.1f} windows/s, {s.cpu_ms_per_window:5.2f} core-ms/window "
             f"(+ forward {s.per_window_ms(s.forward_cpu_s):.2f}), slowest p{100 * settings.quantile:g} latency "
-            f"{latency:.2f} s: {verdict}"
+            f"{latency:.2f} s, machine {s.machine_busy:.0%} busy: {verdict}"
         )
 
     progress.print(
@@ -324,6 +324,7 @@ def bench_capacity_command(
         out.add_row(f"core-ms per window outside the stages: {name}", f"{ms:.2f}", "")
     out.add_row("offline: windowing + encoder, 1 process (windows/s)", f"{figures['offline_windows_per_s']:.1f}", "")
     out.add_row("efficiency (real-time windows/s / offline)", f"{figures['efficiency']:.2f}", ">= 0.9")
+    out.add_row("machine CPU busy while that fleet streamed (all processes)", f"{figures['machine_busy']:.0%}", "")
     out.add_row("model forwards saved (windows gated as unchanged)", f"{figures['forwards_saved']:.0%}", "")
     if best is None:
         out.add_row("no fleet kept up", result.steps[0].behind if result.steps else "", "")
