@@ -2,16 +2,19 @@
 pace that the pipeline keeps up with on this machine, and what a window costs in CPU, stage by stage.
 
 The fleet replays `pool` recorded wearables (sensors/simulator.py, in one of its `PROFILES`) under ids of its
-own, each from its own socket and at its own phase, its clock the wall clock, a recording of `loop_s` seconds
-replayed in a loop (its clock and `seq` going on). The wearables omit the frames no window uses and send audio and
-IMU in 100 ms chunks (`chunk_ms`), as PROTOCOL.md section 5 recommends. A sender process streams the fleet, so
-that its sending does not share this process's interpreter; on a small machine it shares the CPU with the
-pipeline, as the devices' own computers would not (its CPU is reported apart).
+own, each from its own socket and at its own phase, a recording of `loop_s` seconds replayed in a loop (its clock
+and `seq` going on). A wearable's clock is monotonic (PROTOCOL.md section 4): it reads the wall clock less that
+phase, as if each had booted at its own moment, so the window grids of different wearables (whole seconds of their
+clocks) end at different moments; with `aligned_clocks` every clock is the wall clock and every wearable's windows
+end at the same moments, the worst case (a second's windows arrive at once). The wearables omit the frames no
+window uses and send audio and IMU in 100 ms chunks (`chunk_ms`), as PROTOCOL.md section 5 recommends. A sender
+process streams the fleet, so that its sending does not share this process's interpreter; on a small machine it
+shares the CPU with the pipeline, as the devices' own computers would not (its CPU is reported apart).
 
 Each step streams a fleet for `seconds`, then waits up to `settle_s` for the windows cut to be published. A
 fleet keeps up when nothing was dropped (by any stage, or by a wearable's full socket), every window cut was
 published, and for each modality the `quantile` of its windows was published within the window's hop of its
-end (the latency from a window's last sample, on the wearables' wall clock, to its entry's id in Redis).
+end (the latency from a window's last sample, on the wall clock, to its entry's id in Redis).
 Fleets double from `first` until one falls behind; then `refine` bisections narrow the largest that keeps up.
 
 CPU is each actor process's CPU time (all its threads: Ray's, ZeroMQ's) over a step, per window published
@@ -83,6 +86,8 @@ class CapacitySettings:
     # wearables send their audio and IMU samples in chunks of at least this many ms, as the device publishers do
     # (PROTOCOL.md section 5): the simulator's 20 ms audio and 50 ms IMU chunks joined (0: sent as they are)
     chunk_ms: int = 100
+    # every wearable's clock is the wall clock (their windows end together) instead of reading it less its phase
+    aligned_clocks: bool = False
 
     def __post_init__(self):
         if self.profile not in PROFILES:
@@ -168,6 +173,7 @@ class Capacity:
             "model": self.model,
             "profile": self.settings.profile,
             "chunk_ms": self.settings.chunk_ms,
+            "aligned_clocks": self.settings.aligned_clocks,
             "cores": self.cores,
             "steps": [
                 {
@@ -250,10 +256,12 @@ def replay(
     seconds: float,
     loop_s: int,
     sampling: dict[str, FrameSampling] | None = None,
+    wall_offset_ns: int = 0,
 ) -> Iterator[tuple]:
-    """(when it is sent, header bytes, payload) of `device` replaying `recording` from `start_ns` on its clock for
-    `seconds`: loop k is the recording `k * loop_s` later, each sensor's `seq` going on from the last loop. With
-    `sampling`, the frames no window uses on that clock go omitted or are skipped (sensors/sampling.py)."""
+    """(when it is sent, on the wall clock; header bytes; payload) of `device` replaying `recording` from `start_ns`
+    on its clock for `seconds`, its clock reading the wall clock less `wall_offset_ns`: loop k is the recording
+    `k * loop_s` later, each sensor's `seq` going on from the last loop. With `sampling`, the frames no window uses
+    on that clock go omitted or are skipped (sensors/sampling.py)."""
     omitter = FrameOmitter(sampling)
     end = round(seconds * NS_PER_S)
     for loop in range(math.ceil(seconds / loop_s)):
@@ -268,11 +276,16 @@ def replay(
             header = header_map(device, m.sensor, seq, t_ns, **m.fields)
             if omitted:
                 header[OMITTED], payload = True, b""
-            yield start_ns + offset, msgpack.packb(header), payload
+            yield wall_offset_ns + start_ns + offset, msgpack.packb(header), payload
 
 
 def phase_ns(j: int) -> int:
     return round((j * GOLDEN) % 1 * NS_PER_S)
+
+
+def wall_offset_ns(j: int, settings: CapacitySettings) -> int:
+    """The wall clock less wearable j's clock (0 with `aligned_clocks`)."""
+    return 0 if settings.aligned_clocks else phase_ns(j)
 
 
 def stream_fleet(
@@ -284,8 +297,9 @@ def stream_fleet(
     seconds: float,
     sampling: dict[str, FrameSampling] | None = None,
 ) -> tuple[int, int]:
-    """Send each device's replay for `seconds` from its own PUSH socket when its clock (the wall clock) says;
-    returns the messages sent, and how many of them a full socket refused (dropped)."""
+    """Send each device's replay for `seconds` from its own PUSH socket when its clock says, device j starting
+    `phase_ns(j)` after `start_ns` on the wall clock; returns the messages sent, and how many of them a full socket
+    refused (dropped)."""
     ctx = zmq.Context()
     sockets = []
     for _ in devices:
@@ -298,7 +312,13 @@ def stream_fleet(
         (
             (t, j, header, payload)
             for t, header, payload in replay(
-                recordings[j % len(recordings)], device, start_ns + phase_ns(j), seconds, settings.loop_s, sampling
+                recordings[j % len(recordings)],
+                device,
+                start_ns + phase_ns(j) - wall_offset_ns(j, settings),
+                seconds,
+                settings.loop_s,
+                sampling,
+                wall_offset_ns(j, settings),
             )
         )
         for j, device in enumerate(devices)
@@ -382,18 +402,20 @@ def windows_published(stats: dict[str, list[dict]]) -> int:
     return publish.get("out") - publish.get("out", FUSED)
 
 
-def publish_latency(client: redis.Redis, devices: list[str], quantile: float) -> dict[str, float]:
-    """Per modality, the `quantile` of (entry id's ms - window end) in seconds over the devices' windows: the
-    devices' clocks are the wall clock, and an entry id starts with the Redis server's time of its XADD."""
+def publish_latency(client: redis.Redis, wall_offsets: dict[str, int], quantile: float) -> dict[str, float]:
+    """Per modality, the `quantile` of (entry id's ms - window end) in seconds over the windows of the devices in
+    `wall_offsets` (device -> the wall clock less its clock, ns); an entry id starts with the Redis server's time of
+    its XADD."""
     latency: dict[str, list[float]] = {}
     pipe = client.pipeline(transaction=False)
-    keys = [(device, modality) for device in devices for modality in STREAMS]
+    keys = [(device, modality) for device in wall_offsets for modality in STREAMS]
     for device, modality in keys:
         pipe.xrange(stream_key(device, modality))
-    for (_, modality), entries in zip(keys, pipe.execute()):
+    for (device, modality), entries in zip(keys, pipe.execute()):
         for entry_id, f in entries:
             added_ms = int(entry_id.split(b"-")[0])
-            latency.setdefault(modality, []).append(added_ms / 1000 - int(f[b"t1"]) / NS_PER_S)
+            ended_s = (int(f[b"t1"]) + wall_offsets[device]) / NS_PER_S
+            latency.setdefault(modality, []).append(added_ms / 1000 - ended_s)
     return {m: float(np.quantile(v, quantile)) for m, v in latency.items()}
 
 
@@ -440,6 +462,7 @@ class CapacityRun:
         seconds = seconds or self.settings.seconds
         devices = [f"cap{self.runs}-{j:04d}" for j in range(wearables)]
         before, (stage_cpu, other_cpu) = self.pipeline.stats(), self.cpu()
+        offsets = {device: wall_offset_ns(j, self.settings) for j, device in enumerate(devices)}
         machine_before = psutil.cpu_times()
         self.conn.send((self.pipeline.endpoints[0], devices, time.time_ns() + START_DELAY_NS, seconds))
         sent, sender_dropped = self.conn.recv()
@@ -465,7 +488,7 @@ class CapacityRun:
             wearables,
             seconds,
             published,
-            publish_latency(self.client, devices, self.settings.quantile),
+            publish_latency(self.client, offsets, self.settings.quantile),
             dropped,
             max(cut - published, 0),
             cpu,

@@ -8,12 +8,22 @@ import sys
 import time
 from collections import Counter
 
+import msgpack
 import numpy as np
 import psutil
 import pytest
 
 from sensors.protocol import NS_PER_S, decode
-from streaming.capacity import CPU_STAGES, CapacitySettings, busy_share, fleet_sizes, record, replay
+from streaming.capacity import (
+    CPU_STAGES,
+    CapacitySettings,
+    busy_share,
+    fleet_sizes,
+    phase_ns,
+    record,
+    replay,
+    wall_offset_ns,
+)
 from streaming.windowing import Windower, WindowingConfig
 
 BINDSTREAM = [sys.executable, "-c", "from streaming.cli import main; main()"]
@@ -97,3 +107,23 @@ def test_joined_chunks_carry_the_same_samples_into_the_same_windows():
         assert not windower.take_drops()
     assert windows[0].keys() == windows[1].keys() and ("audio", 9 * NS_PER_S) in windows[0]  # 9-11 s: across the loop
     assert all(np.array_equal(windows[0][key], windows[1][key]) for key in windows[0])
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_wearables_clocks_are_their_own_unless_aligned(aligned):
+    """A wearable's clock reads the wall clock less its phase (monotonic clocks booted at different moments), so
+    the grid's whole seconds, where windows end, fall at a different wall moment for each wearable; with
+    `aligned_clocks` at the same one. Either way each wearable sends at its own phase of the wall clock."""
+    settings = CapacitySettings(aligned_clocks=aligned)
+    (recording,) = record(CapacitySettings(pool=1, loop_s=1))
+    ends, sends = set(), set()
+    for j in range(1, 6):
+        offset = wall_offset_ns(j, settings)
+        sent = list(replay(recording, f"d{j}", phase_ns(j) - offset, 1, 1, wall_offset_ns=offset))
+        wall, header, _ = sent[0]
+        t_ns = msgpack.unpackb(header)["t_ns"]
+        assert wall - t_ns == offset  # sent when its clock, on the wall clock, says
+        ends.add((wall - t_ns % NS_PER_S) % NS_PER_S)  # where in the wall clock's second its clock's seconds begin
+        sends.add(wall % NS_PER_S)
+    assert len(sends) == 5
+    assert len(ends) == (1 if aligned else 5)

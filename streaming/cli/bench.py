@@ -257,10 +257,16 @@ def bench_pipeline_command(devices, seconds, config_file, redis_url, **flags):
     help="Wearables send audio and IMU samples in chunks of at least this many ms (0: the simulator's own 20 ms "
     "audio and 50 ms IMU chunks).",
 )
+@click.option(
+    "--aligned-clocks",
+    is_flag=True,
+    help="Every wearable's clock is the wall clock, so all their windows end at the same moments (the worst case) "
+    "instead of each clock reading it less the wearable's own phase.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (the progress lines go to stderr).")
 @pipeline_options
 def bench_capacity_command(
-    seconds, profile, max_wearables, all_frames, chunk_ms, as_json, config_file, redis_url, **flags
+    seconds, profile, max_wearables, all_frames, chunk_ms, aligned_clocks, as_json, config_file, redis_url, **flags
 ):
     """The largest fleet of simulated wearables streaming at real pace that the pipeline keeps up with, its
     windows/s, and the CPU a window costs per stage (process CPU time; the encoder's forward apart)."""
@@ -279,6 +285,7 @@ def bench_capacity_command(
         max_wearables=min(max_wearables, 2**16),
         all_frames=all_frames,
         chunk_ms=chunk_ms,
+        aligned_clocks=aligned_clocks,
     )
     progress = Console(stderr=True, soft_wrap=True)  # one line per step, also into a file
 
@@ -297,6 +304,7 @@ def bench_capacity_command(
         + f", profile {profile}, {seconds:g} s per fleet, fleets doubling until one falls behind, wearables "
         + ("sending every frame" if all_frames else "omitting the frames no window uses")
         + (f", audio and IMU in chunks of {chunk_ms} ms or more" if chunk_ms else "")
+        + (", every clock the wall clock (windows ending together)" if aligned_clocks else "")
     )
     with user_errors():
         try:
