@@ -453,8 +453,11 @@ def test_an_event_page_plays_its_audio_shows_its_frames_and_records_a_verdict(co
 
 # ----- end to end: bindstream run --ui, a wearable, an event ----------------------------------------------------
 
-STREAM_S = 15.0  # the wearable streams this long; its burst at BURSTS.first_s
-BURSTS = ChirpBursts(first_s=7.0)  # after the example query's warm-up (WARMUP windows of 2 s every 1 s), with margin
+STREAM_S = 28.0  # the wearable streams this long; its burst at BURSTS.first_s
+# after the example query's warm-up (WARMUP windows of 2 s every 1 s), and late enough that the Events page, opened
+# once the Devices page showed the wearable's audio, listens before the event starts (its live feed shows what comes
+# after it opens; a slow CI machine took past 7 s there)
+BURSTS = ChirpBursts(first_s=20.0)
 WARMUP = 4
 SILENCE_S = 3.0  # the matcher's silence_s: the wearable's streams fall silent this soon after it stops
 
