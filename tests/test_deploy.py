@@ -467,14 +467,13 @@ def test_pipeline_on_two_ray_nodes(tmp_path):
                 ],
             )
             # written by the head after it says it started (a slow machine showed the gap): waited for, then read
-            record = wait_for(
+            address = wait_for(
                 lambda: (root / "ray_current_cluster").is_file() and (root / "ray_current_cluster").read_text().strip(),
                 START_TIMEOUT_S,
                 "the head's ray_current_cluster file",
                 nodes.procs[-1],
                 nodes.logs[-1],
             )
-            address = record
             nodes.start(
                 "worker",
                 [f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2", '--resources={"embed": 1}'],
