@@ -5,6 +5,7 @@ runs it on a real two-node Ray cluster on this machine, with ingest and the embe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -320,10 +321,13 @@ DRAIN_TIMEOUT_S = 60
 SIM_SECONDS = 8  # enough for a complete 5 s IMU window whatever the stream's phase on the 2.5 s grid
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: every socket stays bound until all are chosen, so none comes back twice."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -353,19 +357,22 @@ class RayNodes:
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
+    PORT_OPTIONS = (
+        "--node-manager-port",
+        "--object-manager-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--metrics-export-port",
+        "--runtime-env-agent-port",
+    )
+    RETRIED = ("timed out during startup", "used by other components")
+
     def start(self, name: str, args: list[str], attempts: int = 2) -> Path:
         """Start a node; once more if Ray's own registration with the GCS timed out (seen on a loaded
-        2-core machine: `ray start` gives up after 30 s)."""
+        2-core machine: `ray start` gives up after 30 s) or a port it was given was taken meanwhile."""
         for attempt in range(1, attempts + 1):
             log = self.root / f"{name}-{attempt}.log"
-            ports = {
-                "--node-manager-port": free_port(),
-                "--object-manager-port": free_port(),
-                "--dashboard-agent-listen-port": free_port(),
-                "--dashboard-agent-grpc-port": free_port(),
-                "--metrics-export-port": free_port(),
-                "--runtime-env-agent-port": free_port(),
-            }
+            ports = dict(zip(self.PORT_OPTIONS, free_ports(len(self.PORT_OPTIONS)), strict=True))
             cmd = [
                 shutil.which("ray"),
                 "start",
@@ -391,7 +398,7 @@ class RayNodes:
                 )
                 return log
             except AssertionError:
-                if attempt == attempts or "timed out during startup" not in tail(log, 100_000):
+                if attempt == attempts or not any(sign in tail(log, 100_000) for sign in self.RETRIED):
                     raise
 
     def stop(self) -> None:
@@ -450,7 +457,7 @@ def test_pipeline_on_two_ray_nodes(tmp_path):
     nodes = RayNodes(root, env)
     run = None
     run_log = tmp_path / "run.log"
-    gcs_port, ingest_port = free_port(), free_port()
+    gcs_port, ingest_port, client_port = free_ports(3)
     try:
         with RedisServer(password="s3cret-" + uuid.uuid4().hex[:8]) as server:
             nodes.start(
@@ -462,7 +469,7 @@ def test_pipeline_on_two_ray_nodes(tmp_path):
                     "--num-cpus=1",
                     '--resources={"ingest": 1}',
                     "--include-dashboard=false",
-                    f"--ray-client-server-port={free_port()}",
+                    f"--ray-client-server-port={client_port}",
                     f"--temp-dir={root}",
                 ],
             )
