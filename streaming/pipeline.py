@@ -43,7 +43,7 @@ from .ingest import Ingest, IngestSettings
 from .publisher import Publisher, PublisherSettings
 from .redis_access import RedisAccessError, check_redis, redact_url
 from .redis_server import RedisPortInUse, RedisServer
-from .stage import Counts, NamedActor
+from .stage import CALL_OPTIONS, Counts, NamedActor
 from .windowing import LIVE, PREPROCESS_ON, REPLAY, WindowingConfig, WindowSpec, WindowStage, WindowStageSettings
 
 log = logging.getLogger(__name__)
@@ -352,7 +352,7 @@ class Pipeline:
         publisher_name = next(names)
         publisher = (
             ray.remote(Publisher)
-            .options(name=publisher_name, num_cpus=0, max_task_retries=-1, **RESTART)
+            .options(name=publisher_name, num_cpus=0, max_task_retries=-1, **RESTART, **CALL_OPTIONS)
             .remote(
                 PublisherSettings(
                     redis_url,
@@ -384,6 +384,7 @@ class Pipeline:
                 scheduling_strategy="SPREAD",
                 max_concurrency=EMBEDDER_CONCURRENCY,
                 max_task_retries=-1,
+                **CALL_OPTIONS,
                 **RESTART,  # calls open when it died are run again on the new one
             )
             .remote(embedder_settings, [NamedActor(publisher_name)])
@@ -394,7 +395,7 @@ class Pipeline:
         window_names = [next(names) for _ in range(config.windowers)]
         windowers = [
             ray.remote(WindowStage)
-            .options(name=name, num_cpus=0, max_task_retries=-1, **RESTART)
+            .options(name=name, num_cpus=0, max_task_retries=-1, **RESTART, **CALL_OPTIONS)
             .remote(
                 WindowStageSettings(
                     config.windowing,
@@ -413,7 +414,7 @@ class Pipeline:
         ]
         ingests = [
             ray.remote(Ingest)
-            .options(num_cpus=0, resources=config.ingest_resources, **RESTART)
+            .options(num_cpus=0, resources=config.ingest_resources, **RESTART, **CALL_OPTIONS)
             .remote(
                 IngestSettings(
                     endpoint,

@@ -17,6 +17,11 @@ from ray.util import metrics
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 LATENCY_WINDOW = 4096  # recent latencies kept for p50/p99 in `snapshot`
 MAX_LABELS = 1000  # distinct labels (devices, modalities) per event of a stage; later ones count as "other"
+# Actor options of the stages that call each other many times a second (ingest, windowing, embedders, publisher):
+# Ray records every call as task events for its dashboard's task list and `ray list tasks`; recording them cost 6-7%
+# of the CPU side (`bench capacity`, 12 wearables, runs interleaved), so they are off. The stages' counters
+# (`stats`, Ray metrics) are unaffected; set True to see each call in `ray list tasks` while debugging.
+CALL_OPTIONS = {"enable_task_events": False}
 
 
 @dataclass
