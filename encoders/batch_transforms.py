@@ -9,8 +9,9 @@ are given for: the embedder's, so that on a GPU node the CPU only checks and shi
   pixels (raw, or PNG that the windowing stage decoded while checking it) are copied to the device.
 - frames of one size are resized together (torch's antialiased bicubic, bilinear for depth: in 8 bits for
   camera frames on the CPU, as the CPU path; in float32 on CUDA, which has no 8-bit kernel) and normalised.
-- depth and thermal frames arrive converted per pixel (metres, [0, 1]: the windowing stage's check is that
-  conversion); they are resized and normalised here.
+- depth and thermal frames of integers (uint16 millimetres, uint8 levels, uint16 centi-kelvin) arrive as sent:
+  every value is valid, and they are converted per pixel (metres, [0, 1]) here; frames of floats arrive converted
+  (the windowing stage's check of every pixel is that conversion). Then they are resized and normalised here.
 - audio clips of one (rate, channels, length) are resampled together by the same windowed-sinc kernel; then
   every clip's fbank comes from one call: kaldi's fbank treats each 25 ms frame on its own (DC removed,
   pre-emphasis, window, FFT, mel), so clips laid end to end, each padded to a whole number of 10 ms frame
@@ -130,17 +131,26 @@ def vision_inputs(windows: Sequence[Sequence[np.ndarray]], device: torch.device 
     return torch.stack([torch.stack([images[unique[id(f)]] for f in window], dim=1) for window in windows])
 
 
+INTEGER_FRAMES = {"depth": (np.uint16,), "thermal": (np.uint8, np.uint16)}  # valid whatever their values
+
+
 def frame_media(modality: str, frame: np.ndarray) -> np.ndarray:
-    """A depth or thermal frame checked and converted per pixel as the CPU path does before it resizes:
-    (h, w) float32 metres (NaN: no reading) or [0, 1]. ValueError for what the CPU path refuses."""
+    """A depth or thermal frame as it travels to the embedders: one of integers as sent (its shape checked), one
+    of floats checked and converted per pixel as the CPU path does before it resizes: (h, w) float32 metres (NaN:
+    no reading) or [0, 1]. ValueError for what the CPU path refuses."""
+    if isinstance(frame, np.ndarray) and frame.dtype in INTEGER_FRAMES[modality]:
+        return T._one_channel(frame, modality, "(H, W)", INTEGER_FRAMES[modality])
     convert = T._depth_metres if modality == "depth" else T._thermal_unit
     return convert(frame).numpy()
 
 
 def frame_inputs(modality: str, frames: Sequence[np.ndarray], device: torch.device | str) -> torch.Tensor:
-    """Depth or thermal frames made by `frame_media` -> (B, 1, 224, 224), as `depth_tensor` / `thermal_tensor`."""
+    """Depth or thermal frames made by `frame_media` -> (B, 1, 224, 224), as `depth_tensor` / `thermal_tensor`:
+    frames of integers are converted per pixel on `device`."""
     to_model = T._metres_to_model if modality == "depth" else T._unit_to_model
-    tensors = [torch.from_numpy(np.array(frame, np.float32)).to(device) for frame in frames]
+    to_unit = T.mm_to_metres if modality == "depth" else T.thermal_levels_to_unit
+    tensors = [torch.from_numpy(np.array(frame)).to(device) for frame in frames]  # a copy: Ray's arrays are read-only
+    tensors = [x if x.is_floating_point() else to_unit(x) for x in tensors]
     return _batched(tensors, lambda x: to_model(x[:, None]))
 
 

@@ -447,11 +447,18 @@ def _depth_metres(depth) -> torch.Tensor:
     """(H, W) metres, NaN where there is no reading."""
     expected = "(H, W) uint16 millimetres or float metres (0 or NaN = no reading)"
     depth = _one_channel(depth, "depth", expected, (np.uint16,))
-    metres = torch.from_numpy(depth.astype(np.float32))
     if depth.dtype == np.uint16:
-        metres = metres / MM_PER_M
+        return mm_to_metres(torch.from_numpy(np.array(depth)))  # a copy: a received payload is read-only
+    metres = torch.from_numpy(depth.astype(np.float32))
     if bool(torch.isinf(metres).any()) or bool((metres < 0).any()):
         raise ValueError(f"depth: negative or infinite values; expected {expected}")
+    return torch.where(metres > 0, metres, torch.nan)
+
+
+def mm_to_metres(mm: torch.Tensor) -> torch.Tensor:
+    """uint16 millimetres, on any device -> float32 metres, NaN where 0 (no reading). Nothing to check: every
+    uint16 is a distance."""
+    metres = mm.float() / MM_PER_M
     return torch.where(metres > 0, metres, torch.nan)
 
 
@@ -490,11 +497,21 @@ def _thermal_unit(frame) -> torch.Tensor:
     """(H, W) in [0, 1], hotter = brighter."""
     expected = "(H, W) uint8 image, uint16 centi-kelvin or float deg C"
     frame = _one_channel(frame, "thermal", expected, (np.uint8, np.uint16))
-    x = torch.from_numpy(frame.astype(np.float32))
-    if frame.dtype == np.uint8:
-        return x / 255
-    _check_finite(x, "thermal", expected)
-    celsius = x / CENTI - KELVIN_AT_0C if frame.dtype == np.uint16 else x
+    if frame.dtype in (np.uint8, np.uint16):
+        return thermal_levels_to_unit(torch.from_numpy(np.array(frame)))  # a copy: a payload is read-only
+    celsius = torch.from_numpy(frame.astype(np.float32))
+    _check_finite(celsius, "thermal", expected)
+    return _celsius_to_unit(celsius)
+
+
+def thermal_levels_to_unit(levels: torch.Tensor) -> torch.Tensor:
+    """uint8 image levels or uint16 centi-kelvin, on any device -> [0, 1]. Nothing to check: every level is a
+    temperature."""
+    x = levels.float()
+    return x / 255 if levels.dtype == torch.uint8 else _celsius_to_unit(x / CENTI - KELVIN_AT_0C)
+
+
+def _celsius_to_unit(celsius: torch.Tensor) -> torch.Tensor:
     low, high = THERMAL_RANGE_C
     return ((celsius - low) / (high - low)).clamp(0, 1)
 

@@ -103,14 +103,18 @@ def test_depth_and_thermal_frames(device):
     metres = rng.uniform(0.2, 15, (240, 320)).astype(np.float32)
     metres[5, :] = np.nan
     depth = [mm, metres, mm]
-    got = B.frame_inputs("depth", [B.frame_media("depth", d) for d in depth], device)
+    media = [B.frame_media("depth", d) for d in depth]
+    assert media[0] is mm, "a frame of uint16 millimetres travels as sent"
+    got = B.frame_inputs("depth", media, device)
     assert_parity(got, torch.stack([T.depth_tensor(d) for d in depth]), device)
     thermal = [
         rng.integers(0, 256, (120, 160), dtype=np.uint8),
         rng.integers(26_000, 33_000, (120, 160), dtype=np.uint16),  # centi-kelvin
         rng.uniform(-20, 60, (60, 80)).astype(np.float32),  # deg C
     ]
-    got = B.frame_inputs("thermal", [B.frame_media("thermal", t) for t in thermal], device)
+    media = [B.frame_media("thermal", t) for t in thermal]
+    assert media[0] is thermal[0] and media[1] is thermal[1], "frames of integer levels travel as sent"
+    got = B.frame_inputs("thermal", media, device)
     assert_parity(got, torch.stack([T.thermal_tensor(t) for t in thermal]), device)
 
 
