@@ -18,7 +18,9 @@ end (the latency from a window's last sample, on the wall clock, to its entry's 
 Fleets double from `first` until one falls behind; then `refine` bisections narrow the largest that keeps up.
 
 CPU is each actor process's CPU time (all its threads: Ray's, ZeroMQ's) over a step, per window published
-(`fused` records are not windows), the encoder's forward apart (the embedder's `forward_cpu_s`). Efficiency
+(`fused` records are not windows), the encoder's forward apart (the embedder's `forward_cpu_s`); with
+`preprocess_on` embedder, the embedder's preprocessing of media is told apart too (`preprocess_cpu_s`, still in
+`embed`: on this machine's CPU it is CPU work, on a GPU node the GPU's). Efficiency
 is the largest real-time fleet's windows/s over what windowing and the encoder do in one process, offline, on
 the recorded wearables' messages (streaming/bench.py's `offline_throughput`).
 """
@@ -119,6 +121,9 @@ class Step:
     # the share of the machine's CPU time (every core, every process) that was busy while the fleet streamed: near
     # 1, the machine is the limit, not the pipeline's stages
     machine_busy: float = math.nan
+    # of `embed`: preprocessing windows that carry their media (`preprocess_on` embedder); on a GPU node the GPU
+    # does this work, so the CPU side there is about `cpu_ms_per_window` less this
+    preprocess_cpu_s: float = 0.0
 
     @property
     def forwards_saved(self) -> float:
@@ -162,6 +167,7 @@ class Capacity:
             "cpu_ms_per_window": best.cpu_ms_per_window if best else math.nan,
             "per_stage_cpu_ms": best.per_stage_cpu_ms if best else {},
             "forward_cpu_ms_per_window": best.per_window_ms(best.forward_cpu_s) if best else math.nan,
+            "preprocess_cpu_ms_per_window": best.per_window_ms(best.preprocess_cpu_s) if best else math.nan,
             "other_cpu_ms_per_window": {k: best.per_window_ms(v) for k, v in best.other_cpu_s.items()} if best else {},
             "efficiency": (best.windows_per_s if best else 0.0) / self.offline_windows_per_s,
             "offline_windows_per_s": self.offline_windows_per_s,
@@ -183,6 +189,7 @@ class Capacity:
                     "cpu_ms_per_window": s.cpu_ms_per_window,
                     "per_stage_cpu_ms": s.per_stage_cpu_ms,
                     "forward_cpu_ms_per_window": s.per_window_ms(s.forward_cpu_s),
+                    "preprocess_cpu_ms_per_window": s.per_window_ms(s.preprocess_cpu_s),
                     "latency_s": s.latency_s,
                     "dropped": s.dropped,
                     "unpublished": s.unpublished,
@@ -481,6 +488,8 @@ class CapacityRun:
         forward -= sum(e.get("forward_cpu_s", 0.0) for e in before["embed"])
         cpu = {stage: stage_after[stage] - stage_cpu[stage] for stage in stage_cpu}
         cpu["embed"] -= forward
+        preprocess = sum(e.get("preprocess_cpu_s", 0.0) for e in after["embed"])
+        preprocess -= sum(e.get("preprocess_cpu_s", 0.0) for e in before["embed"])
         dropped = dict(+(drops(after) - drops(before)))
         if sender_dropped:
             dropped["sender: full socket"] = sender_dropped
@@ -497,6 +506,7 @@ class CapacityRun:
             cut=cut,
             gated=count(after, "window", "gated") - count(before, "window", "gated"),
             machine_busy=machine_busy,
+            preprocess_cpu_s=preprocess,
         )
         step.behind = behind(step, self.windowing)
         return step

@@ -162,6 +162,9 @@ class Embedder:
         # CPU time of this worker thread in the encoder (all of the forward's when torch runs one thread; with
         # more, their other threads' share counts as the process's): `bench capacity` tells it apart
         self.forward_cpu_s = 0.0
+        # CPU time of this worker thread preprocessing windows that carry their media (`Window.raw`): the
+        # preprocessing itself on a CPU; on a GPU, launching it (`bench capacity` tells it apart too)
+        self.preprocess_cpu_s = 0.0
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="embedder", daemon=True)
         self._worker.start()
@@ -303,6 +306,7 @@ class Embedder:
             return batch, np.stack([w.data for w in batch])
         device = self.encoder.device
         media = [(w.raw.arrays, w.raw.rate) if w.raw else ((), 0) for w in batch]
+        start = time.thread_time()
         try:
             inputs = [preprocess(modality, media, device)]
             kept = batch
@@ -314,6 +318,7 @@ class Embedder:
                     kept.append(window)
                 except Exception:
                     self.metrics.count("dropped_preprocess_error", window.device)
+        self.preprocess_cpu_s += time.thread_time() - start
         self.metrics.count("preprocessed", modality, len(kept))
         return kept, (torch.cat(inputs) if inputs else NO_DATA)
 
@@ -350,4 +355,5 @@ class Embedder:
             random_weights=self.encoder.random_weights,
             device=str(self.encoder.device),
             forward_cpu_s=self.forward_cpu_s,
+            preprocess_cpu_s=self.preprocess_cpu_s,
         )

@@ -248,5 +248,6 @@ def test_pipeline_preprocessing_on_the_embedder_publishes_the_same_embeddings(ra
         "thermal": 2 * vision_windows,
     }
     assert embed.labels("dropped_preprocess_error") == {BROKEN: vision_windows}
+    assert final["embed"][0]["preprocess_cpu_s"] > 0  # told apart from the rest of the embedder's CPU
     broken_published = {r.modality for r in read_all(client, BROKEN)} - {"fused"}
     assert broken_published == {"audio", "depth", "thermal", "imu"}  # its other windows went on

@@ -55,6 +55,7 @@ def test_capacity_of_one_wearable_reports_consistent_figures():
     assert math.isclose(figures["cpu_ms_per_window"], sum(stages.values()), rel_tol=1e-9)
     assert math.isclose(figures["cpu_ms_per_window"], step["cpu_ms_per_window"], rel_tol=1e-9)
     assert figures["forward_cpu_ms_per_window"] > 0  # the encoder ran, and its share is told apart
+    assert figures["preprocess_cpu_ms_per_window"] == 0  # no GPU here: windows are preprocessed where they are cut
     assert math.isclose(figures["efficiency"], figures["windows_per_s"] / figures["offline_windows_per_s"])
 
 

@@ -327,6 +327,17 @@ def bench_capacity_command(
     out.add_row("core-ms per window, all stages, forward excluded", f"{figures['cpu_ms_per_window']:.2f}", "<= 3")
     for stage, ms in figures["per_stage_cpu_ms"].items():
         out.add_row(f"  {stage}", f"{ms:.2f}", "")
+    if figures["preprocess_cpu_ms_per_window"] > 0:  # --preprocess-on embedder
+        out.add_row(
+            "    of embed: preprocessing media (a GPU's work on a GPU node)",
+            f"{figures['preprocess_cpu_ms_per_window']:.2f}",
+            "",
+        )
+        out.add_row(
+            "core-ms per window, all stages, forward and preprocessing media excluded",
+            f"{figures['cpu_ms_per_window'] - figures['preprocess_cpu_ms_per_window']:.2f}",
+            "",
+        )
     out.add_row("core-ms per window, encoder forward", f"{figures['forward_cpu_ms_per_window']:.2f}", "")
     for name, ms in figures["other_cpu_ms_per_window"].items():
         out.add_row(f"core-ms per window outside the stages: {name}", f"{ms:.2f}", "")
