@@ -216,8 +216,9 @@ def bench_preprocessing(
 ) -> list[PreprocessRow]:
     """Windows/s preprocessed from their media: one window at a time on the CPU (`preprocess_on_cpu`) against a
     batch at once on `device` (default: CUDA if present), as the embedder preprocesses raw media
-    (encoders/batch_transforms.py). Depth and thermal reach the device converted per pixel, as the windowing
-    stage ships them; that conversion is not timed."""
+    (encoders/batch_transforms.py). Depth and thermal frames of integers (the example streams') reach the device as
+    sent, as the windowing stage ships them, and their conversion per pixel is timed with the batch (since the
+    ninth round: earlier figures left it out)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     for modality in modalities:

@@ -163,7 +163,8 @@ class Embedder:
         # more, their other threads' share counts as the process's): `bench capacity` tells it apart
         self.forward_cpu_s = 0.0
         # CPU time of this worker thread preprocessing windows that carry their media (`Window.raw`): the
-        # preprocessing itself on a CPU; on a GPU, launching it (`bench capacity` tells it apart too)
+        # preprocessing itself on a CPU (all of it when torch runs one thread); on a GPU, launching it (`bench
+        # capacity` tells it apart too)
         self.preprocess_cpu_s = 0.0
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="embedder", daemon=True)

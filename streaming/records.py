@@ -48,7 +48,8 @@ class RawInput:
     windows (encoders/batch_transforms.py). The windowing stage has checked them as it checks its own input."""
 
     # vision: each sampled frame, JPEG bytes (1-D uint8) or RGB pixels (h, w, 3) uint8; depth, thermal: the
-    # sampled frame in metres (NaN: no reading) or in [0, 1], (h, w) float32; audio: its (n, channels) float32 samples
+    # sampled frame, one of integers as sent (uint16 mm; uint8 levels, uint16 centi-kelvin), one of floats in
+    # metres (NaN: no reading) or in [0, 1], (h, w) float32; audio: its (n, channels) float32 samples
     arrays: tuple[np.ndarray, ...]
     rate: int = 0  # audio: the samples' rate, Hz
 

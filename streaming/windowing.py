@@ -37,9 +37,10 @@ frames, PROTOCOL.md); those travel as timestamps, which the checks above still s
 - imu: the window's rows resampled to 2000 steps, 6 x 2000.
 Where the embedders have a GPU (`preprocess_on`), vision, depth, thermal and audio windows carry their media
 instead (`Window.raw`): the sampled frames (JPEG as sent, other images decoded to pixels; depth and thermal
-converted per pixel) or the samples, checked here as for preprocessing; the embedder decodes, resizes,
-resamples and makes the fbank on its device, batched (encoders/batch_transforms.py). A window whose media fail
-there is lost alone, counted by the embedder (`preprocess_error`).
+frames of integers as sent, of floats converted per pixel) or the samples, checked here as for preprocessing;
+the embedder decodes, resizes, resamples and makes the fbank on its device, batched
+(encoders/batch_transforms.py). A window whose media fail there is lost alone, counted by the embedder
+(`preprocess_error`).
 
 A device's messages and windows are metered: each device may spend `device_cpu_share` seconds of this
 stage's CPU per second (bursts up to `device_cpu_burst_s`); beyond, its messages and windows are dropped

@@ -21,6 +21,7 @@ import threading
 import time
 import tomllib
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -352,8 +353,8 @@ class RayNodes:
     """`ray start --block` processes, each in its own session: stopping them stops only this test's Ray
     (never `ray stop`, which would stop every Ray on the machine)."""
 
-    def __init__(self, root: Path, env: dict):
-        self.root, self.env = root, env
+    def __init__(self, root: Path, env: dict, ports: Iterator[int]):
+        self.root, self.env, self.ports = root, env, ports
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
@@ -365,14 +366,14 @@ class RayNodes:
         "--metrics-export-port",
         "--runtime-env-agent-port",
     )
-    RETRIED = ("timed out during startup", "used by other components")
+    ATTEMPTS = 2
 
-    def start(self, name: str, args: list[str], attempts: int = 2) -> Path:
-        """Start a node; once more if Ray's own registration with the GCS timed out (seen on a loaded
-        2-core machine: `ray start` gives up after 30 s) or a port it was given was taken meanwhile."""
-        for attempt in range(1, attempts + 1):
+    def start(self, name: str, args: list[str]) -> Path:
+        """Start a node, its ports the next of `ports`; once more if Ray's own registration with the GCS timed
+        out (seen on a loaded 2-core machine: `ray start` gives up after 30 s)."""
+        for attempt in range(1, self.ATTEMPTS + 1):
             log = self.root / f"{name}-{attempt}.log"
-            ports = dict(zip(self.PORT_OPTIONS, free_ports(len(self.PORT_OPTIONS)), strict=True))
+            ports = {option: next(self.ports) for option in self.PORT_OPTIONS}
             cmd = [
                 shutil.which("ray"),
                 "start",
@@ -398,7 +399,7 @@ class RayNodes:
                 )
                 return log
             except AssertionError:
-                if attempt == attempts or not any(sign in tail(log, 100_000) for sign in self.RETRIED):
+                if attempt == self.ATTEMPTS or "timed out during startup" not in tail(log, 100_000):
                     raise
 
     def stop(self) -> None:
@@ -454,10 +455,11 @@ def test_pipeline_on_two_ray_nodes(tmp_path):
     token.write_text(uuid.uuid4().hex)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PYTHONUNBUFFERED="1")
-    nodes = RayNodes(root, env)
+    # every port this test names, taken in one go (each socket held until all are chosen): none comes back twice
+    gcs_port, ingest_port, client_port, *node_ports = free_ports(3 + 2 * RayNodes.ATTEMPTS * len(RayNodes.PORT_OPTIONS))
+    nodes = RayNodes(root, env, iter(node_ports))
     run = None
     run_log = tmp_path / "run.log"
-    gcs_port, ingest_port, client_port = free_ports(3)
     try:
         with RedisServer(password="s3cret-" + uuid.uuid4().hex[:8]) as server:
             nodes.start(

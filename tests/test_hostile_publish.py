@@ -267,14 +267,14 @@ def test_drain_gives_up_at_its_deadline_and_counts_what_was_left(ray_local, redi
     is published or counted as dropped."""
     device = "drain-deadline"
     wearable = SimulatedWearable(device, seed=21, start_ns=START_NS)
-    # no fused entries: exact accounts. ~47 windows at 2.5 s each of embedding: a backlog of minutes, however
+    # no fused entries: exact accounts. ~119 windows at 1 s each of embedding: a backlog of minutes, however
     # slowly a loaded machine windows them before the drain begins
-    imu = [(h, p) for h, p in wearable.messages(120) if h["sensor"] == "imu"]
+    imu = [(h, p) for h, p in wearable.messages(300) if h["sensor"] == "imu"]
     config = PipelineConfig(
         ingest=["tcp://127.0.0.1:*"],
         max_batch=1,
         max_wait_ms=1,
-        embedder_throttle_ms=2500,
+        embedder_throttle_ms=1000,
         drain_timeout_s=2.0,
         drain_report_s=5.0,
         matchers=0,
