@@ -472,16 +472,16 @@ class Pipeline:
 
     def drain(self) -> dict[str, list[dict]]:
         """Stop ingest, then let each stage finish what it accepted before the next one is drained, within
-        `drain_timeout_s` in all. Past it, embedders and publisher drop what they hold and what still comes
+        `drain_timeout_s` in all. Past it, windowing, embedders and publisher drop what they hold and what still comes
         (counted per device as `dropped_drain_timeout`), and a stage silent `drain_report_s` later is
         reported with `unfinished` (its actors are killed with the session)."""
         deadline = time.monotonic() + self.config.drain_timeout_s
         report_by = deadline + self.config.drain_report_s
         stop = [a.stop.remote() for a in self.stages["ingest"]]
         wait_until(stop, deadline)
-        flush = [a.flush.remote() for a in self.stages["window"]]
+        flush = [a.flush.remote(remaining(deadline)) for a in self.stages["window"]]
         wait_until(flush, deadline)
-        # a flush still running past the deadline ends too: the embedders now refuse what it pushes
+        # a flush still running past the deadline drops what it holds; the embedders refuse what it pushes
         embed = [a.drain.remote(remaining(deadline)) for a in self.stages["embed"]]
         final = {"ingest": results("ingest", stop, report_by), "window": results("window", flush, report_by)}
         wait_until(embed, report_by)

@@ -573,14 +573,20 @@ class WindowStage:
             self.downstream.wait()
             self.downstream = Downstream(embedders, self.settings.max_inflight, ordered=True)
 
-    def flush(self) -> dict:
-        """Hand every window cut so far to the embedders and wait until they are published."""
+    def flush(self, timeout_s: float | None = None) -> dict:
+        """Hand every window cut so far to the embedders and wait until they are published. Windows still
+        waiting here after `timeout_s` (None: no limit) are dropped, counted per device as
+        `dropped_drain_timeout`: past the drain's deadline the embedders would refuse them one call at a time."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.windower.settle_held()
         for (device, reason), n in self.windower.take_drops().items():
             self.metrics.count(f"dropped_{reason}", device, n)
         with self._lock:
-            while self.backlog:
+            while self.backlog and (deadline is None or time.monotonic() < deadline):
                 self._push_next()
+            while self.backlog:
+                self.metrics.count("dropped_drain_timeout", self.backlog.popleft().device)
+            self.metrics.queue_depth(0)
             self.downstream.wait()
         return self.stats()
 
