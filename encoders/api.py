@@ -46,7 +46,11 @@ class Encoder:
 
     @torch.inference_mode()
     def embed(self, modality: str, batch: torch.Tensor | np.ndarray) -> np.ndarray:
-        out = self.model.embed(modality, torch.as_tensor(batch).to(self.device))  # checks the input
+        """A uint8 vision batch is RGB levels (`transforms.image_levels`: how vision windows travel), normalised
+        here, on the encoder's device."""
+        from .transforms import model_input
+
+        out = self.model.embed(modality, model_input(modality, torch.as_tensor(batch).to(self.device)))  # checks it
         return out.float().cpu().numpy()
 
     @torch.inference_mode()

@@ -274,7 +274,12 @@ def _rgb_batch(frames: Sequence[np.ndarray]) -> torch.Tensor:
 
 
 def _rgb_to_model(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) 8-bit levels (uint8, or float holding them) -> (B, 3, 224, 224) CLIP-normalised.
+    """(B, 3, H, W) 8-bit levels (uint8, or float holding them) -> (B, 3, 224, 224) CLIP-normalised."""
+    return levels_to_model(_rgb_levels(x))
+
+
+def _rgb_levels(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) 8-bit levels (uint8, or float holding them) -> (B, 3, 224, 224) uint8, resized and cropped.
 
     On the CPU the frames are resized in 8 bits, as PIL (the reference) resizes: torch's uint8 antialiased
     bicubic (channels last) computes PIL's fixed-point filter, within one level of it (mean abs 5e-5 to the
@@ -283,12 +288,29 @@ def _rgb_to_model(x: torch.Tensor) -> torch.Tensor:
     """
     if x.device.type == "cpu":
         x = x if x.dtype == torch.uint8 else x.clamp(0, 255).round().to(torch.uint8)
-        x = _resize_crop(x.contiguous(memory_format=torch.channels_last), "bicubic").float() / 255
-    else:
-        x = _resize_crop(x.float(), "bicubic").clamp(0, 255).round() / 255
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+        return _resize_crop(x.contiguous(memory_format=torch.channels_last), "bicubic")
+    return _resize_crop(x.float(), "bicubic").clamp(0, 255).round().to(torch.uint8)
+
+
+def levels_to_model(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, ...) uint8 RGB levels, on any device -> float32 CLIP-normalised, the vision model's input. Vision
+    windows travel as their levels (a quarter of the bytes) and the encoder normalises them (`Encoder.embed`)."""
+    if x.dim() < 2 or x.shape[1] != 3:
+        raise ValueError(f"vision: expected RGB levels of shape (B, 3, ...), got {tuple(x.shape)}")
+    shape = (1, 3) + (1,) * (x.dim() - 2)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(shape)
+    std = torch.tensor(CLIP_STD, device=x.device).view(shape)
+    return (x.float() / 255 - mean) / std
+
+
+def model_input(modality: str, batch: torch.Tensor) -> torch.Tensor:
+    """A batch as the model takes it: uint8 vision levels normalised (`levels_to_model`), anything else as it is."""
+    return levels_to_model(batch) if modality == "vision" and batch.dtype == torch.uint8 else batch
+
+
+def image_levels(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, 224, 224) uint8 levels, resized and cropped (`levels_to_model` normalises)."""
+    return _rgb_levels(_rgb_batch([rgb]))[0]
 
 
 def image_tensor(rgb: np.ndarray) -> torch.Tensor:

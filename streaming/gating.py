@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from encoders.transforms import CLIP_MEAN, CLIP_STD
 from sensors.protocol import NS_PER_S
 
 from .records import FRAME_SENSORS, NO_DATA, STREAMS, Embedding, Window
@@ -74,6 +75,11 @@ class GatingSettings:
                 raise ValueError(f"gating {f.name} must be above 0, got {value!r}")
         if not 0 <= self.changed_cells < 1:
             raise ValueError(f"gating changed_cells is a share of cells in [0, 1), got {self.changed_cells!r}")
+
+
+# a vision window's pooled RGB levels to model-input units, per channel: (levels / 255 - mean) / std
+LEVELS_MEAN = np.array(CLIP_MEAN, np.float32).reshape(3, 1, 1, 1)
+LEVELS_STD = np.array(CLIP_STD, np.float32).reshape(3, 1, 1, 1)
 
 
 @functools.cache
@@ -136,7 +142,10 @@ class Gate:
         if STREAMS[window.modality].sensor in FRAME_SENSORS:
             frames = x if x.ndim == 4 else x[:, None]  # (channels, frames, H, W)
             height, width = frames.shape[2:]
-            return (pooling(height, s.cell_px) @ frames @ pooling(width, s.cell_px).T,)  # (c, f, rows, cols)
+            pooled = pooling(height, s.cell_px) @ frames @ pooling(width, s.cell_px).T  # (c, f, rows, cols)
+            if x.dtype == np.uint8:  # vision's RGB levels: in model-input units, as the thresholds are
+                pooled = (pooled / 255 - LEVELS_MEAN) / LEVELS_STD
+            return (pooled,)
         if window.modality == "audio":  # (1, mel bins, frames)
             bins, frames = x.shape[-2:]
             bands, parts = min(s.audio_bands, bins), QUARTERS

@@ -65,7 +65,7 @@ class Window:
     modality: str
     t0: int  # window bounds on the device clock, ns; t1 exclusive
     t1: int
-    data: np.ndarray  # float32 model input without batch axis, e.g. (3, 2, 224, 224) for vision
+    data: np.ndarray  # model input without batch axis: float32, but vision's (3, 2, 224, 224) uint8 RGB levels
     arrived_ns: int  # wall clock at which ingest received the batch holding the window's last message
     epoch: int = 0  # the device's session (+1 at each restart): windows of two sessions may share t0
     dbfs: float | None = None  # audio windows: RMS loudness of the samples in dBFS (full scale 1), >= MIN_DBFS

@@ -391,19 +391,20 @@ class Windower:
             if self.ship_raw:
                 return RawInput(tuple(picked)), None
             if stream.sensor == "camera":
-                return np.stack(picked, axis=1), None  # (3, 2, 224, 224)
+                return np.stack(picked, axis=1), None  # (3, 2, 224, 224) uint8 levels: a quarter of float32's bytes
             return picked[0], None
         return self._samples_window(stream, t0, t1)
 
     def _frame(self, stream: SensorStream, msg: SensorMessage) -> np.ndarray:
-        """The model input of one frame ((3, 224, 224) camera, (1, 224, 224) depth or thermal), or with `ship_raw`
-        its checked media (see `RawInput`), made once: a camera frame sampled by two windows is decoded once."""
+        """The model input of one frame ((3, 224, 224) camera's uint8 RGB levels, (1, 224, 224) depth or thermal), or
+        with `ship_raw` its checked media (see `RawInput`), made once: a camera frame two windows sample is decoded
+        once."""
         if msg.t_ns not in stream.frames:
             stream.frames[msg.t_ns] = None  # undecodable, unless the lines below finish
             if msg.sensor == "camera" and self.ship_raw:  # a JPEG as sent (ingest bounded its cost), else pixels
                 x = msg.payload if msg.encoding == "jpeg" else decode_image(msg)
             elif msg.sensor == "camera":
-                x = transforms.image_tensor(decode_image(msg, self.config.jpeg_min_side)).numpy()
+                x = transforms.image_levels(decode_image(msg, self.config.jpeg_min_side)).numpy()
             elif self.ship_raw:
                 x = batch_transforms.frame_media(SENSOR_MODALITY[msg.sensor], msg.payload)
             else:

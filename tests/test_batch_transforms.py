@@ -168,7 +168,7 @@ def test_raw_windows_preprocess_to_the_windowing_stage_inputs():
         pairs = [(r, c) for r, c in zip(raw, cpu) if c.modality == modality]
         assert pairs and all(r.raw is not None and r.data is NO_DATA for r, _ in pairs)
         got = B.preprocess(modality, [(r.raw.arrays, r.raw.rate) for r, _ in pairs], "cpu")
-        assert_parity(got, torch.from_numpy(np.stack([c.data for _, c in pairs])), "cpu")
+        assert_parity(got, T.model_input(modality, torch.from_numpy(np.stack([c.data for _, c in pairs]))), "cpu")
         assert [r.dbfs for r, _ in pairs] == [c.dbfs for _, c in pairs]
     imu = [(r, c) for r, c in zip(raw, cpu) if c.modality == "imu"]
     assert imu and all(r.raw is None and np.array_equal(r.data, c.data) for r, c in imu)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import encoders
+from encoders import transforms as T
 from encoders.api import quantize_int8
 from encoders.weights import CheckpointMissing, download_checkpoint, find_checkpoint
 
@@ -114,11 +115,20 @@ def test_tiny_warns_loudly_about_random_weights(caplog):
     assert "RANDOM weights" in caplog.text
 
 
+def test_vision_levels_embed_as_their_normalised_input():
+    """A uint8 vision batch (how vision windows travel) is normalised by the encoder: the same embedding."""
+    enc = encoders.load("tiny", device="cpu")
+    levels = torch.randint(0, 256, (2, 3, 2, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(enc.embed("vision", levels), enc.embed("vision", T.levels_to_model(levels)))
+
+
 @pytest.mark.parametrize(
     "modality, batch, match",
     [
         ("vision", torch.zeros(2, 3, 100, 100), r"vision: expected shape \(B, 3, 224, 224\)"),
         ("vision", torch.zeros(0, 3, 224, 224), "vision: empty batch"),
+        ("vision", torch.zeros(2, 3, 100, 100, dtype=torch.uint8), r"vision: expected shape \(B, 3, 224, 224\)"),
+        ("vision", torch.zeros(2, 4, 224, 224, dtype=torch.uint8), r"vision: expected RGB levels of shape \(B, 3"),
         ("audio", torch.zeros(2, 128, 204), r"audio: expected shape \(B, 1, 128, 204\)"),
         ("imu", torch.zeros(1, 6, 2000, dtype=torch.int64), "imu: expected a floating-point tensor"),
         ("depth", torch.full((1, 1, 224, 224), float("inf")), "depth: .*NaN or Inf"),

@@ -86,6 +86,16 @@ def test_image_at_model_size_is_only_normalised():
     torch.testing.assert_close(T.image_tensor(rgb), expected)
 
 
+def test_image_levels_normalised_are_the_image_tensor():
+    """Vision windows travel as their resized uint8 levels: normalised, they are the model input, bit for bit."""
+    rgb = np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    levels = T.image_levels(rgb)
+    assert levels.dtype == torch.uint8 and levels.shape == (3, 224, 224)
+    assert torch.equal(T.levels_to_model(levels[None])[0], T.image_tensor(rgb))
+    video = torch.stack([levels, levels.flip(-1)], dim=1)  # (3, 2, 224, 224), as a vision window
+    assert torch.equal(T.levels_to_model(video[None])[0, :, 1], T.image_tensor(np.ascontiguousarray(rgb[:, ::-1])))
+
+
 def test_image_centre_crop_of_wide_image():
     rgb = np.zeros((224, 448, 3), np.uint8)
     rgb[:, 224:] = 255  # right half white: the centre crop is half black, half white

@@ -5,6 +5,7 @@ from collections import Counter
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from encoders import transforms
 from sensors.protocol import decode, encode_header, jpeg_scale
@@ -122,9 +123,11 @@ def test_vision_window_samples_the_centres_of_its_halves():
     first = windows[0]
     # frames at 0, 0.2, 0.4, ... s: the first at or after 0.5 s is frame 3, at or after 1.5 s frame 8
     decoded = [np.full((48, 64, 3), 30, np.uint8), np.full((48, 64, 3), 80, np.uint8)]
-    expected = transforms.video_tensor(decoded, 2).numpy()
-    assert first.data.shape == (3, 2, 224, 224)
-    np.testing.assert_allclose(first.data, expected, atol=0.05)  # JPEG of a flat image is near exact
+    expected = transforms.video_tensor(decoded, 2)
+    # a vision window travels as its uint8 RGB levels; the encoder normalises them into the model input
+    assert first.data.dtype == np.uint8 and first.data.shape == (3, 2, 224, 224)
+    got = transforms.model_input("vision", torch.from_numpy(first.data)[None])[0]
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0)  # JPEG of a flat image is near exact
 
 
 def test_frames_too_far_apart_make_a_hole():
@@ -316,7 +319,10 @@ def test_a_large_jpeg_is_decoded_scaled_within_tolerance(size):
     default = WindowingConfig().jpeg_min_side
     scaled, whole = (feed(Windower(WindowingConfig(jpeg_min_side=side)), frames) for side in (default, 0))
     assert len(scaled) == len(whole) == 1
-    assert 0 < np.abs(scaled[0].data - whole[0].data).mean() < 0.006
+    scaled_input, whole_input = (
+        transforms.model_input("vision", torch.from_numpy(w[0].data[None])) for w in (scaled, whole)
+    )
+    assert 0 < (scaled_input - whole_input).abs().mean() < 0.006
 
 
 def test_a_device_omitting_the_frames_no_window_uses_gets_the_same_windows():
