@@ -1,5 +1,6 @@
 """`bindstream bench capacity` as a user runs it (a real process: its own Ray, redis-server and sender): one
-wearable for a few seconds; its JSON figures are there and agree with each other (no speed is asserted)."""
+wearable for 5 s (time for windows of 2 s to be published on a loaded machine); its JSON figures are there and
+agree with each other (no speed is asserted)."""
 
 import json
 import math
@@ -32,7 +33,7 @@ KEYS = {"wearables", "windows_per_s", "cpu_ms_per_window", "per_stage_cpu_ms", "
 
 def test_capacity_of_one_wearable_reports_consistent_figures():
     done = subprocess.run(
-        [*BINDSTREAM, "bench", "capacity", "--seconds", "3", "--max-wearables", "1", "--json"],
+        [*BINDSTREAM, "bench", "capacity", "--seconds", "5", "--max-wearables", "1", "--json"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -43,7 +44,7 @@ def test_capacity_of_one_wearable_reports_consistent_figures():
     assert KEYS <= set(figures) and figures["model"] == "tiny" and figures["profile"] == "steady"
     (step,) = figures["steps"]  # at most one wearable: one step
     assert step["wearables"] == 1 and step["windows"] > 0 and step["unpublished"] >= 0
-    assert math.isclose(step["windows_per_s"], step["windows"] / 3, rel_tol=1e-9)
+    assert math.isclose(step["windows_per_s"], step["windows"] / 5, rel_tol=1e-9)
     assert figures["offline_windows_per_s"] > 0
     assert 0 < step["machine_busy"] <= 1  # a pipeline and a sender ran: the machine was busy, at most wholly
     if step["behind"]:  # a loaded machine may not keep one wearable within the hop: then no fleet kept up
