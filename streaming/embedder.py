@@ -302,10 +302,12 @@ class Embedder:
         import torch
 
         from encoders.batch_transforms import preprocess
+        from encoders.transforms import model_input
 
-        if batch[0].raw is None:  # the windowing stages ship every window of a modality one way
-            return batch, np.stack([w.data for w in batch])
         device = self.encoder.device
+        if batch[0].raw is None:  # the windowing stages ship every window of a modality one way
+            # vision's uint8 levels normalised here, on the device: this stage's CPU time, not the forward's
+            return batch, model_input(modality, torch.from_numpy(np.stack([w.data for w in batch])).to(device))
         media = [(w.raw.arrays, w.raw.rate) if w.raw else ((), 0) for w in batch]
         start = time.thread_time()
         try:
