@@ -93,6 +93,8 @@ def test_image_levels_normalised_are_the_image_tensor():
     assert levels.dtype == torch.uint8 and levels.shape == (3, 224, 224)
     assert torch.equal(T.levels_to_model(levels[None])[0], T.image_tensor(rgb))
     video = torch.stack([levels, levels.flip(-1)], dim=1)  # (3, 2, 224, 224), as a vision window
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1, 1) for v in (T.CLIP_MEAN, T.CLIP_STD))
+    assert torch.equal(T.levels_to_model(video[None]), (video[None].float() / 255 - mean) / std)  # CLIP's formula
     assert torch.equal(T.levels_to_model(video[None])[0, :, 1], T.image_tensor(np.ascontiguousarray(rgb[:, ::-1])))
 
 
