@@ -310,8 +310,9 @@ def model_input(modality: str, batch: torch.Tensor) -> torch.Tensor:
 
 
 def image_levels(rgb: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (3, 224, 224) uint8 levels, resized and cropped (`levels_to_model` normalises)."""
-    return _rgb_levels(_rgb_batch([rgb]))[0]
+    """(H, W, 3) uint8 RGB -> (3, 224, 224) uint8 levels, resized and cropped (`levels_to_model` normalises);
+    contiguous (the resize leaves them channels last), so that stacked windows are plain arrays."""
+    return _rgb_levels(_rgb_batch([rgb]))[0].contiguous()
 
 
 def image_tensor(rgb: np.ndarray) -> torch.Tensor:
