@@ -189,8 +189,8 @@ def example_stream(modality: str, windows: int, seed: int = 0) -> list:
 
 
 def preprocess_on_cpu(modality: str, stream: list) -> list[torch.Tensor]:
-    """The model inputs of `example_stream`'s windows made one window at a time, as the windowing stage makes
-    them (each camera frame decoded and resized once, though two windows sample it)."""
+    """The model inputs of `example_stream`'s windows made one window at a time, as the windowing stage and the
+    encoder make them (each camera frame decoded and resized once, though two windows sample it)."""
     if modality == "vision":
         images = [T.image_tensor(batch_transforms.opencv_rgb(jpeg)) for jpeg in stream]
         return [torch.stack(images[i : i + 2], dim=1) for i in range(len(stream) - 1)]

@@ -295,13 +295,18 @@ def _rgb_levels(x: torch.Tensor) -> torch.Tensor:
 def levels_to_model(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, ...) uint8 RGB levels, on any device -> float32 CLIP-normalised, the vision model's input. Vision
     windows travel as their levels (a quarter of the bytes) and the encoder normalises them (`Encoder.embed`)."""
-    if x.dim() < 2 or x.shape[1] != 3:
-        raise ValueError(f"vision: expected RGB levels of shape (B, 3, ...), got {tuple(x.shape)}")
+    if x.dtype != torch.uint8 or x.dim() < 2 or x.shape[1] != 3:
+        raise ValueError(f"vision: expected uint8 RGB levels of shape (B, 3, ...), got {x.dtype} {tuple(x.shape)}")
     shape = (1, 3) + (1,) * (x.dim() - 2)
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(shape)
-    std = torch.tensor(CLIP_STD, device=x.device).view(shape)
+    mean, std = (v.view(shape) for v in _clip_stats(x.device))
     # in place on one fresh copy: the same arithmetic, a fifth of the time of a new tensor per step
     return x.to(torch.float32, copy=True).div_(255).sub_(mean).div_(std)
+
+
+@functools.cache
+def _clip_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's per-channel mean and std on `device`, made once per device (read-only by use)."""
+    return torch.tensor(CLIP_MEAN, device=device), torch.tensor(CLIP_STD, device=device)
 
 
 def model_input(modality: str, batch: torch.Tensor) -> torch.Tensor:

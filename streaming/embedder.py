@@ -10,7 +10,8 @@ more than `unit_tolerance` (zero included), is dropped, counted under the window
 renormalised in float32. Drops are counted per device: the device that lost the window sees it.
 
 Windows that carry their media instead of a model input (`Window.raw`: `preprocess_on`, streaming/windowing.py)
-are preprocessed here, a batch at once on the encoder's device (encoders/batch_transforms.py), before the forward.
+are preprocessed here, a batch at once on the encoder's device (encoders/batch_transforms.py), before the forward;
+vision windows cut with their model input carry it as 8-bit levels, normalised here on the device too.
 Gated windows (`Window.reuses`, streaming/gating.py) take no forward: they go on, in their place in the batch,
 as embeddings without a vector that the publisher fills with the one they repeat.
 """

@@ -4,7 +4,8 @@ marked `reused` with that window's t0 (REDIS.md), so readers still get one recor
 
 `Gate` decides in the windowing stage, on the window's model input, before the tensor travels: a gated window
 goes on as a small record (`Window.reuses`, no data), takes no forward in the embedder, and the publisher fills it
-with the repeated embedding (`Repeats`), after that one. Pure numpy. What "unchanged" means, comparing a window
+with the repeated embedding (`Repeats`), after that one. Pure numpy; vision windows are compared in model-input
+units though they travel as 8-bit levels. What "unchanged" means, comparing a window
 with its stream's last embedded one:
 - vision, depth, thermal: each frame is pooled to cells of `cell_px` x `cell_px` model-input pixels; a cell
   moved when its mean moved by more than the modality's `*_cell_delta` in some channel (above the sensor's
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from encoders.transforms import CLIP_MEAN, CLIP_STD
 from sensors.protocol import NS_PER_S
 
 from .records import FRAME_SENSORS, NO_DATA, STREAMS, Embedding, Window
@@ -77,9 +77,14 @@ class GatingSettings:
             raise ValueError(f"gating changed_cells is a share of cells in [0, 1), got {self.changed_cells!r}")
 
 
-# a vision window's pooled RGB levels to model-input units, per channel: (levels / 255 - mean) / std
-LEVELS_MEAN = np.array(CLIP_MEAN, np.float32).reshape(3, 1, 1, 1)
-LEVELS_STD = np.array(CLIP_STD, np.float32).reshape(3, 1, 1, 1)
+@functools.cache
+def levels_units() -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std), each (3, 1, 1, 1): a vision window's pooled RGB levels to model-input units per channel,
+    (levels / 255 - mean) / std. Imported when first needed: the publisher, which uses `Repeats`, runs no torch."""
+    from encoders.transforms import CLIP_MEAN, CLIP_STD
+
+    mean, std = (np.array(v, np.float32).reshape(3, 1, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    return mean, std
 
 
 @functools.cache
@@ -143,8 +148,9 @@ class Gate:
             frames = x if x.ndim == 4 else x[:, None]  # (channels, frames, H, W)
             height, width = frames.shape[2:]
             pooled = pooling(height, s.cell_px) @ frames @ pooling(width, s.cell_px).T  # (c, f, rows, cols)
-            if x.dtype == np.uint8:  # vision's RGB levels: in model-input units, as the thresholds are
-                pooled = (pooled / 255 - LEVELS_MEAN) / LEVELS_STD
+            if window.modality == "vision" and x.dtype == np.uint8:  # RGB levels: in model-input units, as the
+                mean, std = levels_units()  # thresholds are
+                pooled = (pooled / 255 - mean) / std
             return (pooled,)
         if window.modality == "audio":  # (1, mel bins, frames)
             bins, frames = x.shape[-2:]

@@ -26,7 +26,8 @@ Per message, in order:
 
 What each window holds:
 - vision: 2 frames sampled uniformly: the first frames at or after the centres of the window's two
-  halves (t0 + 0.5 s and t0 + 1.5 s), 3 x 2 x 224 x 224; a large JPEG is decoded at a fraction of its size
+  halves (t0 + 0.5 s and t0 + 1.5 s), 3 x 2 x 224 x 224, resized and cropped but as 8-bit RGB levels (uint8,
+  a quarter of float32's bytes: the encoder normalises them); a large JPEG is decoded at a fraction of its size
   (`jpeg_min_side`).
 - depth, thermal: the first frame at or after the window's middle (t0 + 1 s), 1 x 224 x 224.
 Since a frame's use follows from its time alone, ingest forwards only the pixels of frames some window

@@ -128,7 +128,7 @@ def test_vision_levels_embed_as_their_normalised_input():
         ("vision", torch.zeros(2, 3, 100, 100), r"vision: expected shape \(B, 3, 224, 224\)"),
         ("vision", torch.zeros(0, 3, 224, 224), "vision: empty batch"),
         ("vision", torch.zeros(2, 3, 100, 100, dtype=torch.uint8), r"vision: expected shape \(B, 3, 224, 224\)"),
-        ("vision", torch.zeros(2, 4, 224, 224, dtype=torch.uint8), r"vision: expected RGB levels of shape \(B, 3"),
+        ("vision", torch.zeros(2, 4, 224, 224, dtype=torch.uint8), r"vision: expected uint8 RGB levels"),
         ("audio", torch.zeros(2, 128, 204), r"audio: expected shape \(B, 1, 128, 204\)"),
         ("imu", torch.zeros(1, 6, 2000, dtype=torch.int64), "imu: expected a floating-point tensor"),
         ("depth", torch.full((1, 1, 224, 224), float("inf")), "depth: .*NaN or Inf"),

@@ -16,6 +16,7 @@ import msgpack
 import numpy as np
 import pytest
 import redis
+import torch
 import zmq
 from rich.console import Console
 
@@ -57,7 +58,8 @@ UNTHROTTLED = WindowingConfig(device_cpu_share=100.0, device_cpu_burst_s=100.0)
 
 def window(modality: str, t0_s: float, data: np.ndarray, epoch: int = 0, dbfs: float | None = None) -> Window:
     t0 = int(t0_s * SECOND)
-    return Window(DEVICE, modality, t0, t0 + 2 * SECOND, np.asarray(data, np.float32), 0, epoch=epoch, dbfs=dbfs)
+    data = data if data.dtype == np.uint8 else np.asarray(data, np.float32)  # uint8: vision's levels, as they travel
+    return Window(DEVICE, modality, t0, t0 + 2 * SECOND, data, 0, epoch=epoch, dbfs=dbfs)
 
 
 def passes(gate: Gate, windows: list[Window]) -> list[float | None]:
@@ -87,6 +89,21 @@ def frames(modality: str, moved: bool, noise_seed: int) -> np.ndarray:
     return x if modality == "vision" else x[None, 0] if x.ndim == 3 else x
 
 
+def as_levels(x: np.ndarray) -> np.ndarray:
+    """Vision model input -> the uint8 RGB levels vision windows travel as (the encoder normalises them)."""
+    mean, std = (np.array(v, np.float32).reshape(3, 1, 1, 1) for v in (transforms.CLIP_MEAN, transforms.CLIP_STD))
+    return np.clip(np.round((x * std + mean) * 255), 0, 255).astype(np.uint8)
+
+
+def test_vision_levels_are_compared_in_model_input_units():
+    """The gate's thresholds are in model-input units: a window's 8-bit levels and the model input they make
+    are the same content to it."""
+    levels = as_levels(frames("vision", True, 3))
+    model_input = transforms.model_input("vision", torch.from_numpy(levels[None]))[0].numpy()
+    (pooled,), (expected,) = (Gate()._signature(window("vision", 0, x)) for x in (levels, model_input))
+    np.testing.assert_allclose(pooled, expected, atol=1e-5)
+
+
 def audio(kind: str, seed: int) -> tuple[np.ndarray, float]:
     """(model input, dBFS) of 2 s of mic: a quiet room, a tone with noise, or another tone."""
     t = np.arange(2 * MIC_RATE) / MIC_RATE
@@ -114,7 +131,10 @@ def pair(modality: str, change: str) -> tuple[Window, Window]:
     """An embedded window and one 1 s later, unchanged (`same`) or changed in the modality's way."""
     if modality in ("vision", "depth", "thermal"):
         moved = change != "same"
-        return window(modality, 0, frames(modality, False, 1)), window(modality, 1, frames(modality, moved, 2))
+        first, then = frames(modality, False, 1), frames(modality, moved, 2)
+        if modality == "vision":
+            first, then = as_levels(first), as_levels(then)
+        return window(modality, 0, first), window(modality, 1, then)
     if modality == "imu":
         first = "walking" if change == "from walking" else "still"
         then = {"same": "still", "from walking": "still"}.get(change, change)

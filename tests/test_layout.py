@@ -35,6 +35,13 @@ def test_the_subscriber_imports_without_ray_or_torch():
     assert run.returncode == 0, run.stderr
 
 
+def test_the_publisher_imports_without_torch():
+    """The publisher's process runs no model: its imports (gating's `Repeats` among them) leave torch out."""
+    code = "import sys, streaming.publisher\nassert 'torch' not in sys.modules, 'torch imported'\n"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
 def unit_vector(dim: int, seed: int = 0) -> np.ndarray:
     v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
     return v / np.linalg.norm(v)

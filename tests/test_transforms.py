@@ -95,6 +95,8 @@ def test_image_levels_normalised_are_the_image_tensor():
     video = torch.stack([levels, levels.flip(-1)], dim=1)  # (3, 2, 224, 224), as a vision window
     mean, std = (torch.tensor(v).view(1, 3, 1, 1, 1) for v in (T.CLIP_MEAN, T.CLIP_STD))
     assert torch.equal(T.levels_to_model(video[None]), (video[None].float() / 255 - mean) / std)  # CLIP's formula
+    with pytest.raises(ValueError, match="expected uint8 RGB levels"):
+        T.levels_to_model(video[None].float())  # model input already: never normalised twice
     assert torch.equal(T.levels_to_model(video[None])[0, :, 1], T.image_tensor(np.ascontiguousarray(rgb[:, ::-1])))
 
 
